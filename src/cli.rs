@@ -1,0 +1,306 @@
+//! The command line: clap definitions and one function per command.
+//!
+//! Data goes to stdout, diagnostics to stderr. Exit codes: 0 ok, 1 drift or failure, 2 usage,
+//! 69 database unreachable, 78 bad config ([`exit_code`]).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use post_save::config::{Config, ConfigError};
+use post_save::daemon::Daemon;
+use post_save::db::{self, BadConnectionString, DbError};
+use post_save::registry::{HandlerInfo, Registry};
+use post_save::triggers::{self, TriggerError};
+
+/// Exit code: a check found drift, or a command failed.
+pub const EXIT_DRIFT: u8 = 1;
+/// Exit code `EX_UNAVAILABLE`: the database cannot be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code `EX_CONFIG`: the configuration is invalid.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// post-save: Django's post_save signal for PostgreSQL itself.
+#[derive(Debug, Parser)]
+#[command(name = "post-save", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Configuration file [default: $CONFIGURATION_DIRECTORY/config.toml, else /etc/post-save/config.toml]
+    #[arg(long, short, global = true, env = "POST_SAVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Database to use, overriding `database.url`, DATABASE_URL and the PG* variables
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POST_SAVE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: LISTEN, catch up, route every save to its handlers
+    Run,
+    /// A throwaway PostgreSQL (unless DATABASE_URL is set), a demo table, events shown live
+    Demo,
+    /// Create or upgrade the post_save schema
+    Migrate,
+    /// Install, remove, compare or print the capture triggers
+    #[command(subcommand)]
+    Triggers(TriggersCommand),
+    /// Show the registered handlers
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
+    /// Check the configuration file
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `triggers …`.
+#[derive(Debug, Subcommand)]
+pub enum TriggersCommand {
+    /// Make the database's triggers match the config (idempotent)
+    Install,
+    /// Remove every capture trigger
+    Remove,
+    /// Exit 0 when the triggers match the config, 1 (listing the differences) when not
+    Check,
+    /// Print the DDL `install` would run
+    Sql,
+}
+
+/// `handlers …`.
+#[derive(Debug, Subcommand)]
+pub enum HandlersCommand {
+    /// One row per handler: name, kind, senders, signal, filters, target
+    List {
+        /// JSON array on stdout (stable snake_case fields)
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Exit 0 when the configuration is valid, 78 (naming key and line) when not
+    Check,
+}
+
+/// Runs a parsed command line. Returns the exit code of a command that completed.
+pub async fn run(cli: Cli) -> Result<u8> {
+    match &cli.command {
+        Command::Run => run_daemon(&cli.global).await,
+        Command::Demo => crate::demo::run(&cli.global).await,
+        Command::Migrate => migrate(&cli.global).await,
+        Command::Triggers(t) => triggers_command(&cli.global, t).await,
+        Command::Handlers(HandlersCommand::List { json }) => list_handlers(&cli.global, *json),
+        Command::Config(ConfigCommand::Check) => {
+            let config = load_config(&cli.global)?;
+            eprintln!("config ok: {} watched tables, {} handlers", config.watches.len(), config.handlers.len());
+            Ok(0)
+        }
+    }
+}
+
+/// Maps an error to the process exit code.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some() || cause.downcast_ref::<BadConnectionString>().is_some() {
+            return EXIT_CONFIG;
+        }
+        if let Some(e) = cause.downcast_ref::<DbError>()
+            && e.is_unreachable()
+        {
+            return EXIT_UNAVAILABLE;
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>()
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            return 0;
+        }
+    }
+    EXIT_DRIFT
+}
+
+fn config_path(global: &Global) -> Option<PathBuf> {
+    if let Some(p) = &global.config {
+        return Some(p.clone());
+    }
+    if let Some(dir) = std::env::var_os("CONFIGURATION_DIRECTORY") {
+        return Some(PathBuf::from(dir).join("config.toml"));
+    }
+    let default = PathBuf::from("/etc/post-save/config.toml");
+    default.exists().then_some(default)
+}
+
+/// Loads the configuration the global options point at.
+pub fn load_config(global: &Global) -> Result<Config> {
+    let Some(path) = config_path(global) else {
+        return Err(ConfigError {
+            file: None,
+            line: None,
+            key: None,
+            message: "no configuration file: pass --config or set POST_SAVE_CONFIG".into(),
+        }
+        .into());
+    };
+    Ok(Config::load(&path)?)
+}
+
+/// The connection settings the global options and the config point at.
+pub fn pg_config(global: &Global, config: &Config) -> Result<tokio_postgres::Config> {
+    let url = global.database_url.as_deref().or(config.database.url.as_deref());
+    Ok(db::resolve(url)?)
+}
+
+async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Client> {
+    let pg = pg_config(global, config)?;
+    let (client, _task) = db::connect(&pg).await?;
+    Ok(client)
+}
+
+async fn run_daemon(global: &Global) -> Result<u8> {
+    let config = load_config(global)?;
+    let pg = pg_config(global, &config)?;
+    let registry = Registry::from_config(&config);
+    tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
+    Daemon::new(config, registry, pg).run(shutdown_signal()).await?;
+    Ok(0)
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn migrate(global: &Global) -> Result<u8> {
+    let config = config_or_default(global)?;
+    let mut client = connect(global, &config).await?;
+    let applied = db::migrate(&mut client).await?;
+    if applied.is_empty() {
+        eprintln!("post_save schema is up to date");
+    }
+    for m in applied {
+        eprintln!("applied {m}");
+    }
+    Ok(0)
+}
+
+/// Commands that can work without a config use an empty one when none is given.
+fn config_or_default(global: &Global) -> Result<Config> {
+    match config_path(global) {
+        Some(_) => load_config(global),
+        None => Ok(Config::default()),
+    }
+}
+
+async fn triggers_command(global: &Global, command: &TriggersCommand) -> Result<u8> {
+    let config = load_config(global)?;
+    let mut client = connect(global, &config).await?;
+    match command {
+        TriggersCommand::Install => {
+            db::migrate(&mut client).await?;
+            let sql = triggers::install(&mut client, &config).await.map_err(trigger_error)?;
+            eprintln!("triggers installed on {} tables", config.watches.len());
+            tracing::debug!(sql = %sql, "trigger DDL");
+            Ok(0)
+        }
+        TriggersCommand::Remove => {
+            let tables = triggers::remove(&mut client).await.map_err(trigger_error)?;
+            eprintln!("triggers removed from {} tables", tables.len());
+            Ok(0)
+        }
+        TriggersCommand::Check => {
+            let drift = triggers::check(&client, &config).await.map_err(trigger_error)?;
+            if drift.is_empty() {
+                eprintln!("triggers match the config ({} tables)", config.watches.len());
+                return Ok(0);
+            }
+            let mut out = std::io::stdout().lock();
+            for d in &drift {
+                writeln!(out, "{d}")?;
+            }
+            Ok(EXIT_DRIFT)
+        }
+        TriggersCommand::Sql => {
+            let sql = triggers::plan(&client, &config).await.map_err(trigger_error)?;
+            std::io::stdout().lock().write_all(sql.as_bytes())?;
+            Ok(0)
+        }
+    }
+}
+
+fn trigger_error(e: TriggerError) -> anyhow::Error {
+    match e {
+        TriggerError::Query(q) if q.is_closed() => DbError::Query(q).into(),
+        other => other.into(),
+    }
+}
+
+fn list_handlers(global: &Global, json: bool) -> Result<u8> {
+    let config = load_config(global)?;
+    let handlers = Registry::from_config(&config).describe();
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &handlers).context("writing JSON")?;
+        writeln!(out)?;
+    } else if std::io::stdout().is_terminal() {
+        writeln!(out, "{}", handlers_table(&handlers))?;
+    } else {
+        writeln!(out, "name\tkind\tsenders\tsignal\tcreated\tcolumns\ttarget")?;
+        for h in &handlers {
+            let r = row(h);
+            writeln!(out, "{}", r.join("\t"))?;
+        }
+    }
+    Ok(0)
+}
+
+fn row(h: &HandlerInfo) -> [String; 7] {
+    let senders = if h.senders.is_empty() { "*".to_owned() } else { h.senders.join(",") };
+    let created = match h.created {
+        Some(true) => "created",
+        Some(false) => "updated",
+        None => "any",
+    };
+    let columns = if h.columns.is_empty() { "*".to_owned() } else { h.columns.join(",") };
+    [h.name.clone(), h.kind.clone(), senders, h.signal.clone(), created.into(), columns, h.target.clone()]
+}
+
+fn handlers_table(handlers: &[HandlerInfo]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header(["name", "kind", "senders", "signal", "created", "columns", "target"]);
+    for h in handlers {
+        table.add_row(row(h));
+    }
+    table
+}

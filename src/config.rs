@@ -1,0 +1,607 @@
+//! The configuration file: database, daemon tuning, watched tables and handlers.
+//!
+//! One TOML file. Unknown keys are errors, and every error names the file, the line and the key
+//! (`config.toml:12: handler[0].timeout: invalid duration`).
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+
+use crate::handler::KindOptions;
+use crate::name::TableName;
+
+/// A configuration that could not be read or is invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, when the configuration came from one.
+    pub file: Option<PathBuf>,
+    /// The 1-based line the problem is on, when known.
+    pub line: Option<usize>,
+    /// The key at fault, as a path (`handler[2].command`), when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}", file.display())?,
+            None => f.write_str("config")?,
+        }
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Where to connect.
+    pub database: DatabaseConfig,
+    /// Daemon tuning.
+    pub daemon: DaemonConfig,
+    /// Watched tables, in file order.
+    pub watches: Vec<Watch>,
+    /// Handlers declared in the file, in file order.
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// A libpq URL or key=value string; else `DATABASE_URL`, else the `PG*` variables.
+    pub url: Option<String>,
+}
+
+/// `[daemon]`: tuning with safe defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Events held in memory at once (fetched, queued or running); the rest waits in the ledger.
+    pub max_in_flight: usize,
+    /// How long SIGTERM waits for running handlers before handing their events back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often the ledger is swept for events whose notification was missed.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Most acknowledgements written in one statement.
+    pub ack_batch: usize,
+    /// Longest an acknowledgement waits for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
+    /// Most ledger rows read in one catch-up query.
+    pub fetch_batch: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_in_flight: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            ack_batch: 1_000,
+            ack_interval: Duration::from_millis(5),
+            fetch_batch: 1_000,
+        }
+    }
+}
+
+/// How a table's saves are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Ledger row + NOTIFY: at-least-once, survives the daemon being down.
+    Durable,
+    /// NOTIFY only: at-most-once, nothing written.
+    Notify,
+}
+
+impl Mode {
+    /// The name used in the trigger arguments and the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Durable => "durable",
+            Mode::Notify => "notify",
+        }
+    }
+}
+
+/// Which statements a watch captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Operations {
+    /// INSERT.
+    pub insert: bool,
+    /// UPDATE.
+    pub update: bool,
+    /// DELETE (`post_delete`).
+    pub delete: bool,
+}
+
+/// One `[[watch]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// The table.
+    pub table: TableName,
+    /// Captured operations.
+    pub operations: Operations,
+    /// Capture mode.
+    pub mode: Mode,
+    /// An UPDATE counts only if one of these changed; empty: any column.
+    pub columns: Vec<String>,
+    /// Columns whose values never leave the database.
+    pub redact: Vec<String>,
+    /// Include the row before an UPDATE as `old`.
+    pub include_old: bool,
+    /// Primary-key columns, when the table has no primary key constraint to read them from.
+    pub pk: Option<Vec<String>>,
+}
+
+/// `post_save` or `post_delete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// INSERT and UPDATE.
+    PostSave,
+    /// DELETE.
+    PostDelete,
+}
+
+impl Signal {
+    /// The signal's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::PostSave => "post_save",
+            Signal::PostDelete => "post_delete",
+        }
+    }
+}
+
+/// Retries of a failed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; after the last the delivery is dead.
+    pub attempts: u32,
+    /// Delay before the second attempt; doubles each time, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Longest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 5, backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(300) }
+    }
+}
+
+/// One `[[handler]]` entry.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Senders it receives; empty: every watched table.
+    pub senders: Vec<TableName>,
+    /// The signal it receives.
+    pub signal: Signal,
+    /// `Some(true)`: creations only; `Some(false)`: updates only; `None`: both.
+    pub created: Option<bool>,
+    /// An UPDATE reaches it only if one of these columns changed; empty: any.
+    pub columns: Vec<String>,
+    /// Longest one attempt may run.
+    pub timeout: Duration,
+    /// Most attempts running at once for this handler.
+    pub concurrency: usize,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// The kind and its options.
+    pub kind: KindOptions,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        let mut watches = Vec::with_capacity(raw.watch.len());
+        for (i, w) in raw.watch.into_iter().enumerate() {
+            let span = w.span();
+            let key = format!("watch[{i}]");
+            let watch = w.into_inner().validate(text, span.clone(), &key)?;
+            if watches.iter().any(|o: &Watch| o.table == watch.table) {
+                return Err(error_at(text, span, &key, "table", "table is watched twice"));
+            }
+            watches.push(watch);
+        }
+        let mut handlers: Vec<HandlerConfig> = Vec::with_capacity(raw.handler.len());
+        for (i, h) in raw.handler.into_iter().enumerate() {
+            let span = h.span();
+            let mut section = Section::new(text, span.clone(), format!("handler[{i}]"), h.into_inner());
+            let handler = parse_handler(&mut section, &watches)?;
+            if handlers.iter().any(|o| o.name == handler.name) {
+                return Err(section.error("name", "two handlers have this name"));
+            }
+            handlers.push(handler);
+        }
+        Ok(Config { database: raw.database, daemon: raw.daemon, watches, handlers })
+    }
+
+    /// The watch of `table`, if it is watched.
+    pub fn watch(&self, table: &TableName) -> Option<&Watch> {
+        self.watches.iter().find(|w| &w.table == table)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: DatabaseConfig,
+    #[serde(default)]
+    daemon: DaemonConfig,
+    #[serde(default)]
+    watch: Vec<Spanned<RawWatch>>,
+    #[serde(default)]
+    handler: Vec<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    table: String,
+    #[serde(default)]
+    operations: Option<Vec<String>>,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    columns: Vec<String>,
+    #[serde(default)]
+    redact: Vec<String>,
+    #[serde(default)]
+    include_old: bool,
+    #[serde(default)]
+    pk: Option<Vec<String>>,
+}
+
+impl RawWatch {
+    fn validate(self, src: &str, span: Range<usize>, key: &str) -> Result<Watch, ConfigError> {
+        let err = |field: &str, msg: &str| error_at(src, span.clone(), key, field, msg);
+        let table = TableName::parse(&self.table).map_err(|m| err("table", &m))?;
+        let mut operations = Operations { insert: false, update: false, delete: false };
+        let ops = self.operations.unwrap_or_else(|| vec!["insert".into(), "update".into()]);
+        if ops.is_empty() {
+            return Err(err("operations", "at least one operation is needed"));
+        }
+        for op in &ops {
+            match op.as_str() {
+                "insert" => operations.insert = true,
+                "update" => operations.update = true,
+                "delete" => operations.delete = true,
+                other => {
+                    let msg = format!("unknown operation `{other}`; expected insert, update or delete");
+                    return Err(err("operations", &msg));
+                }
+            }
+        }
+        if let Some(pk) = &self.pk {
+            if pk.is_empty() {
+                return Err(err("pk", "an empty primary key cannot identify a row"));
+            }
+            if let Some(c) = pk.iter().find(|c| self.redact.contains(c)) {
+                return Err(err("redact", &format!("primary-key column `{c}` cannot be redacted")));
+            }
+        }
+        Ok(Watch {
+            table,
+            operations,
+            mode: self.mode.unwrap_or(Mode::Durable),
+            columns: self.columns,
+            redact: self.redact,
+            include_old: self.include_old,
+            pk: self.pk,
+        })
+    }
+}
+
+fn parse_handler(s: &mut Section, watches: &[Watch]) -> Result<HandlerConfig, ConfigError> {
+    let name: String = s.require("name")?;
+    if name.trim().is_empty() {
+        return Err(s.error("name", "a handler name cannot be empty"));
+    }
+    let senders = match s.take::<OneOrMany>("sender")? {
+        None => Vec::new(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for raw in list.into_vec() {
+                let table = TableName::parse(&raw).map_err(|m| s.error("sender", &m))?;
+                if !watches.iter().any(|w| w.table == table) {
+                    let msg = format!("sender `{table}` is not a watched table; add a [[watch]] for it");
+                    return Err(s.error("sender", &msg));
+                }
+                out.push(table);
+            }
+            out
+        }
+    };
+    let signal = s.take::<Signal>("signal")?.unwrap_or(Signal::PostSave);
+    let created = s.take::<bool>("created")?;
+    if created.is_some() && signal == Signal::PostDelete {
+        return Err(s.error("created", "`created` applies to post_save handlers only"));
+    }
+    let columns = s.take::<Vec<String>>("columns")?.unwrap_or_default();
+    let timeout = s.take_duration("timeout")?.unwrap_or(Duration::from_secs(30));
+    let concurrency = s.take::<usize>("concurrency")?.unwrap_or(16);
+    if concurrency == 0 {
+        return Err(s.error("concurrency", "must be at least 1"));
+    }
+    let retry = parse_retry(s)?;
+    let kind_name: String = s.require("kind")?;
+    let kind = KindOptions::parse(&kind_name, s)?;
+    s.finish()?;
+    Ok(HandlerConfig { name, senders, signal, created, columns, timeout, concurrency, retry, kind })
+}
+
+fn parse_retry(s: &mut Section) -> Result<RetryPolicy, ConfigError> {
+    let mut policy = RetryPolicy::default();
+    let Some(table) = s.take::<toml::Table>("retry")? else {
+        return Ok(policy);
+    };
+    let mut r = s.child("retry", table);
+    if let Some(n) = r.take::<u32>("attempts")? {
+        if n == 0 {
+            return Err(r.error("attempts", "must be at least 1"));
+        }
+        policy.attempts = n;
+    }
+    if let Some(d) = r.take_duration("backoff")? {
+        policy.backoff = d;
+    }
+    if let Some(d) = r.take_duration("max_backoff")? {
+        policy.max_backoff = d;
+    }
+    r.finish()?;
+    Ok(policy)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A TOML table being taken apart key by key, so every error can name its key and line.
+///
+/// Handler kinds receive one to read their own options; whatever is left when
+/// [`Section::finish`] runs is an unknown key.
+pub struct Section<'a> {
+    src: &'a str,
+    span: Range<usize>,
+    path: String,
+    table: toml::Table,
+}
+
+impl<'a> Section<'a> {
+    fn new(src: &'a str, span: Range<usize>, path: String, table: toml::Table) -> Self {
+        Section { src, span, path, table }
+    }
+
+    /// Test helper: a section over a whole document.
+    #[doc(hidden)]
+    pub fn from_document(src: &'a str, path: &str) -> Result<Self, ConfigError> {
+        let table: toml::Table = toml::from_str(src).map_err(|e| toml_error(src, &e))?;
+        Ok(Section::new(src, 0..src.len(), path.to_owned(), table))
+    }
+
+    fn child(&self, key: &str, table: toml::Table) -> Section<'a> {
+        Section::new(self.src, self.span.clone(), format!("{}.{key}", self.path), table)
+    }
+
+    /// Removes and decodes an optional key.
+    pub fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, ConfigError> {
+        match self.table.remove(key) {
+            None => Ok(None),
+            Some(value) => T::deserialize(value).map(Some).map_err(|e| self.error(key, &e.to_string())),
+        }
+    }
+
+    /// Removes and decodes a key that must be present.
+    pub fn require<T: DeserializeOwned>(&mut self, key: &str) -> Result<T, ConfigError> {
+        self.take(key)?.ok_or_else(|| self.error(key, "missing required key"))
+    }
+
+    /// Removes and decodes a humantime duration (`"30s"`, `"1m 30s"`).
+    pub fn take_duration(&mut self, key: &str) -> Result<Option<Duration>, ConfigError> {
+        match self.take::<String>(key)? {
+            None => Ok(None),
+            Some(text) => humantime::parse_duration(&text)
+                .map(Some)
+                .map_err(|e| self.error(key, &format!("invalid duration `{text}`: {e}"))),
+        }
+    }
+
+    /// An error about `key` of this section, located at the key's line.
+    pub fn error(&self, key: &str, message: &str) -> ConfigError {
+        error_at(self.src, self.span.clone(), &self.path, key, message)
+    }
+
+    /// Fails on the first key nobody took.
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        match self.table.keys().next() {
+            None => Ok(()),
+            Some(key) => Err(self.error(key, "unknown key")),
+        }
+    }
+}
+
+/// Builds an error for `path.key`, finding the key's line inside `span` of `src`.
+fn error_at(src: &str, span: Range<usize>, path: &str, key: &str, message: &str) -> ConfigError {
+    ConfigError {
+        file: None,
+        line: line_of_key(src, span.clone(), key).or_else(|| Some(line_of(src, span.start))),
+        key: Some(format!("{path}.{key}")),
+        message: message.to_owned(),
+    }
+}
+
+/// The 1-based line of `key = …` (or `{ key = …` in an inline table) in the table that starts
+/// at `span` (an array-of-tables span covers only its header, so the search runs on to the next
+/// table header).
+fn line_of_key(src: &str, span: Range<usize>, key: &str) -> Option<usize> {
+    let start = src[..span.start.min(src.len())].rfind('\n').map_or(0, |i| i + 1);
+    let mut offset = start;
+    for (n, line) in src[start..].split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_start();
+        if n > 0 && offset >= span.end && trimmed.starts_with('[') {
+            break;
+        }
+        for (idx, _) in line.match_indices(key) {
+            let before = line[..idx].trim_end().chars().last();
+            let after = line[idx + key.len()..].trim_start();
+            let starts_key = matches!(before, None | Some('{') | Some(','));
+            if starts_key && (after.starts_with('=') || after.starts_with('.')) {
+                return Some(line_of(src, offset));
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].matches('\n').count() + 1
+}
+
+fn toml_error(src: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(src, s.start));
+    let key = line.and_then(|l| src.lines().nth(l - 1)).and_then(|text| {
+        let (k, _) = text.split_once('=')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_owned())
+    });
+    ConfigError { file: None, line, key, message: e.message().trim().to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[watch]]
+table = "public.shop_order"
+redact = ["card"]
+
+[[handler]]
+name = "log-orders"
+sender = "public.shop_order"
+created = true
+kind = "log"
+"#;
+
+    #[test]
+    fn parses_a_small_config() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.watches.len(), 1);
+        assert_eq!(c.watches[0].mode, Mode::Durable);
+        assert!(c.watches[0].operations.insert && !c.watches[0].operations.delete);
+        assert_eq!(c.handlers[0].created, Some(true));
+        assert_eq!(c.handlers[0].retry, RetryPolicy::default());
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_line_and_key() {
+        let e = Config::parse("[daemon]\nmax_in_flight = 5\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(e.key.as_deref(), Some("bogus"));
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn unknown_handler_key_names_line_and_key() {
+        let text = format!("{GOOD}colour = \"red\"\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("handler[0].colour"));
+        assert_eq!(e.line, Some(text.lines().count()));
+        assert_eq!(e.to_string(), format!("config:{}: key `handler[0].colour`: unknown key", e.line.unwrap()));
+    }
+
+    #[test]
+    fn wrong_type_and_bad_duration() {
+        let e = Config::parse(&GOOD.replace("created = true", "created = \"yes\"")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("handler[0].created"));
+        assert_eq!(e.line, Some(9));
+        let e = Config::parse(&format!("{GOOD}timeout = \"soon\"\n")).unwrap_err();
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn sender_must_be_watched() {
+        let e = Config::parse(&GOOD.replace("sender = \"public.shop_order\"", "sender = \"public.nope\"")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("handler[0].sender"));
+        assert_eq!(e.line, Some(8));
+    }
+
+    #[test]
+    fn watch_errors() {
+        let e = Config::parse("[[watch]]\ntable = \"t\"\noperations = [\"upsert\"]\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("watch[0].operations")));
+        let e = Config::parse("[[watch]]\ntable = \"t\"\nmode = \"fast\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = Config::parse("[[watch]]\ntable = \"t\"\n[[watch]]\ntable = \"public.t\"\n").unwrap_err();
+        assert!(e.message.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn retry_table() {
+        let c = Config::parse(&format!("{GOOD}retry = {{ attempts = 3, backoff = \"10ms\" }}\n")).unwrap();
+        assert_eq!(c.handlers[0].retry.attempts, 3);
+        assert_eq!(c.handlers[0].retry.backoff, Duration::from_millis(10));
+        let e = Config::parse(&format!("{GOOD}retry = {{ tries = 3 }}\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("handler[0].retry.tries"));
+    }
+}

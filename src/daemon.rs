@@ -1,0 +1,191 @@
+//! The daemon: migrations, the listener, the router and the ledger writer, started and
+//! stopped together.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, DbError};
+use crate::delivery::write_outcomes;
+use crate::listener::Listener;
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::stats::Stats;
+use crate::triggers;
+
+/// What the daemon is doing, for readiness and status reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// Connecting and migrating.
+    Starting,
+    /// LISTEN works and the backlog has been caught up.
+    Listening {
+        /// Watched tables in the config.
+        tables: usize,
+    },
+    /// The connection was lost; waiting to reconnect.
+    Reconnecting {
+        /// Consecutive failed attempts.
+        attempt: u32,
+    },
+    /// Shutting down.
+    Stopping,
+    /// Stopped.
+    Stopped,
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Connecting, migrating or checking the database failed at start.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// The post-save daemon: build it from a config and a registry, then [`Daemon::run`] it.
+///
+/// ```no_run
+/// use post_save::{Config, Daemon, Receiver, Registry, TableName};
+/// use post_save::handler::{handler_fn, HandlerError};
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::parse(r#"
+///     [[watch]]
+///     table = "public.shop_order"
+/// "#)?;
+/// let mut registry = Registry::from_config(&config);
+/// // The `@receiver(post_save, sender=Order)` of Rust programs:
+/// let orders = TableName::new("public", "shop_order");
+/// registry.register(
+///     Receiver::new("send-confirmation").sender(&orders).created(true),
+///     handler_fn(|event| async move {
+///         println!("new order {}", event.instance["id"]);
+///         Ok::<(), HandlerError>(())
+///     }),
+/// )?;
+/// let pg = post_save::db::resolve(None)?;
+/// Daemon::new(config, registry, pg).run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Daemon {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    pg: tokio_postgres::Config,
+    stats: Arc<Stats>,
+    state: watch::Sender<State>,
+}
+
+impl Daemon {
+    /// A daemon for `config`, running the handlers of `registry`, connecting with `pg`.
+    pub fn new(config: Config, registry: Registry, pg: tokio_postgres::Config) -> Self {
+        Daemon {
+            config: Arc::new(config),
+            registry: Arc::new(registry),
+            pg,
+            stats: Arc::new(Stats::default()),
+            state: watch::Sender::new(State::Starting),
+        }
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Follows the daemon's state.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// Runs until `shutdown` completes, then stops taking new work, lets running handlers
+    /// finish within `daemon.shutdown_grace`, hands back the rest (they stay pending in the
+    /// ledger) and writes the last acknowledgements.
+    ///
+    /// Fails only at start: when the database cannot be reached or migrated. Later connection
+    /// losses are retried forever.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let (mut client, task) = db::connect(&self.pg).await?;
+        tracing::info!("applying post_save schema migrations");
+        let applied = db::migrate(&mut client).await?;
+        if !applied.is_empty() {
+            tracing::info!(applied = ?applied, "migrations applied");
+        }
+        match triggers::check(&client, &self.config).await {
+            Ok(drift) => drift.iter().for_each(
+                |d| tracing::warn!(drift = %d, "triggers differ from the config; run `post-save triggers install`"),
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not compare triggers with the config"),
+        }
+        drop(client);
+        task.abort();
+
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let give_up = CancellationToken::new();
+        let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
+        let (client_tx, client_rx) = watch::channel(None);
+        let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        let writer = tokio::spawn(write_outcomes(
+            outcome_rx,
+            client_rx,
+            Arc::clone(&in_flight),
+            self.config.daemon.clone(),
+            Arc::clone(&self.stats),
+            give_up.clone(),
+        ));
+        let router = Router::new(
+            Arc::clone(&self.registry),
+            outcome_tx.clone(),
+            Arc::clone(&self.stats),
+            stop.clone(),
+            abort.clone(),
+        );
+        let listener = Listener {
+            pg: self.pg.clone(),
+            config: Arc::clone(&self.config),
+            router: Arc::clone(&router),
+            in_flight,
+            permits: Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1))),
+            stats: Arc::clone(&self.stats),
+            work_client: client_tx,
+            outcomes: outcome_tx,
+            state: self.state.clone(),
+            stop: stop.clone(),
+        };
+
+        tokio::select! {
+            () = listener.run() => {}
+            () = shutdown => {}
+        }
+        self.state.send_replace(State::Stopping);
+        tracing::info!("stopping: no new events; waiting for running handlers");
+        stop.cancel();
+        let grace = self.config.daemon.shutdown_grace;
+        if tokio::time::timeout(grace, router.drained()).await.is_err() {
+            tracing::warn!(grace = ?grace, "handlers still running after the grace period; handing their events back");
+            abort.cancel();
+            router.drained().await;
+        }
+        // The listener (and with it the last sender of outcomes) goes; the writer then flushes.
+        drop(listener);
+        drop(router);
+        let flush = Duration::from_secs(5);
+        let give_up_later = give_up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(flush).await;
+            give_up_later.cancel();
+        });
+        let _ = writer.await;
+        self.state.send_replace(State::Stopped);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

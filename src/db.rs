@@ -1,0 +1,134 @@
+//! Connecting to PostgreSQL and migrating the `post_save` schema.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+/// The channel every capture trigger notifies.
+pub const CHANNEL: &str = "post_save";
+
+/// Where to connect could not be worked out.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid connection string from {origin}")]
+pub struct BadConnectionString {
+    /// Which setting held it.
+    pub origin: &'static str,
+    /// The parse error.
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+/// Failures talking to the database.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// The server could not be reached or refused the connection.
+    #[error("cannot connect to the database")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A query failed.
+    #[error("database query failed")]
+    Query(#[source] tokio_postgres::Error),
+    /// A migration failed.
+    #[error("migrating the post_save schema failed")]
+    Migrate(#[source] refinery::Error),
+}
+
+impl DbError {
+    /// Whether the failure is the server being unreachable (exit code 69).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            DbError::Connect(e) => e.as_db_error().is_none(),
+            DbError::Query(e) => e.is_closed(),
+            DbError::Migrate(_) => false,
+        }
+    }
+}
+
+/// The connection settings: `url` from the config, else `DATABASE_URL`, else the libpq `PG*`
+/// variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
+/// `PGCONNECT_TIMEOUT`), with libpq's defaults for what is unset.
+pub fn resolve(config_url: Option<&str>) -> Result<tokio_postgres::Config, BadConnectionString> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut config = if let Some(url) = config_url {
+        url.parse().map_err(|source| BadConnectionString { origin: "database.url", source })?
+    } else if let Some(url) = env("DATABASE_URL") {
+        url.parse().map_err(|source| BadConnectionString { origin: "DATABASE_URL", source })?
+    } else {
+        tokio_postgres::Config::new()
+    };
+    if config.get_hosts().is_empty() {
+        match env("PGHOST") {
+            Some(hosts) => hosts.split(',').for_each(|h| {
+                config.host(h);
+            }),
+            None => {
+                let socket = std::path::Path::new("/var/run/postgresql");
+                config.host(if socket.exists() { "/var/run/postgresql" } else { "localhost" });
+            }
+        }
+    }
+    if config.get_ports().is_empty()
+        && let Some(port) = env("PGPORT").and_then(|p| p.parse().ok())
+    {
+        config.port(port);
+    }
+    if config.get_user().is_none() {
+        let user = env("PGUSER").or_else(|| env("USER")).unwrap_or_else(|| "postgres".into());
+        config.user(&user);
+    }
+    if config.get_password().is_none()
+        && let Some(pw) = env("PGPASSWORD")
+    {
+        config.password(pw);
+    }
+    if config.get_dbname().is_none()
+        && let Some(db) = env("PGDATABASE")
+    {
+        config.dbname(&db);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(env("PGAPPNAME").unwrap_or_else(|| "post-save".into()));
+    }
+    if config.get_connect_timeout().is_none() {
+        let secs = env("PGCONNECT_TIMEOUT").and_then(|s| s.parse().ok()).unwrap_or(10);
+        config.connect_timeout(Duration::from_secs(secs));
+    }
+    config.keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// Opens a connection and drives it on a task. The task ends when the connection does.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<(Client, tokio::task::JoinHandle<()>), DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended");
+        }
+    });
+    Ok((client, task))
+}
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// The table where refinery records applied migrations: ours, so a host application that also
+/// uses refinery keeps its own history.
+pub const MIGRATION_TABLE: &str = "post_save.schema_history";
+
+/// Creates or upgrades the `post_save` schema. Returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<String>, DbError> {
+    // Two daemons starting together must not both migrate.
+    client.batch_execute("SELECT pg_advisory_lock(hashtext('post_save.migrate'))").await.map_err(DbError::Query)?;
+    let result = async {
+        client.batch_execute("CREATE SCHEMA IF NOT EXISTS post_save").await.map_err(DbError::Query)?;
+        embedded::migrations::runner()
+            .set_migration_table_name(MIGRATION_TABLE)
+            .run_async(client)
+            .await
+            .map_err(DbError::Migrate)
+    }
+    .await;
+    client.batch_execute("SELECT pg_advisory_unlock(hashtext('post_save.migrate'))").await.map_err(DbError::Query)?;
+    Ok(result?.applied_migrations().iter().map(|m| m.to_string()).collect())
+}

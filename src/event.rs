@@ -1,0 +1,279 @@
+//! The save event and the decoding of NOTIFY payloads and ledger rows into it. No I/O.
+//!
+//! Anyone who can connect can NOTIFY the channel, so a payload is untrusted input: decoding
+//! never panics, and every rejection says why.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::Signal;
+
+/// The operation that produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// INSERT (`created = true`).
+    Insert,
+    /// UPDATE.
+    Update,
+    /// DELETE (`signal = post_delete`).
+    Delete,
+}
+
+/// Who made the save, as the database saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The database role (the `SET ROLE` role when one is set, else the session user).
+    pub role: String,
+    /// The client's `application_name`.
+    #[serde(default)]
+    pub application_name: Option<String>,
+    /// The client's address; `None` over a Unix socket.
+    #[serde(default)]
+    pub client_addr: Option<String>,
+    /// The backend process id.
+    pub pid: i64,
+    /// What the application set with `SET LOCAL post_save.actor = '…'`.
+    #[serde(default)]
+    pub actor: Option<String>,
+}
+
+/// One save, as handlers receive it. Field names are the contract of `DESIGN.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveEvent {
+    /// Ledger id (durable tables): the idempotency key. `None` for `notify` tables.
+    #[serde(default)]
+    pub id: Option<i64>,
+    /// `post_save` or `post_delete`.
+    pub signal: Signal,
+    /// `schema.table`.
+    pub sender: String,
+    /// `insert`, `update` or `delete`.
+    pub op: Op,
+    /// `true` for an INSERT.
+    pub created: bool,
+    /// Primary-key columns and values.
+    pub pk: Map<String, Value>,
+    /// The row after the save (before, for a delete), redacted columns left out.
+    pub instance: Value,
+    /// The row before an UPDATE, when the table asks for it.
+    #[serde(default)]
+    pub old: Value,
+    /// For an UPDATE, the columns whose values changed.
+    #[serde(default)]
+    pub update_fields: Option<Vec<String>>,
+    /// `true` for synthetic events and writes under `session_replication_role = replica`.
+    pub raw: bool,
+    /// The database name.
+    pub using: String,
+    /// Transaction id.
+    pub txid: i64,
+    /// Trigger time, RFC 3339.
+    pub at: String,
+    /// Who saved it.
+    pub actor: Actor,
+    /// The post-save handler whose write caused this save, if any (`post_save.origin`).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// `true` when the row was too big for the notification and `instance` was re-read from the
+    /// table by primary key (it may show a later state of the row).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reread: bool,
+}
+
+impl SaveEvent {
+    /// The identity of the saved row: events with the same key keep their order.
+    pub fn row_key(&self) -> String {
+        let mut key = String::with_capacity(self.sender.len() + 32);
+        key.push_str(&self.sender);
+        key.push('\u{0}');
+        key.push_str(&Value::Object(self.pk.clone()).to_string());
+        key
+    }
+
+    /// The event as JSON, as handlers receive it.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// What a notification on the channel says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A durable event: read it from the ledger by id. (The payload may carry the event too, but
+    /// it is only a hint: the ledger, which only the owner can write, is the truth.)
+    Ledger {
+        /// The ledger id.
+        id: i64,
+    },
+    /// A `notify`-mode event, complete in the payload.
+    Event(Box<SaveEvent>),
+}
+
+/// Why a payload was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not JSON at all.
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an event.
+    #[error("payload is not an event: {0}")]
+    NotAnEvent(String),
+    /// An `id` that cannot be a ledger id.
+    #[error("payload has an invalid ledger id")]
+    BadId,
+}
+
+/// Decodes a NOTIFY payload from the `post_save` channel.
+pub fn decode_notice(payload: &str) -> Result<Notice, DecodeError> {
+    let value: Value = serde_json::from_str(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(DecodeError::NotAnEvent("not a JSON object".into()));
+    };
+    if let Some(id) = map.get("id") {
+        return match id.as_i64() {
+            Some(id) if id > 0 => Ok(Notice::Ledger { id }),
+            _ => Err(DecodeError::BadId),
+        };
+    }
+    event_from_map(map).map(|e| Notice::Event(Box::new(e)))
+}
+
+/// Decodes the payload of a ledger row (the event without its id).
+pub fn decode_ledger_row(id: i64, payload: &str) -> Result<SaveEvent, DecodeError> {
+    let value: Value = serde_json::from_str(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(DecodeError::NotAnEvent("not a JSON object".into()));
+    };
+    let mut event = event_from_map(map)?;
+    event.id = Some(id);
+    Ok(event)
+}
+
+fn event_from_map(map: Map<String, Value>) -> Result<SaveEvent, DecodeError> {
+    let mut event: SaveEvent =
+        serde_json::from_value(Value::Object(map)).map_err(|e| DecodeError::NotAnEvent(e.to_string()))?;
+    let consistent = match event.op {
+        Op::Insert => event.created && event.signal == Signal::PostSave,
+        Op::Update => !event.created && event.signal == Signal::PostSave,
+        Op::Delete => !event.created && event.signal == Signal::PostDelete,
+    };
+    if !consistent {
+        return Err(DecodeError::NotAnEvent("op, created and signal disagree".into()));
+    }
+    if event.pk.is_empty() {
+        return Err(DecodeError::NotAnEvent("empty pk".into()));
+    }
+    if !(event.instance.is_object() || event.instance.is_null() && event.reread) {
+        return Err(DecodeError::NotAnEvent("instance is not an object".into()));
+    }
+    for value in event.pk.values_mut() {
+        exact_numbers(value);
+    }
+    exact_numbers(&mut event.instance);
+    exact_numbers(&mut event.old);
+    Ok(event)
+}
+
+/// Rewrites, in place, every number that a JSON reader using IEEE doubles would read inexactly
+/// (integers beyond ±2^53, decimals with more than 15 significant digits, huge exponents) as a
+/// string holding its exact text.
+pub fn exact_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) => {
+            let text = n.to_string();
+            if !fits_double(&text) {
+                *value = Value::String(text);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(exact_numbers),
+        Value::Object(map) => map.values_mut().for_each(exact_numbers),
+        _ => {}
+    }
+}
+
+fn fits_double(text: &str) -> bool {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().unwrap_or(i32::MAX)),
+        None => (text, 0),
+    };
+    let mantissa = mantissa.trim_start_matches('-');
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if frac_part.is_empty() && exponent == 0 {
+        return match int_part.parse::<u64>() {
+            Ok(v) => v <= 1 << 53,
+            Err(_) => false,
+        };
+    }
+    let digits: String = format!("{int_part}{frac_part}");
+    let significant = digits.trim_start_matches('0').trim_end_matches('0');
+    significant.len() <= 15 && exponent.unsigned_abs() < 300
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INSERT: &str = r#"{"instance":{ "id" : 7, "user_id" : 1, "product" : "book" },"old":null,"signal" : "post_save", "sender" : "public.shop_order", "op" : "insert", "created" : true, "pk" : { "id" : 7 }, "update_fields" : null, "raw" : false, "using" : "shop", "txid" : 740, "at" : "2026-11-25T02:17:22.59878+00:00", "actor" : {"role" : "app", "application_name" : "psql", "client_addr" : null, "pid" : 8200, "actor" : null}, "origin" : null}"#;
+
+    #[test]
+    fn decodes_a_notify_event() {
+        let Notice::Event(e) = decode_notice(INSERT).unwrap() else { panic!("not an event") };
+        assert_eq!(e.sender, "public.shop_order");
+        assert!(e.created);
+        assert_eq!(e.op, Op::Insert);
+        assert_eq!(e.instance["product"], "book");
+        assert_eq!(e.id, None);
+        assert_eq!(e.row_key(), "public.shop_order\u{0}{\"id\":7}");
+    }
+
+    #[test]
+    fn durable_payloads_are_ledger_hints() {
+        let payload = format!("{{\"id\":42,{}", &INSERT[1..]);
+        assert_eq!(decode_notice(&payload).unwrap(), Notice::Ledger { id: 42 });
+        assert_eq!(decode_notice(r#"{"id":42,"ref":"ledger"}"#).unwrap(), Notice::Ledger { id: 42 });
+    }
+
+    #[test]
+    fn hostile_payloads_are_rejected() {
+        for bad in [
+            "",
+            "not json",
+            "[1,2]",
+            "null",
+            r#"{"id":"42"}"#,
+            r#"{"id":-1}"#,
+            r#"{"id":1e400}"#,
+            r#"{"id":99999999999999999999999}"#,
+            r#"{"sender":5}"#,
+            &INSERT.replace("\"created\" : true", "\"created\" : false"),
+            &INSERT.replace("\"pk\" : { \"id\" : 7 }", "\"pk\" : {}"),
+            &INSERT.replace("\"txid\" : 740", "\"txid\" : 1e999"),
+        ] {
+            assert!(decode_notice(bad).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn inexact_numbers_become_strings() {
+        let payload = INSERT.replace(
+            "\"user_id\" : 1,",
+            "\"user_id\" : 9007199254740993, \"price\" : 12.50, \"big\" : 1234567890.1234567891, \"small\" : -5,",
+        );
+        let Notice::Event(e) = decode_notice(&payload).unwrap() else { panic!() };
+        assert_eq!(e.instance["user_id"], "9007199254740993");
+        assert_eq!(e.instance["big"], "1234567890.1234567891");
+        assert!(e.instance["price"].is_number());
+        assert_eq!(e.instance["small"], -5);
+        assert!(fits_double("9007199254740992"));
+        assert!(!fits_double("1e400"));
+    }
+
+    #[test]
+    fn ledger_rows_get_their_id() {
+        let e = decode_ledger_row(9, INSERT).unwrap();
+        assert_eq!(e.id, Some(9));
+        assert!(e.to_json().starts_with("{\"id\":9,"));
+    }
+}

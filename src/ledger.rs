@@ -1,0 +1,86 @@
+//! Queries against the ledger (`post_save.event`) and the dead-letter list.
+
+use tokio_postgres::Client;
+
+use crate::event::{DecodeError, SaveEvent, decode_ledger_row};
+
+/// A delivery that gave up.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetter {
+    pub event_id: Option<i64>,
+    pub handler: String,
+    pub sender: String,
+    pub event: String,
+    pub attempts: i32,
+    pub last_error: String,
+}
+
+/// A ledger row that did not decode; only possible if someone wrote the ledger by hand.
+#[derive(Debug)]
+pub(crate) struct BadRow {
+    pub id: i64,
+    pub error: DecodeError,
+}
+
+const FETCH_IDS: &str = "SELECT id, payload::text FROM post_save.event \
+     WHERE id = ANY($1) AND handled_at IS NULL ORDER BY id";
+
+const FETCH_PENDING: &str = "SELECT id, payload::text FROM post_save.event \
+     WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+
+const WRITE_OUTCOMES: &str = "WITH dead AS ( \
+       INSERT INTO post_save.dead_letter (event_id, handler, sender, event, attempts, last_error) \
+       SELECT e, h, s, ev::json, a, l FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[]) \
+         AS u(e, h, s, ev, a, l) \
+     ) \
+     UPDATE post_save.event SET handled_at = clock_timestamp() WHERE id = ANY($7) AND handled_at IS NULL";
+
+/// Pending events with these ids (already-handled ones are left out), in id order.
+pub(crate) async fn fetch_ids(
+    client: &Client,
+    ids: &[i64],
+) -> Result<(Vec<SaveEvent>, Vec<BadRow>), tokio_postgres::Error> {
+    let rows = client.query(FETCH_IDS, &[&ids]).await?;
+    Ok(decode_rows(rows))
+}
+
+/// Up to `limit` pending events with ids above `after`, in id order.
+pub(crate) async fn fetch_pending(
+    client: &Client,
+    after: i64,
+    limit: i64,
+) -> Result<(Vec<SaveEvent>, Vec<BadRow>, Option<i64>), tokio_postgres::Error> {
+    let rows = client.query(FETCH_PENDING, &[&after, &limit]).await?;
+    let last = rows.last().map(|r| r.get::<_, i64>(0));
+    let (events, bad) = decode_rows(rows);
+    Ok((events, bad, last))
+}
+
+fn decode_rows(rows: Vec<tokio_postgres::Row>) -> (Vec<SaveEvent>, Vec<BadRow>) {
+    let mut events = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    for row in rows {
+        let id: i64 = row.get(0);
+        let payload: &str = row.get(1);
+        match decode_ledger_row(id, payload) {
+            Ok(e) => events.push(e),
+            Err(error) => bad.push(BadRow { id, error }),
+        }
+    }
+    (events, bad)
+}
+
+/// Records dead letters and acknowledges events, in one statement (so one commit).
+pub(crate) async fn write_outcomes(
+    client: &Client,
+    dead: &[DeadLetter],
+    acks: &[i64],
+) -> Result<u64, tokio_postgres::Error> {
+    let event_ids: Vec<Option<i64>> = dead.iter().map(|d| d.event_id).collect();
+    let handlers: Vec<&str> = dead.iter().map(|d| d.handler.as_str()).collect();
+    let senders: Vec<&str> = dead.iter().map(|d| d.sender.as_str()).collect();
+    let events: Vec<&str> = dead.iter().map(|d| d.event.as_str()).collect();
+    let attempts: Vec<i32> = dead.iter().map(|d| d.attempts).collect();
+    let errors: Vec<&str> = dead.iter().map(|d| d.last_error.as_str()).collect();
+    client.execute(WRITE_OUTCOMES, &[&event_ids, &handlers, &senders, &events, &attempts, &errors, &acks]).await
+}

@@ -1,0 +1,314 @@
+//! The listener: the LISTEN connection, reconnect with backoff, catch-up, live consumption.
+//!
+//! Every session does the same three steps in the same order — LISTEN, then catch up on every
+//! unacknowledged ledger event, then consume notifications — because NOTIFY is lost whenever
+//! nobody listens. The LISTEN connection is dedicated: never pooled, never in a transaction.
+//! Ledger reads and acknowledgements use a second connection.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Mode};
+use crate::daemon::State;
+use crate::db::{self, CHANNEL, DbError};
+use crate::delivery::{InFlight, Outcome};
+use crate::event::{Notice, SaveEvent, decode_notice};
+use crate::ledger::{self, BadRow, DeadLetter};
+use crate::name::{TableName, quote_ident};
+use crate::router::Router;
+use crate::stats::Stats;
+
+/// Notifications buffered between the connection and the listener loop; when full, the
+/// connection stops being read and the rest wait in PostgreSQL's queue.
+const NOTICE_BUFFER: usize = 4096;
+
+/// Most notifications handled as one batch (one ledger query).
+const NOTICE_BATCH: usize = 1024;
+
+/// Everything a listening session needs.
+pub(crate) struct Listener {
+    pub pg: tokio_postgres::Config,
+    pub config: Arc<Config>,
+    pub router: Arc<Router>,
+    pub in_flight: InFlight,
+    pub permits: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+    pub work_client: watch::Sender<Option<Arc<Client>>>,
+    pub outcomes: mpsc::UnboundedSender<Outcome>,
+    pub state: watch::Sender<State>,
+    pub stop: CancellationToken,
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("the {0} connection closed")]
+    Closed(&'static str),
+}
+
+impl Listener {
+    /// Runs sessions until `stop`, reconnecting with exponential backoff and jitter.
+    pub(crate) async fn run(&self) {
+        let daemon = &self.config.daemon;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(daemon.reconnect_min)
+            .with_max_delay(daemon.reconnect_max)
+            .with_jitter()
+            .without_max_times();
+        let mut delays = backoff.build();
+        let mut attempt = 0u32;
+        loop {
+            let result = self.session(&mut attempt).await;
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let error = match result {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if attempt == 0 {
+                delays = backoff.build();
+            }
+            attempt += 1;
+            Stats::bump(&self.stats.reconnects);
+            let delay = delays.next().unwrap_or(daemon.reconnect_max);
+            tracing::warn!(error = %error, attempt, retry_in = ?delay, "database connection lost; reconnecting");
+            self.state.send_replace(State::Reconnecting { attempt });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn session(&self, attempt: &mut u32) -> Result<(), SessionError> {
+        let (_listen_client, mut notices, _listen_task) = open_listener(&self.pg).await?;
+        let (work, mut work_task) = db::connect(&self.pg).await?;
+        let work = Arc::new(work);
+        self.work_client.send_replace(Some(Arc::clone(&work)));
+        self.catch_up(&work).await?;
+        *attempt = 0;
+        let tables = self.config.watches.len();
+        self.state.send_replace(State::Listening { tables });
+        tracing::info!(tables, channel = CHANNEL, "listening");
+        let period = self.config.daemon.sweep_interval.max(Duration::from_millis(10));
+        let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return Ok(()),
+                first = notices.recv() => {
+                    let Some(first) = first else { return Err(SessionError::Closed("listen")) };
+                    let mut batch = vec![first];
+                    while batch.len() < NOTICE_BATCH {
+                        match notices.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_notices(&work, batch).await?;
+                }
+                _ = sweep.tick() => self.catch_up(&work).await?,
+                _ = &mut work_task => return Err(SessionError::Closed("work")),
+            }
+        }
+    }
+
+    async fn handle_notices(&self, work: &Client, payloads: Vec<String>) -> Result<(), SessionError> {
+        let mut ids = Vec::new();
+        for payload in payloads {
+            Stats::bump(&self.stats.notifications);
+            match decode_notice(&payload) {
+                Ok(Notice::Ledger { id }) => ids.push(id),
+                Ok(Notice::Event(event)) => self.accept_notify_event(work, *event).await?,
+                Err(reason) => {
+                    Stats::bump(&self.stats.invalid);
+                    let total = self.stats.invalid.load(std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(%reason, payload = %excerpt(&payload), invalid_total = total, "skipped a notification that is not an event");
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let fresh: Vec<i64> = {
+            let set = self.in_flight.lock().map_err(|_| SessionError::Closed("state"))?;
+            ids.iter().copied().filter(|id| !set.contains(id)).collect()
+        };
+        let known = ids.len() - fresh.len();
+        if fresh.is_empty() {
+            self.stats.duplicates.fetch_add(known as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+        let (events, bad) = ledger::fetch_ids(work, &fresh).await.map_err(DbError::Query)?;
+        let gone = fresh.len() - events.len() - bad.len();
+        self.stats.duplicates.fetch_add((known + gone) as u64, std::sync::atomic::Ordering::Relaxed);
+        self.reject_rows(bad);
+        for event in events {
+            if !self.admit(event).await {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatches a ledger event unless it is already in flight. False when stopping.
+    async fn admit(&self, event: SaveEvent) -> bool {
+        if let (Some(id), Ok(mut set)) = (event.id, self.in_flight.lock())
+            && !set.insert(id)
+        {
+            return true;
+        }
+        let Some(permit) = self.permit().await else {
+            if let Some(id) = event.id {
+                let _ = self.outcomes.send(Outcome::HandedBack(id));
+            }
+            return false;
+        };
+        self.router.dispatch(event, permit);
+        true
+    }
+
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            p = Arc::clone(&self.permits).acquire_owned() => p.ok(),
+            () = self.stop.cancelled() => None,
+        }
+    }
+
+    async fn accept_notify_event(&self, work: &Client, mut event: SaveEvent) -> Result<(), SessionError> {
+        let watch = TableName::parse(&event.sender)
+            .ok()
+            .and_then(|t| self.config.watch(&t).cloned())
+            .filter(|w| w.mode == Mode::Notify);
+        let Some(watch) = watch else {
+            Stats::bump(&self.stats.unknown_sender);
+            tracing::warn!(sender = %event.sender, "skipped an event of a table not watched in notify mode");
+            return Ok(());
+        };
+        if event.reread {
+            event.instance = reread(work, &watch.table, &event).await.map_err(DbError::Query)?;
+            if let serde_json::Value::Object(row) = &mut event.instance {
+                watch.redact.iter().for_each(|c| {
+                    row.remove(c);
+                });
+            }
+            crate::event::exact_numbers(&mut event.instance);
+        }
+        if let Some(permit) = self.permit().await {
+            self.router.dispatch(event, permit);
+        }
+        Ok(())
+    }
+
+    /// Reads everything pending in the ledger, page by page, in id order.
+    async fn catch_up(&self, work: &Client) -> Result<(), SessionError> {
+        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
+        let mut after = 0i64;
+        let mut total = 0usize;
+        loop {
+            let (events, bad, last) = ledger::fetch_pending(work, after, limit).await.map_err(DbError::Query)?;
+            let page = events.len() + bad.len();
+            self.reject_rows(bad);
+            for event in events {
+                let fresh = event.id.is_some_and(|id| self.in_flight.lock().is_ok_and(|s| !s.contains(&id)));
+                total += usize::from(fresh);
+                if !self.admit(event).await {
+                    return Ok(());
+                }
+            }
+            match last {
+                Some(last) if i64::try_from(page).unwrap_or(0) >= limit => after = last,
+                _ => break,
+            }
+        }
+        if total > 0 {
+            tracing::info!(events = total, "caught up on pending ledger events");
+        }
+        Ok(())
+    }
+
+    /// Ledger rows that do not decode (written by hand?) go to the dead-letter list, acknowledged.
+    fn reject_rows(&self, rows: Vec<BadRow>) {
+        for row in rows {
+            Stats::bump(&self.stats.invalid);
+            tracing::error!(id = row.id, reason = %row.error, "ledger row is not an event; moved to dead letters");
+            let _ = self.outcomes.send(Outcome::Dead(DeadLetter {
+                event_id: Some(row.id),
+                handler: "(decode)".into(),
+                sender: String::new(),
+                event: "null".into(),
+                attempts: 0,
+                last_error: row.error.to_string(),
+            }));
+            let _ = self.outcomes.send(Outcome::Done(row.id));
+        }
+    }
+}
+
+/// Opens the dedicated LISTEN connection; its notifications arrive on the returned channel,
+/// which closes when the connection does.
+async fn open_listener(
+    pg: &tokio_postgres::Config,
+) -> Result<(Client, mpsc::Receiver<String>, tokio::task::JoinHandle<()>), DbError> {
+    let (client, mut connection) = pg.connect(NoTls).await.map_err(DbError::Connect)?;
+    let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
+    let task = tokio::spawn(async move {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_owned()).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "listen connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {}", quote_ident(CHANNEL))).await.map_err(DbError::Query)?;
+    Ok((client, rx, task))
+}
+
+/// Re-reads a row too big for its notification, by primary key. `null` when it is gone.
+async fn reread(
+    work: &Client,
+    table: &TableName,
+    event: &SaveEvent,
+) -> Result<serde_json::Value, tokio_postgres::Error> {
+    if event.op == crate::event::Op::Delete {
+        return Ok(serde_json::Value::Null);
+    }
+    let cols: Vec<String> = event.pk.keys().map(|k| quote_ident(k)).collect();
+    let t = table.quoted();
+    let sql = format!(
+        "SELECT row_to_json(t)::text FROM {t} t WHERE ({tc}) = (SELECT {pc} FROM json_populate_record(NULL::{t}, $1::text::json) p)",
+        tc = cols.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
+        pc = cols.iter().map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", "),
+    );
+    let pk = serde_json::Value::Object(event.pk.clone()).to_string();
+    let row = work.query_opt(&sql, &[&pk]).await?;
+    Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()).unwrap_or(serde_json::Value::Null))
+}
+
+fn excerpt(payload: &str) -> &str {
+    let mut end = payload.len().min(200);
+    while !payload.is_char_boundary(end) {
+        end -= 1;
+    }
+    &payload[..end]
+}

@@ -1,0 +1,50 @@
+//! The `post-save` command. Orchestration only: parse, set up logging, run, map errors to
+//! exit codes.
+
+mod cli;
+mod demo;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            let code = cli::exit_code(&error);
+            if code != 0 {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` filters (default `info`). Under journald (`JOURNAL_STREAM`)
+/// lines carry no timestamp or colour: the journal adds its own.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() && !journald;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match (format, journald) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_ansi(false).without_time().init(),
+        (LogFormat::Text, false) => builder.with_ansi(colour).init(),
+    }
+}

@@ -1,0 +1,151 @@
+//! The router: which handlers an event goes to, in per-row lanes.
+//!
+//! A lane is one handler × one row. Events of a lane run one after another, in ledger-id
+//! order (for one row that is commit order: the row lock serialises its writers); lanes run in
+//! parallel, bounded by each handler's concurrency and by the daemon's `max_in_flight` permits.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::delivery::{Delivered, Outcome, deliver};
+use crate::event::SaveEvent;
+use crate::registry::Registry;
+use crate::stats::Stats;
+
+type LaneKey = (usize, String);
+
+struct Job {
+    event: Arc<SaveEvent>,
+    done: Arc<Completion>,
+}
+
+/// Tracks the handlers of one event; reports the event's outcome when the last one ends.
+struct Completion {
+    remaining: AtomicUsize,
+    handed_back: AtomicBool,
+    id: Option<i64>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Completion {
+    fn finish(&self, how: Delivered) {
+        if how == Delivered::HandedBack {
+            self.handed_back.store(true, Ordering::Relaxed);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(id) = self.id
+        {
+            let outcome =
+                if self.handed_back.load(Ordering::Relaxed) { Outcome::HandedBack(id) } else { Outcome::Done(id) };
+            let _ = self.outcomes.send(outcome);
+        }
+    }
+}
+
+/// Routes events to handler lanes.
+pub(crate) struct Router {
+    registry: Arc<Registry>,
+    lanes: Mutex<HashMap<LaneKey, VecDeque<Job>>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    stats: Arc<Stats>,
+}
+
+impl Router {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> Arc<Router> {
+        Arc::new(Router {
+            registry,
+            lanes: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            stop,
+            abort,
+            outcomes,
+            stats,
+        })
+    }
+
+    /// Queues `event` on the lanes of every handler that accepts it. `permit` is held until
+    /// all of them finish.
+    pub(crate) fn dispatch(self: &Arc<Self>, event: SaveEvent, permit: OwnedSemaphorePermit) {
+        Stats::bump(&self.stats.events);
+        let routes = self.registry.matching(&event);
+        if routes.is_empty() {
+            if let Some(id) = event.id {
+                let _ = self.outcomes.send(Outcome::Done(id));
+            }
+            tracing::debug!(sender = %event.sender, id = ?event.id, "no handler for event");
+            return;
+        }
+        let row = event.row_key();
+        let done = Arc::new(Completion {
+            remaining: AtomicUsize::new(routes.len()),
+            handed_back: AtomicBool::new(false),
+            id: event.id,
+            outcomes: self.outcomes.clone(),
+            _permit: permit,
+        });
+        let event = Arc::new(event);
+        let Ok(mut lanes) = self.lanes.lock() else { return };
+        for route in routes {
+            let key = (route, row.clone());
+            let job = Job { event: Arc::clone(&event), done: Arc::clone(&done) };
+            match lanes.get_mut(&key) {
+                Some(queue) => insert_in_order(queue, job),
+                None => {
+                    lanes.insert(key.clone(), VecDeque::from([job]));
+                    let router = Arc::clone(self);
+                    self.tracker.spawn(async move { router.run_lane(key).await });
+                }
+            }
+        }
+    }
+
+    async fn run_lane(&self, key: LaneKey) {
+        let route = &self.registry.routes()[key.0];
+        loop {
+            let job = {
+                let Ok(mut lanes) = self.lanes.lock() else { return };
+                match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(job) => job,
+                    None => {
+                        lanes.remove(&key);
+                        return;
+                    }
+                }
+            };
+            let how = deliver(route, &job.event, &self.stop, &self.abort, &self.stats, &self.outcomes).await;
+            job.done.finish(how);
+        }
+    }
+
+    /// Waits until every lane is empty (after `stop`, lanes hand their events back quickly).
+    pub(crate) async fn drained(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Keeps a lane in ledger-id order even when a lower id arrives late (catch-up racing a live
+/// notification).
+fn insert_in_order(queue: &mut VecDeque<Job>, job: Job) {
+    let Some(id) = job.event.id else {
+        queue.push_back(job);
+        return;
+    };
+    let at = queue.iter().rposition(|j| j.event.id.is_none_or(|other| other <= id)).map_or(0, |p| p + 1);
+    queue.insert(at, job);
+}
