@@ -605,3 +605,16 @@ kind = "log"
         assert_eq!(e.key.as_deref(), Some("handler[0].retry.tries"));
     }
 }
+
+#[cfg(test)]
+mod example {
+    #[test]
+    fn the_example_config_parses_and_sets_every_key() {
+        let text = include_str!("../config.example.toml");
+        let c = super::Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.watches.len(), 1);
+        assert_eq!(c.handlers.len(), 2);
+        assert_eq!(c.handlers[1].retry.attempts, 3);
+        assert_eq!(c.database.url.as_deref(), Some("postgres://post_save@localhost/shop"));
+    }
+}

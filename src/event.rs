@@ -55,6 +55,7 @@ pub struct SaveEvent {
     /// Primary-key columns and values.
     pub pk: Map<String, Value>,
     /// The row after the save (before, for a delete), redacted columns left out.
+    #[serde(default)]
     pub instance: Value,
     /// The row before an UPDATE, when the table asks for it.
     #[serde(default)]
@@ -268,6 +269,16 @@ mod tests {
         assert_eq!(e.instance["small"], -5);
         assert!(fits_double("9007199254740992"));
         assert!(!fits_double("1e400"));
+    }
+
+    #[test]
+    fn by_reference_payloads_decode_without_instance() {
+        let head = INSERT.split_once(",\"signal\"").unwrap().1;
+        let payload = format!("{{\"reread\":true,\"signal\"{head}");
+        let Notice::Event(e) = decode_notice(&payload).unwrap() else { panic!() };
+        assert!(e.reread && e.instance.is_null());
+        let without_flag = format!("{{\"signal\"{head}");
+        assert!(decode_notice(&without_flag).is_err(), "no instance and not flagged");
     }
 
     #[test]

@@ -1,0 +1,259 @@
+//! Saves from any client reach handlers: triggers → NOTIFY/ledger → daemon → handler, against a
+//! real PostgreSQL.
+
+mod common;
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::TestDb;
+use post_save::event::Op;
+use support::{config, install, start, wait_for_sql};
+
+const SHOP: &str = "CREATE TABLE shop_order (
+    id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
+    quantity integer NOT NULL DEFAULT 1, created_at timestamptz NOT NULL DEFAULT now())";
+
+fn shop_config(mode: &str) -> post_save::Config {
+    config(&format!("[daemon]\nsweep_interval = \"1h\"\n[[watch]]\ntable = \"public.shop_order\"\nmode = \"{mode}\"\n"))
+}
+
+async fn shop(mode: &str) -> (TestDb, post_save::Config) {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = shop_config(mode);
+    install(&db, &config).await;
+    (db, config)
+}
+
+#[tokio::test]
+async fn psql_insert_reaches_the_handler() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product, quantity) VALUES (7, 'espresso machine', 2)");
+    let e = daemon.next().await;
+    assert!(e.created);
+    assert_eq!(e.op, Op::Insert);
+    assert_eq!(e.signal, post_save::Signal::PostSave);
+    assert_eq!(e.sender, "public.shop_order");
+    assert_eq!(e.pk.get("id").and_then(|v| v.as_i64()), Some(1));
+    assert_eq!(e.instance["product"], "espresso machine");
+    assert_eq!(e.instance["quantity"], 2);
+    assert_eq!(e.instance["user_id"], 7);
+    assert!(e.instance["created_at"].is_string());
+    assert_eq!(e.actor.application_name.as_deref(), Some("psql"));
+    assert_eq!(e.using, db.name);
+    assert!(e.id.is_some());
+    daemon.stop().await;
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
+}
+
+#[tokio::test]
+async fn update_fields_and_no_op_updates() {
+    let (db, config) = shop("durable").await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'book')");
+    let mut daemon = start(&db, config).await;
+    assert!(daemon.next().await.created, "the insert, caught up from the ledger");
+    db.psql_ok("UPDATE shop_order SET quantity = 5 WHERE id = 1");
+    let e = daemon.next().await;
+    assert!(!e.created);
+    assert_eq!(e.op, Op::Update);
+    assert_eq!(e.update_fields, Some(vec!["quantity".to_owned()]));
+    assert_eq!(e.instance["quantity"], 5);
+    // Same values: no event. A later real change proves the daemon was still listening.
+    db.psql_ok("UPDATE shop_order SET quantity = 5, product = 'book' WHERE id = 1");
+    db.psql_ok("UPDATE shop_order SET product = 'novel' WHERE id = 1");
+    let e = daemon.next().await;
+    assert_eq!(e.update_fields, Some(vec!["product".to_owned()]));
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn insert_select_of_ten_thousand_rows_is_ten_thousand_events() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'bulk ' || g FROM generate_series(1, 10000) g");
+    let events = daemon.take(10_000).await;
+    let mut seen = HashMap::new();
+    for e in &events {
+        *seen.entry(e.pk["id"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 10_000);
+    assert!(seen.values().all(|n| *n == 1), "an event was handled twice");
+    daemon.assert_quiet(Duration::from_millis(500)).await;
+    daemon.stop().await;
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
+}
+
+#[tokio::test]
+async fn a_one_megabyte_row_commits_and_arrives_whole() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, repeat('x', 1048576))");
+    let e = daemon.next().await;
+    assert_eq!(e.instance["product"].as_str().map(str::len), Some(1_048_576));
+    assert!(!e.reread);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_one_megabyte_row_in_notify_mode_arrives_by_reference() {
+    let (db, config) = shop("notify").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, repeat('y', 1048576))");
+    let e = daemon.next().await;
+    assert!(e.reread, "flagged as re-read");
+    assert_eq!(e.id, None);
+    assert_eq!(e.instance["product"].as_str().map(str::len), Some(1_048_576));
+    let count: i64 = db.client().await.query_one("SELECT count(*) FROM post_save.event", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0, "notify mode writes nothing");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn rows_saved_while_the_daemon_is_down_are_delivered_in_durable_mode() {
+    let (db, config) = shop("durable").await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'while down' FROM generate_series(1, 1000) g");
+    let mut daemon = start(&db, config).await;
+    let events = daemon.take(1000).await;
+    let ids: std::collections::HashSet<i64> = events.iter().map(|e| e.pk["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 1000);
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn rows_saved_while_the_daemon_is_down_are_lost_in_notify_mode() {
+    let (db, config) = shop("notify").await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'while down' FROM generate_series(1, 1000) g");
+    let mut daemon = start(&db, config).await;
+    // At most once: nobody listened, so nothing is delivered; later saves are.
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'after start')");
+    let e = daemon.next().await;
+    assert_eq!(e.instance["product"], "after start");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_notifications_are_counted_and_skipped() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    let garbage = [
+        "not json",
+        "[]",
+        "{}",
+        r#"{"id": "1"}"#,
+        r#"{"id": -5}"#,
+        r#"{"id": 1e999}"#,
+        r#"{"id": 123456789012345678901234567890}"#,
+        r#"{"signal":"post_save","sender":42}"#,
+        r#"{"instance":{"id":1},"signal":"post_save","sender":"public.unknown","op":"insert","created":true,"pk":{"id":1},"raw":false,"using":"x","txid":1,"at":"x","actor":{"role":"r","pid":1}}"#,
+    ];
+    let sql: String = garbage.iter().map(|g| format!("SELECT pg_notify('post_save', {});", literal(g))).collect();
+    db.psql_ok(&sql);
+    // Real events keep flowing, after the garbage.
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'still works')");
+    let e = daemon.next().await;
+    assert_eq!(e.instance["product"], "still works");
+    let stats = daemon.stats.snapshot();
+    assert_eq!(stats.invalid, 8, "{stats:?}");
+    assert_eq!(stats.unknown_sender, 1, "{stats:?}");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_ledger_id_does_not_deliver_twice() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'once')");
+    let e = daemon.next().await;
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
+    let id = e.id.unwrap();
+    db.psql_ok(&format!(
+        "SELECT pg_notify('post_save', '{{\"id\":{id}}}'); SELECT pg_notify('post_save', '{{\"id\":999999}}')"
+    ));
+    daemon.assert_quiet(Duration::from_millis(500)).await;
+    assert_eq!(daemon.stats.snapshot().duplicates, 2);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn quoted_names_work_end_to_end() {
+    let db = TestDb::new().await;
+    db.psql_ok(r#"CREATE SCHEMA "Sales"; CREATE TABLE "Sales"."Order Items" ("Item Id" serial PRIMARY KEY, "Unit €" numeric NOT NULL, "it's" text)"#);
+    let config = config(
+        r#"
+[[watch]]
+table = '"Sales"."Order Items"'
+operations = ["insert", "update", "delete"]
+columns = ["Unit €"]
+include_old = true
+"#,
+    );
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(r#"INSERT INTO "Sales"."Order Items" ("Unit €", "it's") VALUES (9.99, 'quote''s')"#);
+    let e = daemon.next().await;
+    assert_eq!(e.sender, "Sales.Order Items");
+    assert_eq!(e.instance["Unit €"], serde_json::json!(9.99));
+    assert_eq!(e.instance["it's"], "quote's");
+    assert_eq!(e.pk["Item Id"], 1);
+    // Only a change of a watched column counts.
+    db.psql_ok(r#"UPDATE "Sales"."Order Items" SET "it's" = 'other'"#);
+    db.psql_ok(r#"UPDATE "Sales"."Order Items" SET "Unit €" = 10.5"#);
+    let e = daemon.next().await;
+    assert_eq!(e.update_fields, Some(vec!["Unit €".to_owned()]));
+    assert_eq!(e.old["Unit €"], serde_json::json!(9.99));
+    db.psql_ok(r#"DELETE FROM "Sales"."Order Items""#);
+    let e = daemon.next().await;
+    assert_eq!(e.op, Op::Delete);
+    assert_eq!(e.signal, post_save::Signal::PostDelete);
+    assert_eq!(e.instance["Unit €"], serde_json::json!(10.5));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn redacted_columns_never_leave_the_database() {
+    let db = TestDb::new().await;
+    db.psql_ok("CREATE TABLE payment (id int PRIMARY KEY, card_number text, amount int)");
+    let config = config("[[watch]]\ntable = \"payment\"\nredact = [\"card_number\"]\ninclude_old = true\n");
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(
+        "INSERT INTO payment VALUES (1, '4242424242424242', 10); UPDATE payment SET amount = 11, card_number = '5555'",
+    );
+    let events = daemon.take(2).await;
+    for e in &events {
+        assert!(e.instance.get("card_number").is_none(), "{}", e.to_json());
+        assert!(!e.to_json().contains("4242"));
+    }
+    assert!(events[1].old.get("card_number").is_none());
+    let ledger: String = db.psql_ok("SELECT string_agg(payload::text, '') FROM post_save.event");
+    assert!(!ledger.contains("4242") && !ledger.contains("5555"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn actor_and_raw_are_recorded() {
+    let (db, config) = shop("durable").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(
+        "BEGIN; SET LOCAL post_save.actor = 'user:42'; SET LOCAL application_name = 'billing'; \
+         INSERT INTO shop_order (user_id, product) VALUES (1, 'a'); COMMIT; \
+         SET session_replication_role = replica; INSERT INTO shop_order (user_id, product) VALUES (1, 'b');",
+    );
+    let events = daemon.take(2).await;
+    assert_eq!(events[0].actor.actor.as_deref(), Some("user:42"));
+    assert_eq!(events[0].actor.application_name.as_deref(), Some("billing"));
+    assert!(!events[0].raw);
+    assert!(events[1].raw, "replica-role writes are raw");
+    daemon.stop().await;
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
