@@ -524,7 +524,32 @@ fn toml_error(src: &str, e: &toml::de::Error) -> ConfigError {
         let k = k.trim();
         (!k.is_empty() && !k.starts_with('[')).then(|| k.to_owned())
     });
+    let key = match (key, line) {
+        (Some(k), Some(l)) => Some(match table_path(src, l) {
+            Some(table) => format!("{table}.{k}"),
+            None => k,
+        }),
+        (k, _) => k,
+    };
     ConfigError { file: None, line, key, message: e.message().trim().to_owned() }
+}
+
+/// The path of the table that line `line` belongs to: `daemon`, `watch[2]`, or none at the top.
+fn table_path(src: &str, line: usize) -> Option<String> {
+    let mut current: Option<String> = None;
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for text in src.lines().take(line) {
+        let t = text.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split_once("]]")).map(|(n, _)| n.trim().to_owned()) {
+            let n = counts.entry(name.clone()).or_insert(0);
+            current = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(n, _)| n.trim().to_owned())
+        {
+            current = Some(name);
+        }
+    }
+    current
 }
 
 #[cfg(test)]
@@ -557,7 +582,7 @@ kind = "log"
     fn unknown_top_level_key_names_line_and_key() {
         let e = Config::parse("[daemon]\nmax_in_flight = 5\nbogus = 1\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
-        assert_eq!(e.key.as_deref(), Some("bogus"));
+        assert_eq!(e.key.as_deref(), Some("daemon.bogus"));
         assert!(e.message.contains("unknown field"), "{e}");
     }
 
@@ -590,8 +615,8 @@ kind = "log"
     fn watch_errors() {
         let e = Config::parse("[[watch]]\ntable = \"t\"\noperations = [\"upsert\"]\n").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("watch[0].operations")));
-        let e = Config::parse("[[watch]]\ntable = \"t\"\nmode = \"fast\"\n").unwrap_err();
-        assert_eq!(e.line, Some(3), "{e}");
+        let e = Config::parse("[[watch]]\ntable = \"t\"\n[[watch]]\ntable = \"u\"\nmode = \"fast\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("watch[1].mode")), "{e}");
         let e = Config::parse("[[watch]]\ntable = \"t\"\n[[watch]]\ntable = \"public.t\"\n").unwrap_err();
         assert!(e.message.contains("twice"), "{e}");
     }

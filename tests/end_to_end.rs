@@ -257,3 +257,30 @@ async fn actor_and_raw_are_recorded() {
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+#[tokio::test]
+async fn a_lost_connection_is_reconnected_and_caught_up() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config(
+        "[daemon]\nsweep_interval = \"1h\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n\
+         [[watch]]\ntable = \"public.shop_order\"\n",
+    );
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'before')");
+    assert_eq!(daemon.next().await.instance["product"], "before");
+    // Kill the daemon's connections and save while it is away: the notification is lost, the
+    // ledger row is not.
+    db.psql_ok(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+          WHERE datname = current_database() AND application_name = 'post-save'; \
+         INSERT INTO shop_order (user_id, product) VALUES (2, 'while away');",
+    );
+    assert_eq!(daemon.next().await.instance["product"], "while away");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'after')");
+    assert_eq!(daemon.next().await.instance["product"], "after");
+    assert!(daemon.stats.snapshot().reconnects >= 1);
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
