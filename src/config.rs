@@ -90,8 +90,18 @@ pub struct DaemonConfig {
     /// Longest an acknowledgement waits for its batch to fill.
     #[serde(with = "humantime_serde")]
     pub ack_interval: Duration,
-    /// Most ledger rows read in one catch-up query.
+    /// Most ledger rows read in one query.
     pub fetch_batch: usize,
+    /// While idle (the doorbell armed), how often the ledger is read anyway: picks up an event
+    /// whose commit raced with arming the doorbell.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll: Duration,
+    /// While busy (the doorbell silenced), how often the ledger is read.
+    #[serde(with = "humantime_serde")]
+    pub busy_poll: Duration,
+    /// Events per second above which the daemon silences the doorbell and polls instead, so
+    /// writers' commits stop taking NOTIFY's cluster-wide lock; armed again below a quarter.
+    pub doorbell_rate: usize,
 }
 
 impl Default for DaemonConfig {
@@ -105,6 +115,9 @@ impl Default for DaemonConfig {
             ack_batch: 1_000,
             ack_interval: Duration::from_millis(5),
             fetch_batch: 1_000,
+            idle_poll: Duration::from_millis(250),
+            busy_poll: Duration::from_millis(1),
+            doorbell_rate: 2_000,
         }
     }
 }

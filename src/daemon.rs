@@ -161,12 +161,20 @@ impl Daemon {
             stop: stop.clone(),
         };
 
-        tokio::select! {
-            () = listener.run() => {}
-            () = shutdown => {}
+        {
+            let run = listener.run();
+            tokio::pin!(run);
+            tokio::select! {
+                () = &mut run => {}
+                () = shutdown => {
+                    self.state.send_replace(State::Stopping);
+                    tracing::info!("stopping: no new events; waiting for running handlers");
+                    stop.cancel();
+                    run.await;
+                }
+            }
         }
         self.state.send_replace(State::Stopping);
-        tracing::info!("stopping: no new events; waiting for running handlers");
         stop.cancel();
         let grace = self.config.daemon.shutdown_grace;
         if tokio::time::timeout(grace, router.drained()).await.is_err() {

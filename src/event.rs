@@ -101,12 +101,9 @@ impl SaveEvent {
 /// What a notification on the channel says.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
-    /// A durable event: read it from the ledger by id. (The payload may carry the event too, but
-    /// it is only a hint: the ledger, which only the owner can write, is the truth.)
-    Ledger {
-        /// The ledger id.
-        id: i64,
-    },
+    /// Durable events were committed: read the ledger. A wake-up is only a hint (anyone can
+    /// NOTIFY); the ledger, which only its owner can write, is the truth.
+    Wake,
     /// A `notify`-mode event, complete in the payload.
     Event(Box<SaveEvent>),
 }
@@ -132,9 +129,12 @@ pub fn decode_notice(payload: &str) -> Result<Notice, DecodeError> {
     let Value::Object(map) = value else {
         return Err(DecodeError::NotAnEvent("not a JSON object".into()));
     };
+    if map.get("wake").is_some_and(|w| w == "ledger") {
+        return Ok(Notice::Wake);
+    }
     if let Some(id) = map.get("id") {
         return match id.as_i64() {
-            Some(id) if id > 0 => Ok(Notice::Ledger { id }),
+            Some(id) if id > 0 => Ok(Notice::Wake),
             _ => Err(DecodeError::BadId),
         };
     }
@@ -230,10 +230,11 @@ mod tests {
     }
 
     #[test]
-    fn durable_payloads_are_ledger_hints() {
+    fn durable_payloads_are_wake_ups() {
+        assert_eq!(decode_notice(r#"{"wake":"ledger"}"#).unwrap(), Notice::Wake);
         let payload = format!("{{\"id\":42,{}", &INSERT[1..]);
-        assert_eq!(decode_notice(&payload).unwrap(), Notice::Ledger { id: 42 });
-        assert_eq!(decode_notice(r#"{"id":42,"ref":"ledger"}"#).unwrap(), Notice::Ledger { id: 42 });
+        assert_eq!(decode_notice(&payload).unwrap(), Notice::Wake);
+        assert!(decode_notice(r#"{"wake":"soon"}"#).is_err());
     }
 
     #[test]

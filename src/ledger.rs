@@ -22,8 +22,8 @@ pub(crate) struct BadRow {
     pub error: DecodeError,
 }
 
-const FETCH_IDS: &str = "SELECT id, payload::text FROM post_save.event \
-     WHERE id = ANY($1) AND handled_at IS NULL ORDER BY id";
+const FETCH_NEW: &str = "SELECT id, payload::text FROM post_save.event \
+     WHERE handled_at IS NULL AND (id > $1 OR id = ANY($2)) ORDER BY id LIMIT $3";
 
 const FETCH_PENDING: &str = "SELECT id, payload::text FROM post_save.event \
      WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
@@ -35,13 +35,20 @@ const WRITE_OUTCOMES: &str = "WITH dead AS ( \
      ) \
      UPDATE post_save.event SET handled_at = clock_timestamp() WHERE id = ANY($7) AND handled_at IS NULL";
 
-/// Pending events with these ids (already-handled ones are left out), in id order.
-pub(crate) async fn fetch_ids(
+/// Up to `limit` pending events with ids above `after` or among `gaps`, in id order.
+pub(crate) async fn fetch_new(
     client: &Client,
-    ids: &[i64],
+    after: i64,
+    gaps: &[i64],
+    limit: i64,
 ) -> Result<(Vec<SaveEvent>, Vec<BadRow>), tokio_postgres::Error> {
-    let rows = client.query(FETCH_IDS, &[&ids]).await?;
+    let rows = client.query(FETCH_NEW, &[&after, &gaps, &limit]).await?;
     Ok(decode_rows(rows))
+}
+
+/// Rings (armed) or silences the doorbell: whether durable captures NOTIFY.
+pub(crate) async fn set_doorbell(client: &Client, armed: bool) -> Result<(), tokio_postgres::Error> {
+    client.query_one("SELECT setval('post_save.doorbell', $1, true)", &[&i64::from(armed)]).await.map(drop)
 }
 
 /// Up to `limit` pending events with ids above `after`, in id order.

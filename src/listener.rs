@@ -5,9 +5,10 @@
 //! nobody listens. The LISTEN connection is dedicated: never pooled, never in a transaction.
 //! Ledger reads and acknowledgements use a second connection.
 
+use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -28,8 +29,96 @@ use crate::stats::Stats;
 /// connection stops being read and the rest wait in PostgreSQL's queue.
 const NOTICE_BUFFER: usize = 4096;
 
-/// Most notifications handled as one batch (one ledger query).
+/// Most notifications handled as one batch.
 const NOTICE_BATCH: usize = 1024;
+
+/// Gaps below the cursor are ids not seen yet: a transaction that took the id may still commit.
+/// They are re-checked on every fetch until seen or this old.
+const GAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// More remembered gaps than this are left to the sweep.
+const MAX_GAPS: usize = 10_000;
+
+/// Where the live fetch stands: the highest ledger id seen, and the ids below it not seen yet.
+#[derive(Default)]
+struct Cursor {
+    after: i64,
+    gaps: BTreeMap<i64, Instant>,
+}
+
+impl Cursor {
+    fn saw(&mut self, id: i64) {
+        self.gaps.remove(&id);
+        if id <= self.after {
+            return;
+        }
+        // At the first fetch of a session everything below is history, not gaps.
+        if self.after > 0 && self.gaps.len() + usize::try_from(id - self.after - 1).unwrap_or(usize::MAX) <= MAX_GAPS {
+            let now = Instant::now();
+            self.gaps.extend((self.after + 1..id).map(|g| (g, now)));
+        }
+        self.after = id;
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.gaps.retain(|_, since| now.duration_since(*since) < GAP_TIMEOUT);
+    }
+}
+
+/// The doorbell: armed (durable captures NOTIFY) while events arrive slower than
+/// `daemon.doorbell_rate`; silenced while faster, when the daemon polls every `busy_poll`
+/// instead and most commits carry no NOTIFY.
+struct Bell {
+    armed: bool,
+    high: f64,
+    window_start: Instant,
+    window_events: usize,
+}
+
+/// The rate is measured over windows this long.
+const RATE_WINDOW: Duration = Duration::from_millis(200);
+
+impl Bell {
+    fn new(config: &Config) -> Self {
+        Bell { armed: false, high: config.daemon.doorbell_rate as f64, window_start: Instant::now(), window_events: 0 }
+    }
+
+    async fn arm(&mut self, work: &Client) -> Result<(), SessionError> {
+        ledger::set_doorbell(work, true).await.map_err(DbError::Query)?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Counts `got` events; at the end of each window, silences the bell above the high rate
+    /// and arms it again below a quarter of it.
+    async fn observe(&mut self, work: &Client, got: usize) -> Result<(), SessionError> {
+        self.window_events += got;
+        let elapsed = self.window_start.elapsed();
+        if elapsed < RATE_WINDOW {
+            return Ok(());
+        }
+        let rate = self.window_events as f64 / elapsed.as_secs_f64();
+        self.window_start = Instant::now();
+        self.window_events = 0;
+        if self.armed && rate > self.high {
+            ledger::set_doorbell(work, false).await.map_err(DbError::Query)?;
+            self.armed = false;
+            tracing::debug!(rate, "busy: polling the ledger; captures stop notifying");
+        } else if !self.armed && rate < self.high / 4.0 {
+            self.arm(work).await?;
+            tracing::debug!(rate, "idle: captures notify again");
+        }
+        Ok(())
+    }
+}
+
+/// How [`Listener::admit`] went.
+enum Admitted {
+    Yes,
+    Known,
+    Stopping,
+}
 
 /// Everything a listening session needs.
 pub(crate) struct Listener {
@@ -94,17 +183,32 @@ impl Listener {
         let (work, mut work_task) = db::connect(&self.pg).await?;
         let work = Arc::new(work);
         self.work_client.send_replace(Some(Arc::clone(&work)));
-        self.catch_up(&work).await?;
+        // LISTEN is on; now everything unacknowledged, then live.
+        let mut cursor = Cursor::default();
+        let caught_up = self.drain(&work, &mut cursor).await?;
+        if caught_up > 0 {
+            tracing::info!(events = caught_up, "caught up on pending ledger events");
+        }
+        let mut bell = Bell::new(&self.config);
+        bell.arm(&work).await?;
+        self.drain(&work, &mut cursor).await?;
         *attempt = 0;
         let tables = self.config.watches.len();
         self.state.send_replace(State::Listening { tables });
         tracing::info!(tables, channel = CHANNEL, "listening");
-        let period = self.config.daemon.sweep_interval.max(Duration::from_millis(10));
-        let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let sweep_every = self.config.daemon.sweep_interval.max(Duration::from_millis(10));
+        let mut next_sweep = tokio::time::Instant::now() + sweep_every;
         loop {
-            tokio::select! {
+            let poll = if bell.armed { self.config.daemon.idle_poll } else { self.config.daemon.busy_poll };
+            let woken = tokio::select! {
                 biased;
-                () = self.stop.cancelled() => return Ok(()),
+                () = self.stop.cancelled() => {
+                    // Nobody will listen: spare writers the NOTIFY until the next start.
+                    let silence = ledger::set_doorbell(&work, false);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), silence).await;
+                    return Ok(());
+                }
+                _ = &mut work_task => return Err(SessionError::Closed("work")),
                 first = notices.recv() => {
                     let Some(first) = first else { return Err(SessionError::Closed("listen")) };
                     let mut batch = vec![first];
@@ -114,20 +218,28 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
-                    self.handle_notices(&work, batch).await?;
+                    self.handle_notices(&work, batch).await?
                 }
-                _ = sweep.tick() => self.catch_up(&work).await?,
-                _ = &mut work_task => return Err(SessionError::Closed("work")),
+                () = tokio::time::sleep(poll) => true,
+            };
+            if woken {
+                let got = self.drain(&work, &mut cursor).await?;
+                bell.observe(&work, got).await?;
+            }
+            if tokio::time::Instant::now() >= next_sweep {
+                self.sweep(&work, &cursor).await?;
+                next_sweep = tokio::time::Instant::now() + sweep_every;
             }
         }
     }
 
-    async fn handle_notices(&self, work: &Client, payloads: Vec<String>) -> Result<(), SessionError> {
-        let mut ids = Vec::new();
+    /// Handles a batch of notifications; true when one asked to read the ledger.
+    async fn handle_notices(&self, work: &Client, payloads: Vec<String>) -> Result<bool, SessionError> {
+        let mut wake = false;
         for payload in payloads {
             Stats::bump(&self.stats.notifications);
             match decode_notice(&payload) {
-                Ok(Notice::Ledger { id }) => ids.push(id),
+                Ok(Notice::Wake) => wake = true,
                 Ok(Notice::Event(event)) => self.accept_notify_event(work, *event).await?,
                 Err(reason) => {
                     Stats::bump(&self.stats.invalid);
@@ -136,47 +248,83 @@ impl Listener {
                 }
             }
         }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        let fresh: Vec<i64> = {
-            let set = self.in_flight.lock().map_err(|_| SessionError::Closed("state"))?;
-            ids.iter().copied().filter(|id| !set.contains(id)).collect()
-        };
-        let known = ids.len() - fresh.len();
-        if fresh.is_empty() {
-            self.stats.duplicates.fetch_add(known as u64, std::sync::atomic::Ordering::Relaxed);
-            return Ok(());
-        }
-        let (events, bad) = ledger::fetch_ids(work, &fresh).await.map_err(DbError::Query)?;
-        let gone = fresh.len() - events.len() - bad.len();
-        self.stats.duplicates.fetch_add((known + gone) as u64, std::sync::atomic::Ordering::Relaxed);
-        self.reject_rows(bad);
-        for event in events {
-            if !self.admit(event).await {
-                break;
+        Ok(wake)
+    }
+
+    /// Dispatches every ledger event past the cursor (and in its gaps), page by page. Returns
+    /// how many were dispatched.
+    async fn drain(&self, work: &Client, cursor: &mut Cursor) -> Result<usize, SessionError> {
+        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
+        let mut total = 0;
+        loop {
+            cursor.expire();
+            let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
+            let (events, bad) = ledger::fetch_new(work, cursor.after, &gaps, limit).await.map_err(DbError::Query)?;
+            let page = events.len() + bad.len();
+            for row in &bad {
+                cursor.saw(row.id);
             }
+            self.reject_rows(bad);
+            for event in events {
+                if let Some(id) = event.id {
+                    cursor.saw(id);
+                }
+                match self.admit(event).await {
+                    Admitted::Yes => total += 1,
+                    Admitted::Known => {}
+                    Admitted::Stopping => return Ok(total),
+                }
+            }
+            if i64::try_from(page).unwrap_or(0) < limit {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Re-reads what the cursor has passed, for events committed too late for their gap to be
+    /// remembered (a transaction open longer than the gap timeout).
+    async fn sweep(&self, work: &Client, cursor: &Cursor) -> Result<(), SessionError> {
+        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
+        let mut after = 0i64;
+        let mut found = 0usize;
+        while after < cursor.after {
+            let (events, bad, last) = ledger::fetch_pending(work, after, limit).await.map_err(DbError::Query)?;
+            let page = events.len() + bad.len();
+            self.reject_rows(bad);
+            for event in events.into_iter().filter(|e| e.id.is_some_and(|id| id <= cursor.after)) {
+                match self.admit(event).await {
+                    Admitted::Yes => found += 1,
+                    Admitted::Known => {}
+                    Admitted::Stopping => return Ok(()),
+                }
+            }
+            match last {
+                Some(last) if i64::try_from(page).unwrap_or(0) >= limit => after = last,
+                _ => break,
+            }
+        }
+        if found > 0 {
+            tracing::info!(events = found, "sweep found events committed late");
         }
         Ok(())
     }
 
-    /// Dispatches a ledger event unless it is already in flight. False when stopping.
-    async fn admit(&self, event: SaveEvent) -> bool {
+    /// Dispatches a ledger event unless it is already in flight.
+    async fn admit(&self, event: SaveEvent) -> Admitted {
         if let (Some(id), Ok(mut set)) = (event.id, self.in_flight.lock())
             && !set.insert(id)
         {
-            return true;
+            Stats::bump(&self.stats.duplicates);
+            return Admitted::Known;
         }
         let Some(permit) = self.permit().await else {
             if let Some(id) = event.id {
                 let _ = self.outcomes.send(Outcome::HandedBack(id));
             }
-            return false;
+            return Admitted::Stopping;
         };
         self.router.dispatch(event, permit);
-        true
+        Admitted::Yes
     }
 
     async fn permit(&self) -> Option<OwnedSemaphorePermit> {
@@ -207,33 +355,6 @@ impl Listener {
         }
         if let Some(permit) = self.permit().await {
             self.router.dispatch(event, permit);
-        }
-        Ok(())
-    }
-
-    /// Reads everything pending in the ledger, page by page, in id order.
-    async fn catch_up(&self, work: &Client) -> Result<(), SessionError> {
-        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
-        let mut after = 0i64;
-        let mut total = 0usize;
-        loop {
-            let (events, bad, last) = ledger::fetch_pending(work, after, limit).await.map_err(DbError::Query)?;
-            let page = events.len() + bad.len();
-            self.reject_rows(bad);
-            for event in events {
-                let fresh = event.id.is_some_and(|id| self.in_flight.lock().is_ok_and(|s| !s.contains(&id)));
-                total += usize::from(fresh);
-                if !self.admit(event).await {
-                    return Ok(());
-                }
-            }
-            match last {
-                Some(last) if i64::try_from(page).unwrap_or(0) >= limit => after = last,
-                _ => break,
-            }
-        }
-        if total > 0 {
-            tracing::info!(events = total, "caught up on pending ledger events");
         }
         Ok(())
     }

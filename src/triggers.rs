@@ -1,19 +1,29 @@
 //! The capture triggers: DDL generated from the config, installed, removed and compared.
 //!
-//! Every watched table gets one AFTER ROW trigger, `post_save_capture`, calling
-//! `post_save.capture(mode, include_old, columns, redact, pk)`. It is enabled ALWAYS so writes
-//! under `session_replication_role = replica` are captured too (as `raw` events).
+//! Every watched table gets its own capture function, `post_save."capture_<hash>"`, generated
+//! from the table's columns and the watch's options, and one AFTER … FOR EACH STATEMENT trigger
+//! per captured operation (`post_save_insert`, `post_save_update`, `post_save_delete`). The
+//! function reads the statement's transition tables, so a multi-row statement is captured with
+//! one set-based write; UPDATE diffs are computed column by column. The triggers are enabled
+//! ALWAYS so writes under `session_replication_role = replica` are captured too (as `raw`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{Config, Watch};
+use crate::config::{Config, Mode, Watch};
 use crate::name::{TableName, array_literal, quote_ident, quote_literal};
 
-/// The trigger's name on every watched table.
-pub const TRIGGER_NAME: &str = "post_save_capture";
+/// The template of a table's capture function.
+const TEMPLATE: &str = include_str!("../sql/capture_table.sql");
+
+/// The trigger names, by operation.
+pub const TRIGGERS: [(&str, &str); 3] =
+    [("insert", "post_save_insert"), ("update", "post_save_update"), ("delete", "post_save_delete")];
+
+/// json_build_object takes at most 100 arguments: 50 columns.
+const MAX_BUILD_COLUMNS: usize = 50;
 
 /// A difference between the database and the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +32,7 @@ pub enum Drift {
     Missing(TableName),
     /// A table not in the config still has a capture trigger.
     Unwatched(TableName),
-    /// The trigger exists with other options.
+    /// The capture exists but differs from what the config (and the table's columns) call for.
     Changed {
         /// The table.
         table: TableName,
@@ -38,7 +48,7 @@ impl fmt::Display for Drift {
         match self {
             Drift::Missing(t) => write!(f, "{t}: watched but has no capture trigger"),
             Drift::Unwatched(t) => write!(f, "{t}: has a capture trigger but is not watched"),
-            Drift::Changed { table, what } => write!(f, "{table}: trigger differs from the config ({what})"),
+            Drift::Changed { table, what } => write!(f, "{table}: capture differs from the config ({what})"),
             Drift::NoTable(t) => write!(f, "{t}: watched table does not exist"),
         }
     }
@@ -69,54 +79,233 @@ pub enum TriggerError {
     Query(#[from] tokio_postgres::Error),
 }
 
-/// The trigger arguments for `watch` with primary-key columns `pk`.
-pub fn trigger_args(watch: &Watch, pk: &[String]) -> Vec<String> {
-    vec![
-        watch.mode.as_str().to_owned(),
-        watch.include_old.to_string(),
-        array_literal(&watch.columns),
-        array_literal(&watch.redact),
-        array_literal(pk),
-    ]
+/// A column of a watched table, as the generator needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Its name.
+    pub name: String,
+    /// Its type has no `=` operator (json, xml, point…): compared as text.
+    pub text_compare: bool,
 }
 
-/// The idempotent DDL that installs (or updates) the trigger of `watch`.
-pub fn trigger_ddl(watch: &Watch, pk: &[String]) -> String {
-    let table = watch.table.quoted();
-    let name = quote_ident(TRIGGER_NAME);
-    let mut events = Vec::new();
-    let ops = watch.operations;
-    if ops.insert {
-        events.push("INSERT");
+/// The columns and primary key of a watched table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableShape {
+    /// Columns in table order.
+    pub columns: Vec<Column>,
+    /// Primary-key columns in key order.
+    pub pk: Vec<String>,
+}
+
+/// The capture function of `table`: `post_save."capture_<16 hex digits>"`, a stable hash of the
+/// qualified name (identifiers are limited to 63 bytes; table names are not short enough).
+pub fn function_name(table: &TableName) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in table.schema.bytes().chain([0]).chain(table.name.bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    if ops.update {
-        events.push("UPDATE");
-    }
-    if ops.delete {
-        events.push("DELETE");
-    }
-    let args: Vec<String> = trigger_args(watch, pk).iter().map(|a| quote_literal(a)).collect();
+    format!("post_save.{}", quote_ident(&format!("capture_{hash:016x}")))
+}
+
+/// The options line written into each function, compared by `check` to say what changed.
+fn options_line(watch: &Watch, shape: &TableShape) -> String {
     format!(
-        "DROP TRIGGER IF EXISTS {name} ON {table};\n\
-         CREATE TRIGGER {name} AFTER {events} ON {table}\n    \
-         FOR EACH ROW EXECUTE FUNCTION post_save.capture({args});\n\
-         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name};\n",
-        events = events.join(" OR "),
-        args = args.join(", "),
+        "options: mode={} include_old={} columns={} redact={} pk={}",
+        watch.mode.as_str(),
+        watch.include_old,
+        array_literal(&watch.columns),
+        array_literal(&watch.redact),
+        array_literal(&shape.pk)
     )
 }
 
-/// The DDL that removes the trigger from `table`.
-pub fn drop_ddl(table: &TableName) -> String {
-    format!("DROP TRIGGER IF EXISTS {} ON {};\n", quote_ident(TRIGGER_NAME), table.quoted())
+/// The SQL that creates (or replaces) the capture function of `watch`.
+pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
+    let g = Generator { watch, shape, sender: quote_literal(&watch.table.to_string()) };
+    let ops = watch.operations;
+    let branch = |on: bool, body: String| if on { body } else { "        NULL;".to_owned() };
+    let wake = match watch.mode {
+        Mode::Durable => "    IF v_rows > 0 AND (SELECT last_value FROM post_save.doorbell) > 0 THEN\n        \
+                          PERFORM pg_notify('post_save', '{\"wake\":\"ledger\"}');\n    END IF;"
+            .to_owned(),
+        Mode::Notify => String::new(),
+    };
+    TEMPLATE
+        .replace("{{function}}", &function_name(&watch.table))
+        .replace("{{sender_comment}}", &watch.table.to_string().replace(['\n', '\r'], " "))
+        .replace("{{options}}", &options_line(watch, shape).replace(['\n', '\r'], " "))
+        .replace("{{insert}}", &branch(ops.insert, g.branch(Op::Insert)))
+        .replace("{{update}}", &branch(ops.update, g.branch(Op::Update)))
+        .replace("{{delete}}", &branch(ops.delete, g.branch(Op::Delete)))
+        .replace("{{wake}}", &wake)
 }
 
-/// The DDL for every watched table, and for removing triggers of tables no longer watched.
+/// The idempotent DDL that installs (or updates) the capture of `watch`.
+pub fn trigger_ddl(watch: &Watch, shape: &TableShape) -> String {
+    let table = watch.table.quoted();
+    let function = function_name(&watch.table);
+    let ops = watch.operations;
+    let mut sql = function_sql(watch, shape);
+    sql.push_str(&format!(
+        "COMMENT ON FUNCTION {function}() IS {};\n",
+        quote_literal(&format!("post-save capture for {}", watch.table))
+    ));
+    for ((op, name), on) in TRIGGERS.iter().zip([ops.insert, ops.update, ops.delete]) {
+        let name = quote_ident(name);
+        sql.push_str(&format!("DROP TRIGGER IF EXISTS {name} ON {table};\n"));
+        if !on {
+            continue;
+        }
+        let referencing = match *op {
+            "insert" => "NEW TABLE AS post_save_new",
+            "update" => "OLD TABLE AS post_save_old NEW TABLE AS post_save_new",
+            _ => "OLD TABLE AS post_save_old",
+        };
+        sql.push_str(&format!(
+            "CREATE TRIGGER {name} AFTER {} ON {table} REFERENCING {referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name};\n",
+            op.to_uppercase()
+        ));
+    }
+    sql
+}
+
+/// The DDL that removes the capture of `table`.
+pub fn drop_ddl(table: &TableName) -> String {
+    format!("DROP FUNCTION IF EXISTS {}() CASCADE;\n", function_name(table))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+struct Generator<'a> {
+    watch: &'a Watch,
+    shape: &'a TableShape,
+    sender: String,
+}
+
+impl Generator<'_> {
+    /// One IF branch: capture the statement's rows of `op`.
+    fn branch(&self, op: Op) -> String {
+        let (name, signal, created) = match op {
+            Op::Insert => ("insert", "post_save", "true"),
+            Op::Update => ("update", "post_save", "false"),
+            Op::Delete => ("delete", "post_delete", "false"),
+        };
+        let row = if op == Op::Delete { "o" } else { "n" };
+        let (source, changed, filter) = match op {
+            Op::Insert => ("post_save_new n".to_owned(), "NULL::text[]".to_owned(), String::new()),
+            Op::Delete => ("post_save_old o".to_owned(), "NULL::text[]".to_owned(), String::new()),
+            Op::Update => self.update_source(),
+        };
+        let old = if op == Op::Update && self.watch.include_old {
+            format!("CASE WHEN o.{} IS NULL THEN NULL ELSE {} END", quote_ident(&self.shape.pk[0]), self.instance("o"))
+        } else {
+            "NULL::json".to_owned()
+        };
+        let head = format!(
+            "'signal', '{signal}', 'sender', {sender}, 'op', '{name}', 'created', {created},\n                \
+             'pk', {pk}, 'update_fields', {changed}, 'raw', v_raw, 'using', v_db, 'txid', v_txid,\n                \
+             'at', v_at, 'actor', v_actor, 'origin', v_origin",
+            sender = self.sender,
+            pk = self.pk(row),
+        );
+        let instance = self.instance(row);
+        match self.watch.mode {
+            Mode::Durable => format!(
+                "        INSERT INTO post_save.event (sender, op, payload)\n        \
+                 SELECT {sender}, '{name}', json_build_object('instance', {instance}, 'old', {old},\n                \
+                 {head})\n          FROM {source}{filter};\n        \
+                 GET DIAGNOSTICS v_rows = ROW_COUNT;",
+                sender = self.sender,
+            ),
+            Mode::Notify => format!(
+                "        PERFORM pg_notify('post_save', e.note)\n           \
+                 FROM (SELECT CASE WHEN octet_length(r.full_note) < 8000 THEN r.full_note ELSE r.ref_note END AS note\n                   \
+                 FROM (SELECT '{{\"instance\":' || coalesce(q.inst::text, 'null') || ',\"old\":' || coalesce(q.old::text, 'null')\n                                \
+                 || ',' || substr(q.head::text, 2) AS full_note,\n                                \
+                 '{{\"reread\":true,' || substr(q.head::text, 2) AS ref_note\n                           \
+                 FROM (SELECT {instance} AS inst, {old} AS old, json_build_object(\n                \
+                 {head}) AS head\n          FROM {source}{filter}) q) r) e\n          \
+                 WHERE octet_length(e.note) < 8000;"
+            ),
+        }
+    }
+
+    /// For UPDATE: new rows joined to old rows by primary key, their changed columns, and the
+    /// filter that drops no-op updates (and updates of no watched column).
+    fn update_source(&self) -> (String, String, String) {
+        let join: Vec<String> = self
+            .shape
+            .pk
+            .iter()
+            .map(|c| {
+                let q = quote_ident(c);
+                format!("n.{q} = o.{q}")
+            })
+            .collect();
+        let diff: Vec<String> = self
+            .shape
+            .columns
+            .iter()
+            .map(|c| {
+                let q = quote_ident(&c.name);
+                let cast = if c.text_compare { "::text" } else { "" };
+                format!("CASE WHEN n.{q}{cast} IS DISTINCT FROM o.{q}{cast} THEN {} END", quote_literal(&c.name))
+            })
+            .collect();
+        let all: Vec<String> = self.shape.columns.iter().map(|c| quote_literal(&c.name)).collect();
+        let pk0 = quote_ident(&self.shape.pk[0]);
+        let source = format!(
+            "post_save_new n\n          LEFT JOIN post_save_old o ON {}\n          \
+             CROSS JOIN LATERAL (SELECT CASE WHEN o.{pk0} IS NULL THEN ARRAY[{}]::text[]\n                              \
+             ELSE array_remove(ARRAY[{}]::text[], NULL) END AS changed) d",
+            join.join(" AND "),
+            all.join(", "),
+            diff.join(",\n                                                   "),
+        );
+        let mut filter = "\n         WHERE cardinality(d.changed) > 0".to_owned();
+        if !self.watch.columns.is_empty() {
+            let watched: Vec<String> = self.watch.columns.iter().map(|c| quote_literal(c)).collect();
+            filter.push_str(&format!(" AND d.changed && ARRAY[{}]::text[]", watched.join(", ")));
+        }
+        (source, "d.changed".to_owned(), filter)
+    }
+
+    /// The row as JSON, redacted columns left out.
+    fn instance(&self, alias: &str) -> String {
+        let redact = &self.watch.redact;
+        if redact.is_empty() {
+            return format!("row_to_json({alias})");
+        }
+        let kept: Vec<&Column> = self.shape.columns.iter().filter(|c| !redact.contains(&c.name)).collect();
+        if kept.len() > MAX_BUILD_COLUMNS {
+            let gone: Vec<String> = redact.iter().map(|c| quote_literal(c)).collect();
+            return format!("(to_jsonb({alias}) - ARRAY[{}]::text[])::json", gone.join(", "));
+        }
+        let pairs: Vec<String> =
+            kept.iter().map(|c| format!("{}, {alias}.{}", quote_literal(&c.name), quote_ident(&c.name))).collect();
+        format!("json_build_object({})", pairs.join(", "))
+    }
+
+    fn pk(&self, alias: &str) -> String {
+        let pairs: Vec<String> =
+            self.shape.pk.iter().map(|c| format!("{}, {alias}.{}", quote_literal(c), quote_ident(c))).collect();
+        format!("json_build_object({})", pairs.join(", "))
+    }
+}
+
+/// The DDL for every watched table, and for removing the capture of tables no longer watched.
 pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String, TriggerError> {
     let mut sql = String::new();
     for watch in &config.watches {
-        let pk = primary_key(client, watch).await?;
-        sql.push_str(&trigger_ddl(watch, &pk));
+        let shape = table_shape(client, watch).await?;
+        sql.push_str(&trigger_ddl(watch, &shape));
     }
     for table in installed(client).await?.into_keys() {
         if config.watch(&table).is_none() {
@@ -135,36 +324,48 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<String, Tri
     Ok(sql)
 }
 
-/// Removes every capture trigger. Returns the tables it was removed from.
+/// Removes every capture trigger and function. Returns the tables it was removed from.
 pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError> {
     let tx = client.transaction().await?;
     let tables: Vec<TableName> = installed(&tx).await?.into_keys().collect();
-    let sql: String = tables.iter().map(drop_ddl).collect();
+    let mut sql: String = tables.iter().map(drop_ddl).collect();
+    let orphans = tx
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+              WHERE n.nspname = 'post_save' AND p.proname LIKE 'capture\\_%'",
+            &[],
+        )
+        .await?;
+    for row in orphans {
+        sql.push_str(&format!("DROP FUNCTION IF EXISTS {} CASCADE;\n", row.get::<_, String>(0)));
+    }
     tx.batch_execute(&sql).await?;
     tx.commit().await?;
     Ok(tables)
 }
 
-/// Every difference between the installed triggers and the config; empty when in sync.
+/// Every difference between the installed captures and the config; empty when in sync.
 pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<Drift>, TriggerError> {
     let mut found = installed(client).await?;
     let mut drift = Vec::new();
     for watch in &config.watches {
-        let pk = match primary_key(client, watch).await {
-            Ok(pk) => pk,
+        let shape = match table_shape(client, watch).await {
+            Ok(shape) => shape,
             Err(TriggerError::NoTable(t)) => {
                 drift.push(Drift::NoTable(t));
                 continue;
             }
             Err(TriggerError::Query(e)) => return Err(TriggerError::Query(e)),
-            Err(_) => Vec::new(),
+            Err(other) => {
+                drift.push(Drift::Changed { table: watch.table.clone(), what: other.to_string() });
+                continue;
+            }
         };
         let Some(have) = found.remove(&watch.table) else {
             drift.push(Drift::Missing(watch.table.clone()));
             continue;
         };
-        let want = Installed { events: events_mask(watch), args: trigger_args(watch, &pk), always: true };
-        if let Some(what) = have.differs(&want) {
+        if let Some(what) = have.differs(watch, &shape) {
             drift.push(Drift::Changed { table: watch.table.clone(), what });
         }
     }
@@ -172,39 +373,41 @@ pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<D
     Ok(drift)
 }
 
-/// An installed capture trigger.
+/// The capture installed on one table.
 #[derive(Debug, PartialEq, Eq)]
 struct Installed {
-    events: i16,
-    args: Vec<String>,
+    triggers: BTreeSet<String>,
     always: bool,
-}
-
-const TG_INSERT: i16 = 1 << 2;
-const TG_DELETE: i16 = 1 << 3;
-const TG_UPDATE: i16 = 1 << 4;
-
-fn events_mask(watch: &Watch) -> i16 {
-    let ops = watch.operations;
-    (if ops.insert { TG_INSERT } else { 0 })
-        | (if ops.update { TG_UPDATE } else { 0 })
-        | (if ops.delete { TG_DELETE } else { 0 })
+    function: String,
+    body: String,
 }
 
 impl Installed {
-    fn differs(&self, want: &Installed) -> Option<String> {
-        const ARGS: [&str; 5] = ["mode", "include_old", "columns", "redact", "pk"];
+    fn differs(&self, watch: &Watch, shape: &TableShape) -> Option<String> {
         let mut what = Vec::new();
-        if self.events != want.events {
+        let ops = watch.operations;
+        let want: BTreeSet<String> = TRIGGERS
+            .iter()
+            .zip([ops.insert, ops.update, ops.delete])
+            .filter(|(_, on)| *on)
+            .map(|((_, name), _)| (*name).to_owned())
+            .collect();
+        if self.triggers != want {
             what.push("operations".to_owned());
         }
-        for (i, name) in ARGS.iter().enumerate() {
-            if self.args.get(i) != want.args.get(i) {
-                what.push(format!("{name}: {} → {}", self.args.get(i).map_or("-", |s| s), want.args[i]));
-            }
-        }
         if !self.always {
-            what.push("not enabled ALWAYS".to_owned());
+            what.push("a trigger is not enabled ALWAYS".to_owned());
+        }
+        let expected = function_sql(watch, shape);
+        let body = expected.split("$capture$").nth(1).unwrap_or_default();
+        if self.function != function_name(&watch.table) {
+            what.push("capture function renamed".to_owned());
+        } else if self.body != body {
+            let line = |text: &str| text.lines().find_map(|l| l.trim().strip_prefix("-- options: ")).map(str::to_owned);
+            match (line(&self.body), line(body)) {
+                (Some(have), Some(want)) if have != want => what.push(format!("{have} → {want}")),
+                _ => what.push("the table's columns changed".to_owned()),
+            }
         }
         (!what.is_empty()).then(|| what.join("; "))
     }
@@ -213,63 +416,77 @@ impl Installed {
 async fn installed(client: &impl GenericClient) -> Result<BTreeMap<TableName, Installed>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text, t.tgtype, t.tgenabled::text, t.tgargs \
+            "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgenabled::text, \
+                    quote_ident(p.proname), p.prosrc \
                FROM pg_trigger t \
                JOIN pg_class c ON c.oid = t.tgrelid \
                JOIN pg_namespace n ON n.oid = c.relnamespace \
-              WHERE t.tgfoid = to_regproc('post_save.capture') AND NOT t.tgisinternal",
+               JOIN pg_proc p ON p.oid = t.tgfoid \
+               JOIN pg_namespace pn ON pn.oid = p.pronamespace \
+              WHERE pn.nspname = 'post_save' AND p.proname LIKE 'capture\\_%' AND NOT t.tgisinternal",
             &[],
         )
         .await?;
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<TableName, Installed> = BTreeMap::new();
     for row in rows {
         let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-        let tgtype: i16 = row.get(2);
-        let enabled: String = row.get(3);
-        let raw: Vec<u8> = row.get(4);
-        let mut args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.last().is_some_and(String::is_empty) {
-            args.pop();
-        }
-        let events = tgtype & (TG_INSERT | TG_DELETE | TG_UPDATE);
-        out.insert(table, Installed { events, args, always: enabled == "A" });
+        let entry = out.entry(table).or_insert_with(|| Installed {
+            triggers: BTreeSet::new(),
+            always: true,
+            function: format!("post_save.{}", row.get::<_, String>(4)),
+            body: row.get(5),
+        });
+        entry.triggers.insert(row.get(2));
+        entry.always &= row.get::<_, String>(3) == "A";
     }
     Ok(out)
 }
 
-/// The primary-key columns of a watched table (from the config, else the table), after checking
-/// that every column the config names exists.
-async fn primary_key(client: &impl GenericClient, watch: &Watch) -> Result<Vec<String>, TriggerError> {
-    let table = watch.table.quoted();
+/// The columns and primary key of a watched table, after checking that every column the config
+/// names exists.
+pub async fn table_shape(client: &impl GenericClient, watch: &Watch) -> Result<TableShape, TriggerError> {
     let rows = client
         .query(
-            "SELECT a.attname::text, coalesce(array_position(i.indkey::int2[], a.attnum) IS NOT NULL AND i.indisprimary, false) \
+            "SELECT a.attname::text, \
+                    NOT EXISTS (SELECT 1 FROM pg_operator op \
+                                 WHERE op.oprname = '=' AND op.oprleft = b.t AND op.oprright = b.t), \
+                    array_position(i.indkey::int2[], a.attnum) \
                FROM pg_attribute a \
+               JOIN pg_type ty ON ty.oid = a.atttypid \
+               CROSS JOIN LATERAL (SELECT CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE a.atttypid END AS t0) d \
+               JOIN pg_type bt ON bt.oid = d.t0 \
+               CROSS JOIN LATERAL (SELECT CASE WHEN bt.typcategory = 'A' AND bt.typelem <> 0 THEN bt.typelem ELSE d.t0 END AS t) b \
                LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
               WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
-              ORDER BY array_position(i.indkey::int2[], a.attnum), a.attnum",
-            &[&table],
+              ORDER BY a.attnum",
+            &[&watch.table.quoted()],
         )
         .await?;
     if rows.is_empty() {
         return Err(TriggerError::NoTable(watch.table.clone()));
     }
-    let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let columns: Vec<Column> = rows.iter().map(|r| Column { name: r.get(0), text_compare: r.get(1) }).collect();
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
     let named =
         [("pk", watch.pk.as_deref().unwrap_or_default()), ("columns", &watch.columns), ("redact", &watch.redact)];
     for (key, list) in named {
-        if let Some(column) = list.iter().find(|c| !columns.contains(c)) {
+        if let Some(column) = list.iter().find(|c| !names.contains(&c.as_str())) {
             return Err(TriggerError::NoColumn { table: watch.table.clone(), column: column.clone(), key });
         }
     }
-    if let Some(pk) = &watch.pk {
-        return Ok(pk.clone());
-    }
-    let pk: Vec<String> = rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get(0)).collect();
+    let pk = match &watch.pk {
+        Some(pk) => pk.clone(),
+        None => {
+            let mut keyed: Vec<(i32, String)> =
+                rows.iter().filter_map(|r| r.get::<_, Option<i32>>(2).map(|p| (p, r.get(0)))).collect();
+            keyed.sort();
+            keyed.into_iter().map(|(_, c)| c).collect()
+        }
+    };
     if pk.is_empty() {
         return Err(TriggerError::NoPrimaryKey(watch.table.clone()));
     }
-    Ok(pk)
+    Ok(TableShape { columns, pk })
 }
 
 #[cfg(test)]
@@ -294,12 +511,31 @@ include_old = true
 "#,
         )
         .unwrap();
-        let sql: String = config
-            .watches
-            .iter()
-            .zip([vec!["id".to_owned()], vec!["Order Id".to_owned(), "line".to_owned()]])
-            .map(|(w, pk)| trigger_ddl(w, &pk))
-            .collect();
+        let col = |name: &str, text_compare| Column { name: name.to_owned(), text_compare };
+        let shop = TableShape {
+            columns: vec![col("id", false), col("user_id", false), col("product", false)],
+            pk: vec!["id".to_owned()],
+        };
+        let items = TableShape {
+            columns: vec![
+                col("Order Id", false),
+                col("line", false),
+                col("Unit €", false),
+                col("it's", false),
+                col("say \"hi\"", false),
+                col("meta", true),
+            ],
+            pk: vec!["Order Id".to_owned(), "line".to_owned()],
+        };
+        let sql = format!("{}{}", trigger_ddl(&config.watches[0], &shop), trigger_ddl(&config.watches[1], &items));
         insta::assert_snapshot!(sql);
+    }
+
+    #[test]
+    fn function_names_are_stable_and_distinct() {
+        let a = function_name(&TableName::new("public", "shop_order"));
+        assert_eq!(a, function_name(&TableName::new("public", "shop_order")));
+        assert_ne!(a, function_name(&TableName::new("public.shop", "order")));
+        assert!(a.len() < 63 + 12);
     }
 }
