@@ -180,25 +180,31 @@ async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Cli
 }
 
 async fn run_daemon(global: &Global) -> Result<u8> {
+    let shutdown = shutdown_signal()?;
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
     let registry = Registry::from_config(&config);
     tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
-    Daemon::new(config, registry, pg).run(shutdown_signal()).await?;
+    Daemon::new(config, registry, pg).run(shutdown.cancelled_owned()).await?;
     Ok(0)
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// A token cancelled on the first SIGTERM or SIGINT. The handlers are installed before this
+/// returns, so a signal during start-up cannot kill the process half-way.
+pub fn shutdown_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let token = tokio_util::sync::CancellationToken::new();
+    let fired = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        fired.cancel();
+    });
+    Ok(token)
 }
 
 async fn migrate(global: &Global) -> Result<u8> {
@@ -270,7 +276,8 @@ fn list_handlers(global: &Global, json: bool) -> Result<u8> {
     let handlers = Registry::from_config(&config).describe();
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &handlers).context("writing JSON")?;
+        let text = serde_json::to_string_pretty(&handlers).context("encoding JSON")?;
+        out.write_all(text.as_bytes())?;
         writeln!(out)?;
     } else if std::io::stdout().is_terminal() {
         writeln!(out, "{}", handlers_table(&handlers))?;

@@ -373,6 +373,20 @@ fn parse_handler(s: &mut Section, watches: &[Watch]) -> Result<HandlerConfig, Co
         }
     };
     let signal = s.take::<Signal>("signal")?.unwrap_or(Signal::PostSave);
+    if signal == Signal::PostDelete {
+        let deletes = |w: &&Watch| w.operations.delete;
+        let ok = if senders.is_empty() {
+            watches.iter().any(|w| deletes(&w))
+        } else {
+            senders.iter().all(|t| watches.iter().filter(deletes).any(|w| &w.table == t))
+        };
+        if !ok {
+            return Err(s.error(
+                "signal",
+                "post_delete never fires: no watched sender captures \"delete\" (add it to the watch's operations)",
+            ));
+        }
+    }
     let created = s.take::<bool>("created")?;
     if created.is_some() && signal == Signal::PostDelete {
         return Err(s.error("created", "`created` applies to post_save handlers only"));
@@ -459,7 +473,7 @@ impl<'a> Section<'a> {
     pub fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, ConfigError> {
         match self.table.remove(key) {
             None => Ok(None),
-            Some(value) => T::deserialize(value).map(Some).map_err(|e| self.error(key, &e.to_string())),
+            Some(value) => T::deserialize(value).map(Some).map_err(|e| self.error(key, e.to_string().trim())),
         }
     }
 
@@ -507,16 +521,26 @@ fn error_at(src: &str, span: Range<usize>, path: &str, key: &str, message: &str)
 /// table header).
 fn line_of_key(src: &str, span: Range<usize>, key: &str) -> Option<usize> {
     let start = src[..span.start.min(src.len())].rfind('\n').map_or(0, |i| i + 1);
+    let header = |line: &str| {
+        let t = line.trim();
+        t.starts_with('[').then(|| t.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+    };
+    let own = src[start..].lines().next().and_then(header);
     let mut offset = start;
     for (n, line) in src[start..].split_inclusive('\n').enumerate() {
-        let trimmed = line.trim_start();
-        if n > 0 && offset >= span.end && trimmed.starts_with('[') {
-            break;
+        if n > 0 && offset >= span.end {
+            // Stop at the next table, unless it is a sub-table of this one (`[handler.retry]`).
+            if let Some(name) = header(line) {
+                let nested = own.as_ref().is_some_and(|own| name.starts_with(&format!("{own}.")));
+                if !nested {
+                    break;
+                }
+            }
         }
         for (idx, _) in line.match_indices(key) {
             let before = line[..idx].trim_end().chars().last();
             let after = line[idx + key.len()..].trim_start();
-            let starts_key = matches!(before, None | Some('{') | Some(','));
+            let starts_key = matches!(before, None | Some('{') | Some(',') | Some('.'));
             if starts_key && (after.starts_with('=') || after.starts_with('.')) {
                 return Some(line_of(src, offset));
             }

@@ -45,6 +45,8 @@ timeout = "10s"
 "#;
 
 pub async fn run(global: &Global) -> Result<u8> {
+    // Ctrl-C at any point, even while the cluster starts, ends in the cleanup below.
+    let shutdown = shutdown_signal()?;
     let url = global.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()));
     let (cluster, conninfo) = match url {
         Some(url) => (None, url),
@@ -57,7 +59,7 @@ pub async fn run(global: &Global) -> Result<u8> {
             (Some(cluster), conninfo)
         }
     };
-    let result = demo(&conninfo, cluster.is_some()).await;
+    let result = if shutdown.is_cancelled() { Ok(0) } else { demo(&conninfo, cluster.is_some(), shutdown).await };
     if let Some(cluster) = cluster {
         tokio::task::spawn_blocking(move || drop(cluster)).await.ok();
         eprintln!("temporary PostgreSQL stopped and removed");
@@ -65,7 +67,7 @@ pub async fn run(global: &Global) -> Result<u8> {
     result
 }
 
-async fn demo(conninfo: &str, temporary: bool) -> Result<u8> {
+async fn demo(conninfo: &str, temporary: bool, shutdown: tokio_util::sync::CancellationToken) -> Result<u8> {
     let pg = db::resolve(Some(conninfo))?;
     let (mut client, _task) = db::connect(&pg).await?;
     client.batch_execute(SHOP_ORDER).await.context("creating shop_order")?;
@@ -84,7 +86,7 @@ async fn demo(conninfo: &str, temporary: bool) -> Result<u8> {
             }
         }
     });
-    daemon.run(shutdown_signal()).await?;
+    daemon.run(shutdown.cancelled_owned()).await?;
     Ok(0)
 }
 

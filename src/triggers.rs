@@ -100,24 +100,43 @@ pub struct TableShape {
 /// The capture function of `table`: `post_save."capture_<16 hex digits>"`, a stable hash of the
 /// qualified name (identifiers are limited to 63 bytes; table names are not short enough).
 pub fn function_name(table: &TableName) -> String {
+    format!("post_save.{}", quote_ident(&function_ident(table)))
+}
+
+/// The bare name of the capture function of `table` (FNV-1a of `schema NUL table`).
+fn function_ident(table: &TableName) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in table.schema.bytes().chain([0]).chain(table.name.bytes()) {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("post_save.{}", quote_ident(&format!("capture_{hash:016x}")))
+    format!("capture_{hash:016x}")
 }
 
-/// The options line written into each function, compared by `check` to say what changed.
+/// The options written into each function as a JSON comment line, compared by `check` to say
+/// what changed.
 fn options_line(watch: &Watch, shape: &TableShape) -> String {
-    format!(
-        "options: mode={} include_old={} columns={} redact={} pk={}",
-        watch.mode.as_str(),
-        watch.include_old,
-        array_literal(&watch.columns),
-        array_literal(&watch.redact),
-        array_literal(&shape.pk)
-    )
+    let options = serde_json::json!({
+        "mode": watch.mode.as_str(),
+        "include_old": watch.include_old.to_string(),
+        "columns": array_literal(&watch.columns),
+        "redact": array_literal(&watch.redact),
+        "pk": array_literal(&shape.pk),
+    });
+    format!("options: {options}")
+}
+
+/// Per-option differences between two options lines: `mode: durable → notify`.
+fn option_changes(have: &str, want: &str) -> Vec<String> {
+    let parse =
+        |line: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line).unwrap_or_default();
+    let (have, want) = (parse(have), parse(want));
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    ["mode", "include_old", "columns", "redact", "pk"]
+        .iter()
+        .filter(|k| have.get(**k) != want.get(**k))
+        .map(|k| format!("{k}: {} → {}", text(have.get(*k)), text(want.get(*k))))
+        .collect()
 }
 
 /// The SQL that creates (or replaces) the capture function of `watch`.
@@ -134,7 +153,7 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
     TEMPLATE
         .replace("{{function}}", &function_name(&watch.table))
         .replace("{{sender_comment}}", &watch.table.to_string().replace(['\n', '\r'], " "))
-        .replace("{{options}}", &options_line(watch, shape).replace(['\n', '\r'], " "))
+        .replace("{{options}}", &options_line(watch, shape))
         .replace("{{insert}}", &branch(ops.insert, g.branch(Op::Insert)))
         .replace("{{update}}", &branch(ops.update, g.branch(Op::Update)))
         .replace("{{delete}}", &branch(ops.delete, g.branch(Op::Delete)))
@@ -393,20 +412,34 @@ impl Installed {
             .map(|((_, name), _)| (*name).to_owned())
             .collect();
         if self.triggers != want {
-            what.push("operations".to_owned());
+            let missing: Vec<&str> = want.difference(&self.triggers).map(String::as_str).collect();
+            let extra: Vec<&str> = self.triggers.difference(&want).map(String::as_str).collect();
+            let mut parts = vec!["operations".to_owned()];
+            if !missing.is_empty() {
+                parts.push(format!("missing {}", missing.join(", ")));
+            }
+            if !extra.is_empty() {
+                parts.push(format!("not wanted {}", extra.join(", ")));
+            }
+            what.push(parts.join(": "));
         }
         if !self.always {
-            what.push("a trigger is not enabled ALWAYS".to_owned());
+            what.push("not enabled ALWAYS".to_owned());
         }
         let expected = function_sql(watch, shape);
         let body = expected.split("$capture$").nth(1).unwrap_or_default();
-        if self.function != function_name(&watch.table) {
+        if self.function != function_ident(&watch.table) {
             what.push("capture function renamed".to_owned());
         } else if self.body != body {
             let line = |text: &str| text.lines().find_map(|l| l.trim().strip_prefix("-- options: ")).map(str::to_owned);
-            match (line(&self.body), line(body)) {
-                (Some(have), Some(want)) if have != want => what.push(format!("{have} → {want}")),
-                _ => what.push("the table's columns changed".to_owned()),
+            let changes = match (line(&self.body), line(body)) {
+                (Some(have), Some(want)) => option_changes(&have, &want),
+                _ => Vec::new(),
+            };
+            if changes.is_empty() {
+                what.push("the table's columns changed".to_owned());
+            } else {
+                what.extend(changes);
             }
         }
         (!what.is_empty()).then(|| what.join("; "))
@@ -417,7 +450,7 @@ async fn installed(client: &impl GenericClient) -> Result<BTreeMap<TableName, In
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgenabled::text, \
-                    quote_ident(p.proname), p.prosrc \
+                    p.proname::text, p.prosrc \
                FROM pg_trigger t \
                JOIN pg_class c ON c.oid = t.tgrelid \
                JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -433,7 +466,7 @@ async fn installed(client: &impl GenericClient) -> Result<BTreeMap<TableName, In
         let entry = out.entry(table).or_insert_with(|| Installed {
             triggers: BTreeSet::new(),
             always: true,
-            function: format!("post_save.{}", row.get::<_, String>(4)),
+            function: row.get(4),
             body: row.get(5),
         });
         entry.triggers.insert(row.get(2));

@@ -341,7 +341,6 @@ async fn demo_uses_database_url_from_the_environment() {
 /// process: the temporary directory, and from the cluster's start on a running `postgres`, are
 /// left behind.
 #[test]
-#[ignore = "product bug: Ctrl-C during the demo's start leaves the temporary cluster behind (src/demo.rs run)"]
 fn ctrl_c_while_the_cluster_starts_still_removes_it() {
     use std::os::unix::fs::PermissionsExt;
     // A TMPDIR of this test's own, so whatever the demo leaves is ours to see; the server (run
