@@ -1,9 +1,8 @@
 //! The daemon: migrations, the listener, the router and the ledger writer, started and
 //! stopped together.
 
-use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -11,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{self, DbError};
-use crate::delivery::write_outcomes;
+use crate::delivery::{InFlight, write_outcomes};
 use crate::listener::Listener;
 use crate::registry::Registry;
 use crate::router::Router;
@@ -132,7 +131,7 @@ impl Daemon {
         let give_up = CancellationToken::new();
         let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
         let (client_tx, client_rx) = watch::channel(None);
-        let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        let in_flight = Arc::new(InFlight::default());
         let writer = tokio::spawn(write_outcomes(
             outcome_rx,
             client_rx,

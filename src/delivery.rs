@@ -35,8 +35,67 @@ pub(crate) enum Delivered {
     HandedBack,
 }
 
-/// Ids fetched from the ledger and not yet acknowledged (or handed back): never dispatched twice.
-pub(crate) type InFlight = Arc<Mutex<HashSet<i64>>>;
+/// Ledger ids this daemon has claimed: fetched and not yet acknowledged (or handed back). An id
+/// is never dispatched twice.
+///
+/// A fetch's snapshot may predate an acknowledgement that commits while the fetch runs; such an
+/// event comes back still pending although it is done. So acknowledged ids are kept, stamped
+/// with the ack epoch (acknowledgement commits so far), until every fetch that could have missed
+/// them has claimed its rows: a fetch that started at epoch `e` treats ids acknowledged at epoch
+/// `e` or later as known.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    state: Mutex<Claims>,
+}
+
+#[derive(Default)]
+struct Claims {
+    pending: HashSet<i64>,
+    acked: std::collections::HashMap<i64, u64>,
+    epoch: u64,
+}
+
+impl InFlight {
+    /// The epoch to note before a fetch.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.state.lock().map(|s| s.epoch).unwrap_or(0)
+    }
+
+    /// Claims the ids of `events` read by a fetch that started at `epoch`; returns the events
+    /// newly claimed and the number already known.
+    pub(crate) fn claim(&self, epoch: u64, events: Vec<SaveEvent>) -> (Vec<SaveEvent>, usize) {
+        let Ok(mut s) = self.state.lock() else { return (Vec::new(), events.len()) };
+        s.acked.retain(|_, at| *at >= epoch);
+        let mut known = 0;
+        let mut fresh = Vec::with_capacity(events.len());
+        for event in events {
+            let Some(id) = event.id else {
+                fresh.push(event);
+                continue;
+            };
+            if s.acked.contains_key(&id) || !s.pending.insert(id) {
+                known += 1;
+            } else {
+                fresh.push(event);
+            }
+        }
+        (fresh, known)
+    }
+
+    /// Records that `acks` were committed and `handed_back` were released.
+    fn settle(&self, acks: &[i64], handed_back: &[i64]) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let epoch = s.epoch;
+        for id in acks {
+            s.pending.remove(id);
+            s.acked.insert(*id, epoch);
+        }
+        for id in handed_back {
+            s.pending.remove(id);
+        }
+        s.epoch += 1;
+    }
+}
 
 /// Runs `route`'s handler for `event` until it succeeds, gives up, or the daemon stops.
 ///
@@ -58,6 +117,15 @@ pub(crate) async fn deliver(
         .without_max_times()
         .build();
     for attempt in 1..=policy.attempts {
+        // Once stopping, nothing new starts: queued work is handed back.
+        if stop.is_cancelled() {
+            return Delivered::HandedBack;
+        }
+        let permit = tokio::select! {
+            p = route.permits.acquire() => p,
+            () = stop.cancelled() => return Delivered::HandedBack,
+        };
+        let Ok(_permit) = permit else { return Delivered::HandedBack };
         let delivery = Delivery { handler: receiver.name().to_owned(), attempt, max_attempts: policy.attempts };
         let result = tokio::select! {
             r = attempt_once(route, event, &delivery) => r,
@@ -96,9 +164,6 @@ pub(crate) async fn deliver(
 }
 
 async fn attempt_once(route: &Route, event: &SaveEvent, delivery: &Delivery) -> Result<(), HandlerError> {
-    let Ok(_permit) = route.permits.acquire().await else {
-        return Err(HandlerError::retry("handler is closed"));
-    };
     let timeout = route.receiver.attempt_timeout();
     match tokio::time::timeout(timeout, route.handler.handle(event, delivery)).await {
         Ok(result) => result,
@@ -114,7 +179,7 @@ async fn attempt_once(route: &Route, event: &SaveEvent, delivery: &Delivery) -> 
 pub(crate) async fn write_outcomes(
     mut rx: mpsc::UnboundedReceiver<Outcome>,
     mut client: watch::Receiver<Option<Arc<Client>>>,
-    in_flight: InFlight,
+    in_flight: Arc<InFlight>,
     config: DaemonConfig,
     stats: Arc<Stats>,
     give_up: CancellationToken,
@@ -142,11 +207,9 @@ pub(crate) async fn write_outcomes(
                 stats.acked.fetch_add(acks.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        if let Ok(mut set) = in_flight.lock() {
-            for id in acks.drain(..).chain(handed_back.drain(..)) {
-                set.remove(&id);
-            }
-        }
+        in_flight.settle(&acks, &handed_back);
+        acks.clear();
+        handed_back.clear();
         dead.clear();
     }
 }

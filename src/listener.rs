@@ -113,19 +113,12 @@ impl Bell {
     }
 }
 
-/// How [`Listener::admit`] went.
-enum Admitted {
-    Yes,
-    Known,
-    Stopping,
-}
-
 /// Everything a listening session needs.
 pub(crate) struct Listener {
     pub pg: tokio_postgres::Config,
     pub config: Arc<Config>,
     pub router: Arc<Router>,
-    pub in_flight: InFlight,
+    pub in_flight: Arc<InFlight>,
     pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
     pub work_client: watch::Sender<Option<Arc<Client>>>,
@@ -259,21 +252,16 @@ impl Listener {
         loop {
             cursor.expire();
             let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
+            let epoch = self.in_flight.epoch();
             let (events, bad) = ledger::fetch_new(work, cursor.after, &gaps, limit).await.map_err(DbError::Query)?;
             let page = events.len() + bad.len();
-            for row in &bad {
-                cursor.saw(row.id);
+            for id in bad.iter().map(|r| r.id).chain(events.iter().filter_map(|e| e.id)) {
+                cursor.saw(id);
             }
             self.reject_rows(bad);
-            for event in events {
-                if let Some(id) = event.id {
-                    cursor.saw(id);
-                }
-                match self.admit(event).await {
-                    Admitted::Yes => total += 1,
-                    Admitted::Known => {}
-                    Admitted::Stopping => return Ok(total),
-                }
+            match self.admit(epoch, events).await {
+                Some(n) => total += n,
+                None => return Ok(total),
             }
             if i64::try_from(page).unwrap_or(0) < limit {
                 return Ok(total);
@@ -288,15 +276,15 @@ impl Listener {
         let mut after = 0i64;
         let mut found = 0usize;
         while after < cursor.after {
+            let epoch = self.in_flight.epoch();
             let (events, bad, last) = ledger::fetch_pending(work, after, limit).await.map_err(DbError::Query)?;
             let page = events.len() + bad.len();
             self.reject_rows(bad);
-            for event in events.into_iter().filter(|e| e.id.is_some_and(|id| id <= cursor.after)) {
-                match self.admit(event).await {
-                    Admitted::Yes => found += 1,
-                    Admitted::Known => {}
-                    Admitted::Stopping => return Ok(()),
-                }
+            let passed: Vec<SaveEvent> =
+                events.into_iter().filter(|e| e.id.is_some_and(|id| id <= cursor.after)).collect();
+            match self.admit(epoch, passed).await {
+                Some(n) => found += n,
+                None => return Ok(()),
             }
             match last {
                 Some(last) if i64::try_from(page).unwrap_or(0) >= limit => after = last,
@@ -309,22 +297,24 @@ impl Listener {
         Ok(())
     }
 
-    /// Dispatches a ledger event unless it is already in flight.
-    async fn admit(&self, event: SaveEvent) -> Admitted {
-        if let (Some(id), Ok(mut set)) = (event.id, self.in_flight.lock())
-            && !set.insert(id)
-        {
-            Stats::bump(&self.stats.duplicates);
-            return Admitted::Known;
+    /// Claims the events of a fetch that started at `epoch` — at once, before any wait — and
+    /// dispatches the newly claimed ones. Returns how many were dispatched, or `None` when
+    /// stopping (the claimed events not dispatched are handed back).
+    async fn admit(&self, epoch: u64, events: Vec<SaveEvent>) -> Option<usize> {
+        let (fresh, known) = self.in_flight.claim(epoch, events);
+        self.stats.duplicates.fetch_add(known as u64, std::sync::atomic::Ordering::Relaxed);
+        let count = fresh.len();
+        let mut fresh = fresh.into_iter();
+        while let Some(event) = fresh.next() {
+            let Some(permit) = self.permit().await else {
+                for id in std::iter::once(event).chain(fresh).filter_map(|e| e.id) {
+                    let _ = self.outcomes.send(Outcome::HandedBack(id));
+                }
+                return None;
+            };
+            self.router.dispatch(event, permit);
         }
-        let Some(permit) = self.permit().await else {
-            if let Some(id) = event.id {
-                let _ = self.outcomes.send(Outcome::HandedBack(id));
-            }
-            return Admitted::Stopping;
-        };
-        self.router.dispatch(event, permit);
-        Admitted::Yes
+        Some(count)
     }
 
     async fn permit(&self) -> Option<OwnedSemaphorePermit> {

@@ -7,9 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{TestDb, conninfo_with_dbname, server_conninfo};
-use post_save::cluster::{
-    BINDIR_ENV, ClusterError, ClusterOptions, StopMode, TempCluster, find_bindir,
-};
+use post_save::cluster::{BINDIR_ENV, ClusterError, ClusterOptions, StopMode, TempCluster, find_bindir};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 
@@ -20,18 +18,14 @@ fn start(opts: ClusterOptions) -> TempCluster {
 }
 
 async fn connect(conninfo: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .expect("connect");
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
 }
 
 /// A connection whose notifications arrive on the returned channel.
 async fn connect_listening(conninfo: &str) -> (Client, mpsc::UnboundedReceiver<Notification>) {
-    let (client, mut connection) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .expect("connect");
+    let (client, mut connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -50,11 +44,7 @@ async fn connect_listening(conninfo: &str) -> (Client, mpsc::UnboundedReceiver<N
 }
 
 async fn select_one(client: &Client) -> i32 {
-    client
-        .query_one("SELECT 1", &[])
-        .await
-        .expect("select")
-        .get(0)
+    client.query_one("SELECT 1", &[]).await.expect("select").get(0)
 }
 
 #[tokio::test]
@@ -62,16 +52,10 @@ async fn notifications_round_trip_over_the_socket() {
     let cluster = start(ClusterOptions::default());
     assert!(cluster.conninfo("postgres").contains("host=/"));
     let (listener, mut notifications) = connect_listening(&cluster.conninfo("postgres")).await;
-    listener
-        .batch_execute("LISTEN post_save")
-        .await
-        .expect("listen");
+    listener.batch_execute("LISTEN post_save").await.expect("listen");
 
     let sender = connect(&cluster.conninfo("postgres")).await;
-    sender
-        .batch_execute("SELECT pg_notify('post_save', 'hello')")
-        .await
-        .expect("notify");
+    sender.batch_execute("SELECT pg_notify('post_save', 'hello')").await.expect("notify");
 
     let n = tokio::time::timeout(WAIT, notifications.recv())
         .await
@@ -92,46 +76,28 @@ async fn a_restarted_cluster_accepts_new_connections() {
     assert_eq!(select_one(&after).await, 1);
 
     cluster.stop(StopMode::Fast).expect("stop");
-    assert!(
-        tokio_postgres::connect(&cluster.conninfo("postgres"), NoTls)
-            .await
-            .is_err()
-    );
+    assert!(tokio_postgres::connect(&cluster.conninfo("postgres"), NoTls).await.is_err());
     cluster.start_again().expect("start again");
-    assert_eq!(
-        select_one(&connect(&cluster.conninfo("postgres")).await).await,
-        1
-    );
+    assert_eq!(select_one(&connect(&cluster.conninfo("postgres")).await).await, 1);
 }
 
 #[tokio::test]
 async fn a_tcp_port_of_zero_picks_a_free_port() {
-    let cluster = start(ClusterOptions {
-        tcp_port: Some(0),
-        ..ClusterOptions::default()
-    });
+    let cluster = start(ClusterOptions { tcp_port: Some(0), ..ClusterOptions::default() });
     assert_ne!(cluster.port(), 0);
-    let tcp = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        cluster.port()
-    );
+    let tcp = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", cluster.port());
     assert_eq!(select_one(&connect(&tcp).await).await, 1);
 }
 
 #[tokio::test]
 async fn settings_reach_the_server() {
-    let cluster = start(ClusterOptions {
-        settings: vec![("work_mem".into(), "7MB".into())],
-        ..ClusterOptions::default()
-    });
+    let cluster =
+        start(ClusterOptions { settings: vec![("work_mem".into(), "7MB".into())], ..ClusterOptions::default() });
     let client = connect(&cluster.conninfo("postgres")).await;
     let show = |name: &'static str| {
         let client = &client;
         async move {
-            let row = client
-                .query_one(&format!("SHOW {name}"), &[])
-                .await
-                .expect("show");
+            let row = client.query_one(&format!("SHOW {name}"), &[]).await.expect("show");
             row.get::<_, String>(0)
         }
     };
@@ -143,10 +109,7 @@ async fn settings_reach_the_server() {
 #[test]
 fn dropping_the_cluster_removes_its_directory() {
     let cluster = start(ClusterOptions::default());
-    let (dir, data_dir) = (
-        cluster.socket_dir().to_owned(),
-        cluster.data_dir().to_owned(),
-    );
+    let (dir, data_dir) = (cluster.socket_dir().to_owned(), cluster.data_dir().to_owned());
     assert!(data_dir.join("PG_VERSION").is_file());
     assert!(cluster.log_path().starts_with(&dir));
     assert!(cluster.bindir().join("pg_ctl").is_file());
@@ -174,39 +137,25 @@ async fn a_persistent_cluster_is_reused_then_restarted() {
     // able to enter it, and a temporary directory is private to its creator.
     let tmp = tempfile::tempdir().expect("temporary directory");
     let dir = tmp.path().to_owned();
-    let persistent = |opts| {
-        TempCluster::start_persistent(&dir, opts)
-            .unwrap_or_else(|e| panic!("{}", common::error_chain(&e)))
-    };
+    let persistent =
+        |opts| TempCluster::start_persistent(&dir, opts).unwrap_or_else(|e| panic!("{}", common::error_chain(&e)));
     let first = StopOnDrop(persistent(ClusterOptions::default()));
     let (port, pid) = (first.0.port(), postmaster_pid(first.0.data_dir()));
 
     let reused = persistent(ClusterOptions::default());
-    assert_eq!(
-        (reused.port(), postmaster_pid(reused.data_dir())),
-        (port, pid.clone())
-    );
+    assert_eq!((reused.port(), postmaster_pid(reused.data_dir())), (port, pid.clone()));
     drop(reused);
-    assert!(
-        dir.join("data").is_dir(),
-        "a persistent cluster outlives its handle"
-    );
+    assert!(dir.join("data").is_dir(), "a persistent cluster outlives its handle");
 
     first.0.stop(StopMode::Fast).expect("stop");
     let started = persistent(ClusterOptions::default());
     assert_eq!(started.port(), port);
     assert_ne!(postmaster_pid(started.data_dir()), pid);
 
-    let opts = ClusterOptions {
-        settings: vec![("max_connections".into(), "42".into())],
-        ..ClusterOptions::default()
-    };
+    let opts = ClusterOptions { settings: vec![("max_connections".into(), "42".into())], ..ClusterOptions::default() };
     let changed = persistent(opts);
     let client = connect(&changed.conninfo("postgres")).await;
-    let row = client
-        .query_one("SHOW max_connections", &[])
-        .await
-        .expect("show");
+    let row = client.query_one("SHOW max_connections", &[]).await.expect("show");
     assert_eq!(row.get::<_, String>(0), "42");
 }
 
@@ -230,11 +179,7 @@ fn find_bindir_reports_missing_binaries() {
     }
     let empty = tempfile::tempdir().expect("temporary directory");
     let out = Command::new(std::env::current_exe().expect("test executable"))
-        .args([
-            "--exact",
-            "find_bindir_reports_missing_binaries",
-            "--nocapture",
-        ])
+        .args(["--exact", "find_bindir_reports_missing_binaries", "--nocapture"])
         .env(CHILD_ENV, "1")
         .env(BINDIR_ENV, empty.path())
         .output()
@@ -251,11 +196,7 @@ fn find_bindir_reports_missing_binaries() {
 fn find_bindir_finds_the_installed_server() {
     let bindir = find_bindir().unwrap_or_else(|e| panic!("{e}"));
     for program in ["initdb", "pg_ctl", "postgres"] {
-        assert!(
-            bindir.join(program).is_file(),
-            "{program} in {}",
-            bindir.display()
-        );
+        assert!(bindir.join(program).is_file(), "{program} in {}", bindir.display());
     }
 }
 
@@ -269,13 +210,7 @@ async fn test_databases_are_separate_and_dropped() {
     let current = a.psql_args(&["-Atc", "SELECT current_database()"]);
     assert_eq!(String::from_utf8_lossy(&current.stdout).trim(), a.name);
     let in_b = "SELECT count(*) FROM pg_class WHERE relname = 'only_in_a'";
-    let count: i64 = b
-        .client()
-        .await
-        .query_one(in_b, &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count: i64 = b.client().await.query_one(in_b, &[]).await.expect("count").get(0);
     assert_eq!(count, 0);
     assert!(!a.psql("SELECT no_such_column").status.success());
 
@@ -284,11 +219,7 @@ async fn test_databases_are_separate_and_dropped() {
     drop(a);
     let admin = connect(&server_conninfo()).await;
     let exists = "SELECT count(*) FROM pg_database WHERE datname = $1";
-    let count: i64 = admin
-        .query_one(exists, &[&name])
-        .await
-        .expect("count")
-        .get(0);
+    let count: i64 = admin.query_one(exists, &[&name]).await.expect("count").get(0);
     assert_eq!(count, 0, "{name} was not dropped");
 }
 

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
@@ -25,6 +27,14 @@ pub const EXIT_RETRY: i32 = 75;
 /// How much of the program's stderr is kept for the log and the dead-letter list.
 const TAIL_BYTES: usize = 2048;
 
+/// After the program exits, how long its output is still read: a background process it left
+/// behind may hold the pipes open, and must not keep the attempt running.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
+
+/// Variables passed from the daemon's environment to every program (the rest is not: the
+/// daemon's may hold `DATABASE_URL` or `PGPASSWORD`). `inherit_env` adds more.
+const INHERITED: [&str; 8] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR"];
+
 /// Options of an `exec` handler.
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -36,6 +46,8 @@ pub struct ExecOptions {
     pub cwd: Option<PathBuf>,
     /// Log the program's stdout at info level (else at debug).
     pub log_output: bool,
+    /// More variables passed on from the daemon's environment.
+    pub inherit_env: Vec<String>,
 }
 
 impl ExecOptions {
@@ -50,7 +62,8 @@ impl ExecOptions {
         }
         let cwd = s.take::<PathBuf>("cwd")?;
         let log_output = s.take::<bool>("log_output")?.unwrap_or(false);
-        Ok(ExecOptions { command, env, cwd, log_output })
+        let inherit_env = s.take::<Vec<String>>("inherit_env")?.unwrap_or_default();
+        Ok(ExecOptions { command, env, cwd, log_output, inherit_env })
     }
 }
 
@@ -67,7 +80,10 @@ impl ExecHandler {
 
     fn command(&self, event: &SaveEvent, delivery: &Delivery) -> Command {
         let mut cmd = Command::new(&self.options.command[0]);
-        cmd.args(&self.options.command[1..])
+        let inherited = INHERITED.iter().copied().chain(self.options.inherit_env.iter().map(String::as_str));
+        cmd.env_clear()
+            .envs(inherited.filter_map(|k| std::env::var_os(k).map(|v| (k.to_owned(), v))))
+            .args(&self.options.command[1..])
             .envs(&self.options.env)
             .env("POST_SAVE_HANDLER", &delivery.handler)
             .env("POST_SAVE_ATTEMPT", delivery.attempt.to_string())
@@ -117,8 +133,6 @@ impl Handler for ExecHandler {
         let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw));
         let input = event.to_json();
         let mut stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
         let write = async {
             if let Some(stdin) = stdin.as_mut() {
                 // A program that exits without reading stdin is not an error.
@@ -127,8 +141,11 @@ impl Handler for ExecHandler {
             }
             drop(stdin);
         };
-        let (_, out, err, status) = tokio::join!(write, tail(stdout), tail(stderr), child.wait());
+        let stdout = Tail::spawn(child.stdout.take());
+        let stderr = Tail::spawn(child.stderr.take());
+        let (_, status) = tokio::join!(write, child.wait());
         guard.0 = None;
+        let (out, err) = tokio::join!(stdout.finish(), stderr.finish());
         let status =
             status.map_err(|e| HandlerError::failed(format!("waiting for `{program}`: {e}")).with_source(e))?;
         if !out.is_empty() {
@@ -147,21 +164,40 @@ impl Handler for ExecHandler {
     }
 }
 
-/// Reads a stream to its end, keeping only its last [`TAIL_BYTES`] as text.
-async fn tail(stream: Option<impl AsyncRead + Unpin>) -> String {
-    let Some(mut stream) = stream else { return String::new() };
-    let mut kept: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > TAIL_BYTES {
-                    kept.drain(..kept.len() - TAIL_BYTES);
+/// The last [`TAIL_BYTES`] of a stream, read on a task.
+struct Tail {
+    kept: Arc<Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Tail {
+    fn spawn(stream: Option<impl AsyncRead + Unpin + Send + 'static>) -> Tail {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let task = stream.map(|mut stream| {
+            let kept = Arc::clone(&kept);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    if let Ok(mut kept) = kept.lock() {
+                        kept.extend_from_slice(&buf[..n]);
+                        let excess = kept.len().saturating_sub(TAIL_BYTES);
+                        kept.drain(..excess);
+                    }
                 }
-            }
-        }
+            })
+        });
+        Tail { kept, task }
     }
-    String::from_utf8_lossy(&kept).trim().to_owned()
+
+    /// Waits [`DRAIN_AFTER_EXIT`] at most for the stream's end, then returns what was read.
+    async fn finish(mut self) -> String {
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(DRAIN_AFTER_EXIT, &mut task).await.is_err()
+        {
+            // Something the program left behind holds the pipe: stop reading it.
+            task.abort();
+        }
+        let kept = self.kept.lock().map(|k| k.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&kept).trim().to_owned()
+    }
 }
