@@ -285,3 +285,27 @@ async fn a_lost_connection_is_reconnected_and_caught_up() {
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn writers_need_no_rights_on_the_ledger() {
+    let (db, config) = shop("durable").await;
+    let role = format!("writer_{}", db.name);
+    db.psql_ok(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role}; \
+         GRANT INSERT, UPDATE, SELECT ON shop_order TO {role}; GRANT USAGE ON SEQUENCE shop_order_id_seq TO {role};"
+    ));
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(&format!("SET ROLE {role}; INSERT INTO shop_order (user_id, product) VALUES (1, 'by a writer')"));
+    let e = daemon.next().await;
+    assert_eq!(e.instance["product"], "by a writer");
+    assert_eq!(e.actor.role, role);
+    // …and cannot read or forge the ledger itself.
+    let denied = db.psql(&format!("SET ROLE {role}; SELECT count(*) FROM post_save.event"));
+    assert!(!denied.status.success());
+    let denied = db.psql(&format!(
+        "SET ROLE {role}; INSERT INTO post_save.event (sender, op, payload) VALUES ('x', 'insert', '{{}}')"
+    ));
+    assert!(!denied.status.success());
+    daemon.stop().await;
+    db.psql_ok(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
+}
