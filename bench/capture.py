@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
+PHASES = ("capture", "pipeline")
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(ratio of pgbench TPS to the same workload without capture).",
     )
     p.add_argument("--quick", action="store_true",
-                   help="1 round of 2 s per measurement; results go to a temp dir unless --out")
+                   help="1 round of 2 s per measurement, 3 s latency run, 20,000-event backlog; "
+                   "targets are reported but never fail the run; results go to a temp dir "
+                   "unless --out")
     p.add_argument("--rounds", type=int, help="rounds per workload (default 2, --quick: 1)")
     p.add_argument("--seconds", type=int, help="pgbench -T per measurement (default 10, --quick: 2)")
     p.add_argument("--out", type=Path, help="directory for capture-<timestamp>.{md,json} "
@@ -55,10 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", help="comma-separated subset of arms (plain is always added)")
     p.add_argument("--workloads", help="comma-separated subset of workloads: "
                    + ",".join(w.key for w in WORKLOADS))
+    p.add_argument("--phases", default="capture,pipeline",
+                   help="comma-separated phases to run: capture (the arms × workloads), "
+                   "pipeline (post-save's latency, drain, CPU and RSS) (default: both)")
+    p.add_argument("--latency-seconds", type=int,
+                   help=f"pgbench -T of the pipeline's latency run at {PIPELINE_RATE} events/s "
+                   "(default 20, --quick: 3)")
+    p.add_argument("--backlog", type=int,
+                   help="events in the pipeline's drain backlog (default 200000, --quick: 20000)")
     p.add_argument("--no-build", action="store_true",
                    help="do not run cargo build; use an existing post-save binary if any")
     p.add_argument("--require-postsave", action="store_true",
-                   help="fail (instead of skipping) when the post-save arms cannot run")
+                   help="fail (instead of skipping) when the post-save arms or the pipeline "
+                   "phase cannot run")
     p.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -68,8 +81,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
     a.seconds = a.seconds if a.seconds is not None else (2 if a.quick else 10)
-    if a.rounds < 1 or a.seconds < 1:
-        p.error("--rounds and --seconds must be at least 1")
+    a.latency_seconds = (a.latency_seconds if a.latency_seconds is not None
+                         else (3 if a.quick else 20))
+    a.backlog = a.backlog if a.backlog is not None else (20_000 if a.quick else 200_000)
+    if a.rounds < 1 or a.seconds < 1 or a.latency_seconds < 1 or a.backlog < 1:
+        p.error("--rounds, --seconds, --latency-seconds and --backlog must be at least 1")
+    a.phase_names = [x.strip() for x in a.phases.split(",") if x.strip()]
+    bad = [x for x in a.phase_names if x not in PHASES]
+    if bad or not a.phase_names:
+        p.error(f"unknown phase(s): {', '.join(bad) or '(none)'} (known: {', '.join(PHASES)})")
     known_arms = {arm.name for arm in ARMS}
     if a.arms:
         wanted = [x.strip() for x in a.arms.split(",") if x.strip()]
@@ -423,11 +443,11 @@ def logical_teardown(ctx: Ctx) -> None:
              f"where slot_name = '{SLOT}'")
 
 
-# --- post-save (hook: fill in when the daemon exists) ----------------------------------------
+# --- post-save ---------------------------------------------------------------------------------
 #
-# Everything post-save specific is in this block: the config file, the setup commands and the
-# daemon command line. The arms are skipped, with a message, until the binary answers
-# `post-save run --help` with a usage text.
+# Everything post-save specific is in this block: the config file, the setup commands, the
+# daemon command line and the checks. The arms (and the pipeline phase) are skipped, with a
+# message, while the binary does not answer `post-save run --help` with a usage text.
 
 POSTSAVE_CONFIG = """\
 # written by bench/capture.py for one measurement
@@ -440,33 +460,57 @@ operations = ["insert", "update"]
 mode = "{mode}"
 
 [[handler]]
-name = "bench-noop"
+name = "{handler_name}"
 sender = "public.shop_order"
 signal = "post_save"
 kind = "log"
-# below the default log filter: the handler runs for every event but prints nothing
-level = "debug"
+{handler_options}
 """
+
+# below the default log filter (info): the handler runs for every event but prints nothing
+POSTSAVE_NOOP_HANDLER = ("bench-noop", 'level = "debug"')
+# one JSON line per event on stderr (with --log-format json), carrying the trigger's `at`
+POSTSAVE_LATENCY_HANDLER = ("bench-latency", 'level = "info"\nfields = ["id", "at"]')
 
 POSTSAVE_SETUP_COMMANDS = [["migrate"], ["triggers", "install"]]
 POSTSAVE_RUN_COMMAND = ["run"]
 
 
-def postsave_argv(ctx: Ctx, sub: list[str]) -> list[str]:
+def postsave_config(url: str, mode: str, handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER) -> str:
+    return POSTSAVE_CONFIG.format(url=url, mode=mode, handler_name=handler[0],
+                                  handler_options=handler[1])
+
+
+def postsave_argv(ctx: Ctx, sub: list[str], json_log: bool = False) -> list[str]:
     # `--config` is accepted by every subcommand (also POST_SAVE_CONFIG)
-    return [ctx.postsave_bin or "post-save", "--config", str(ctx.dir / "post-save.toml"), *sub]
+    return [ctx.postsave_bin or "post-save", *(["--log-format", "json"] if json_log else []),
+            "--config", str(ctx.dir / "post-save.toml"), *sub]
+
+
+def postsave_install(ctx: Ctx, mode: str,
+                     handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER) -> None:
+    """Write the config, then `migrate` and `triggers install`."""
+    (ctx.dir / "post-save.toml").write_text(postsave_config(ctx.cluster.url(ctx.db), mode,
+                                                            handler))
+    for sub in POSTSAVE_SETUP_COMMANDS:
+        argv = postsave_argv(ctx, sub)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                           env=postsave_env())
+        if r.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {r.returncode}: "
+                             f"{(r.stderr or r.stdout).strip()[-2000:]}")
+
+
+def postsave_env() -> dict:
+    """The daemon's environment: RUST_LOG unset, so the default filter (info) applies and the
+    no-op handler's debug lines stay unprinted whatever the caller's shell exports."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RUST_LOG", "POST_SAVE_CONFIG", "POST_SAVE_LOG_FORMAT", "DATABASE_URL")}
 
 
 def postsave_setup(mode: str) -> Callable[[Ctx], None]:
     def setup(ctx: Ctx) -> None:
-        (ctx.dir / "post-save.toml").write_text(POSTSAVE_CONFIG.format(
-            url=ctx.cluster.url(ctx.db), mode=mode))
-        for sub in POSTSAVE_SETUP_COMMANDS:
-            argv = postsave_argv(ctx, sub)
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                raise BenchError(f"{' '.join(argv)} exited {r.returncode}: "
-                                 f"{(r.stderr or r.stdout).strip()[-2000:]}")
+        postsave_install(ctx, mode)
     return setup
 
 
@@ -474,10 +518,23 @@ def postsave_run_argv(ctx: Ctx) -> list[str]:
     return postsave_argv(ctx, POSTSAVE_RUN_COMMAND)
 
 
+# The daemon arms the doorbell (setval 1) once it has LISTENed and caught up with the ledger,
+# in both modes; it silences it (0) when it stops. The sequence starts at 0.
+POSTSAVE_READY_SQL = "select last_value from post_save.doorbell"
+
+
 def postsave_ready(ctx: Ctx) -> bool:
-    # TODO(post-save): a better readiness signal (e.g. the daemon's LISTEN connection).
-    return ctx.psql("select count(*) from pg_stat_activity where datname = current_database() "
-                    "and pid <> pg_backend_pid() and backend_type = 'client backend'") != "0"
+    return ctx.psql(POSTSAVE_READY_SQL) == "1"
+
+
+# Durable mode: one ledger row per row written (statement-level trigger; an UPDATE row that
+# changes nothing writes none, but every workload changes a column).
+POSTSAVE_CAPTURED_SQL = "select count(*) from post_save.event"
+POSTSAVE_PENDING_SQL = "select count(*) from post_save.event where handled_at is null"
+
+
+def postsave_drained(ctx: Ctx) -> bool:
+    return ctx.psql(POSTSAVE_PENDING_SQL) == "0"
 
 
 def postsave_available(env: "Env") -> Optional[str]:
@@ -502,11 +559,13 @@ ARMS: list[Arm] = [
         "(Debezium, Sequin, Supabase)",
         setup=logical_setup, background=logical_argv, ready=logical_ready,
         drained=logical_drained, teardown=logical_teardown, triggers=False),
+    # notify mode is at most once and keeps nothing: no capture count, no catch-up check
     Arm("postsave_notify", "post-save, watch mode = \"notify\" (daemon running)",
         setup=postsave_setup("notify"), background=postsave_run_argv, ready=postsave_ready,
         available=postsave_available),
     Arm("postsave_durable", "post-save, watch mode = \"durable\" (daemon running)",
         setup=postsave_setup("durable"), background=postsave_run_argv, ready=postsave_ready,
+        drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
 ]
 
@@ -787,7 +846,7 @@ def measure(env: Env, arm: Arm, wl: Workload, rnd: int, seconds: int, scratch: P
         if arm.background:
             bg_log = open(mdir / "background.log", "w")
             bg = subprocess.Popen(arm.background(ctx), stdout=bg_log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  start_new_session=True, env=postsave_env())
             if arm.ready:
                 wait_for(lambda: arm.ready(ctx), 30, f"{arm.name} background", bg)
         script = mdir / "workload.sql"
@@ -895,6 +954,409 @@ def wait_drained(ctx: Ctx, arm: Arm, timeout: float) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Pipeline phase: post-save's daemon end to end (latency, backlog drain, CPU, memory)
+# ---------------------------------------------------------------------------------------------
+
+PIPELINE_MODES = ["durable", "notify"]
+PIPELINE_RATE = 1000  # offered events/s (pgbench -R, over all clients) for the latency run
+PIPELINE_CLIENTS = 2
+BACKLOG_CHUNK = 10_000  # rows per INSERT … SELECT (one transaction each) of the backlog
+IDLE_S = 2.0  # how long the daemon runs on an empty ledger before its idle RSS is read
+POLL_S = 0.05
+SCHEDULE_LAG_RE = re.compile(r"^rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", re.M)
+
+
+class PgConn:
+    """A minimal protocol-v3 simple-query client over the unix socket (trust auth), so that
+    polling every 50 ms does not start a psql process (and its backend) every time."""
+
+    def __init__(self, cluster: Cluster, db: str, application_name: str = "bench-poll"):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(f"{cluster.host}/.s.PGSQL.{cluster.port}")
+        self.buf = bytearray()
+        params = b"".join(k + b"\0" + v.encode() + b"\0" for k, v in [
+            (b"user", "postgres"), (b"database", db), (b"application_name", application_name)])
+        body = struct.pack("!i", 196608) + params + b"\0"
+        self.sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        self._until_ready(startup=True)
+
+    def _message(self) -> tuple[int, bytes]:
+        while True:
+            if len(self.buf) >= 5:
+                (length,) = struct.unpack_from("!i", self.buf, 1)
+                if len(self.buf) >= 1 + length:
+                    t, payload = self.buf[0], bytes(self.buf[5:1 + length])
+                    del self.buf[:1 + length]
+                    return t, payload
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise BenchError("poll connection: closed by the server")
+            self.buf.extend(chunk)
+
+    @staticmethod
+    def _error_text(payload: bytes) -> str:
+        fields = {f[:1]: f[1:] for f in payload.split(b"\0") if f}
+        return fields.get(b"M", payload).decode(errors="replace")
+
+    def _until_ready(self, startup: bool = False) -> list[list[Optional[str]]]:
+        rows: list[list[Optional[str]]] = []
+        error = None
+        while True:
+            t, payload = self._message()
+            if t == ord("D"):
+                (n,) = struct.unpack_from("!h", payload, 0)
+                pos, row = 2, []
+                for _ in range(n):
+                    (ln,) = struct.unpack_from("!i", payload, pos)
+                    pos += 4
+                    if ln < 0:
+                        row.append(None)
+                    else:
+                        row.append(payload[pos:pos + ln].decode())
+                        pos += ln
+                rows.append(row)
+            elif t == ord("E"):
+                if startup:
+                    raise BenchError(f"poll connection: {self._error_text(payload)}")
+                error = error or payload
+            elif t == ord("R") and struct.unpack("!i", payload[:4])[0] != 0:
+                raise BenchError("poll connection: the server asks for a password; "
+                                 "the cluster must use trust")
+            elif t == ord("Z"):
+                if error is not None:
+                    raise BenchError(f"query failed: {self._error_text(error)}")
+                return rows
+
+    def query(self, sql: str) -> list[list[Optional[str]]]:
+        q = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q)
+        return self._until_ready()
+
+    def scalar(self, sql: str) -> Optional[str]:
+        rows = self.query(sql)
+        return rows[0][0] if rows and rows[0] else None
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"X" + struct.pack("!i", 4))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def proc_status_mb(pid: int, key: str) -> Optional[float]:
+    """A memory line of /proc/<pid>/status (VmRSS, VmHWM, …) in MB (MiB)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def percentile(sorted_xs: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    k = math.ceil(round(len(sorted_xs) * p / 100, 6))  # ceil(n·p/100)
+    return sorted_xs[min(max(k, 1), len(sorted_xs)) - 1]
+
+
+def start_daemon(ctx: Ctx, log_path: Path, json_log: bool) -> subprocess.Popen:
+    with open(log_path, "w") as f:
+        return subprocess.Popen(postsave_argv(ctx, POSTSAVE_RUN_COMMAND, json_log=json_log),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=postsave_env())
+
+
+def count_save_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b'"message":"save event"')
+    except OSError:
+        return 0
+
+
+def parse_latency_log(path: Path) -> tuple[list[float], list, int]:
+    """(latencies in ms, event ids, lines that did not parse) from the daemon's JSON log.
+
+    A handled event is one line like
+    {"timestamp":"…Z","level":"INFO","message":"save event","handler":…,
+     "event":"{\\"id\\":1,\\"at\\":\\"…+00:00\\"}",…}: `timestamp` is when the handler logged
+    it, `at` the trigger's clock_timestamp()."""
+    lat, ids, bad = [], [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if '"save event"' not in line:
+                continue
+            try:
+                obj = json.loads(line)
+                if obj.get("message") != "save event":
+                    continue
+                ev = json.loads(obj["event"])
+                handled = dt.datetime.fromisoformat(obj["timestamp"])
+                at = dt.datetime.fromisoformat(ev["at"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            lat.append((handled - at).total_seconds() * 1000)
+            ids.append(ev.get("id"))
+    return lat, ids, bad
+
+
+def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
+    """Trigger → handler latency at PIPELINE_RATE events/s; also the daemon's idle RSS."""
+    cluster = env.cluster
+    db = f"pipeline_latency_{mode}"
+    ctx = Ctx(cluster, db, scratch / f"latency-{mode}", env.postsave_bin)
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    rec: dict = {"mode": mode, "rate": PIPELINE_RATE, "clients": PIPELINE_CLIENTS,
+                 "seconds": seconds}
+    proc: Optional[subprocess.Popen] = None
+    conn: Optional[PgConn] = None
+    log_path = ctx.dir / "daemon.log"
+    try:
+        cluster.create_db(db)
+        ctx.psql(TABLE_SQL)
+        postsave_install(ctx, mode, POSTSAVE_LATENCY_HANDLER)
+        ctx.psql("checkpoint")
+        proc = start_daemon(ctx, log_path, json_log=True)
+        conn = PgConn(cluster, db)
+        t_start = time.monotonic()
+        wait_for(lambda: conn.scalar(POSTSAVE_READY_SQL) == "1", 30,
+                 f"pipeline {mode}: daemon readiness (doorbell armed)", proc)
+        rec["ready_s"] = round(time.monotonic() - t_start, 3)
+        # idle: the daemon has been up IDLE_S on an empty ledger
+        time.sleep(max(0.0, IDLE_S - (time.monotonic() - t_start)))
+        rec["rss_idle_mb"] = proc_status_mb(proc.pid, "VmRSS")
+        rec["cpu_idle_s"] = round(proc_cpu(proc.pid), 3)
+        script = ctx.dir / "insert.sql"
+        script.write_text(INSERT_ONE)
+        cpu0 = cpu_snapshot(cluster, [proc.pid])
+        d0 = proc_cpu(proc.pid)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres",
+             "-n", "-M", "prepared", "-R", str(PIPELINE_RATE), "-c", str(PIPELINE_CLIENTS),
+             "-j", str(PIPELINE_CLIENTS), "-T", str(seconds), "-f", str(script), db],
+            capture_output=True, text=True, timeout=seconds + 120)
+        rec["wall_s"] = round(time.monotonic() - t0, 2)
+        (ctx.dir / "pgbench.out").write_text(r.stdout + r.stderr)
+        m = TXNS_RE.search(r.stdout)
+        if r.returncode != 0 or not m:
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
+            raise BenchError(f"pgbench exited {r.returncode}:\n{tail}")
+        rows = int(m.group(1))
+        tps = TPS_RE.search(r.stdout)
+        lag = SCHEDULE_LAG_RE.search(r.stdout)
+        lat_avg = LAT_RE.search(r.stdout)
+        rec.update(rows=rows, tps=float(tps.group(1)) if tps else None,
+                   pgbench_latency_avg_ms=float(lat_avg.group(1)) if lat_avg else None,
+                   schedule_lag_avg_ms=float(lag.group(1)) if lag else None,
+                   schedule_lag_max_ms=float(lag.group(2)) if lag else None)
+        # let the daemon finish what was written, then take its figures before it stops
+        t_end = time.monotonic()
+        if mode == "durable":
+            wait_for(lambda: conn.scalar(POSTSAVE_PENDING_SQL) == "0", DRAIN_TIMEOUT,
+                     f"pipeline {mode}: ledger drained after the run", proc)
+        else:  # at most once: wait for every row or for the log to stop growing for 1 s
+            last, last_change = -1, time.monotonic()
+            while time.monotonic() - t_end < DRAIN_TIMEOUT:
+                n = count_save_lines(log_path)
+                if n >= rows:
+                    break
+                if n != last:
+                    last, last_change = n, time.monotonic()
+                elif time.monotonic() - last_change > 1.0:
+                    break
+                if proc.poll() is not None:
+                    break
+                time.sleep(POLL_S)
+        rec["catch_up_s"] = round(time.monotonic() - t_end, 2)
+        if proc.poll() is not None:
+            raise BenchError(f"the daemon exited during the run (exit {proc.returncode})")
+        time.sleep(0.2)  # let pgbench's backends exit and be reaped
+        cpu1 = cpu_snapshot(cluster, [proc.pid])
+        rec["daemon_cpu_s"] = round(proc_cpu(proc.pid) - d0, 3)
+        rec["rss_load_peak_mb"] = proc_status_mb(proc.pid, "VmHWM")
+        rec["cpu_own_s"] = round(cpu1[1] - cpu0[1], 2)
+        rec["cpu_other_s"] = round(max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])), 2)
+        rec["wall_all_s"] = round(time.monotonic() - t0, 2)
+        stop_process(proc)
+        lat, ids, bad = parse_latency_log(log_path)
+        if bad:
+            raise BenchError(f"{bad} `save event` log line(s) without a parsable timestamp, "
+                             f"event.at (see {log_path})")
+        rec["handled"] = len(lat)
+        if mode == "durable":
+            distinct = len(set(ids))
+            if len(lat) != rows or distinct != rows:
+                raise BenchError(f"handled {len(lat)} events ({distinct} distinct ids) for "
+                                 f"{rows} rows written")
+        else:
+            if len(lat) > rows or len(lat) == 0:
+                raise BenchError(f"handled {len(lat)} events for {rows} rows written")
+            rec["lost"] = rows - len(lat)
+        xs = sorted(lat)
+        rec.update(p50_ms=round(percentile(xs, 50), 3), p99_ms=round(percentile(xs, 99), 3),
+                   p999_ms=round(percentile(xs, 99.9), 3), max_ms=round(xs[-1], 3),
+                   min_ms=round(xs[0], 3), mean_ms=round(statistics.fmean(xs), 3),
+                   over_10ms=sum(1 for x in xs if x > 10))
+        if rows:
+            rec["daemon_cpu_s_per_10k"] = round(rec["daemon_cpu_s"] / rows * 10_000, 3)
+        rec["ok"] = True
+    except (BenchError, subprocess.TimeoutExpired, OSError) as e:
+        rec["ok"] = False
+        rec["error"] = str(e)
+        if proc is not None:
+            stop_process(proc)
+            tail = tail_of(log_path)
+            if tail:
+                rec["error"] += f"\n--- daemon output ---\n{tail}"
+    finally:
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            stop_process(proc)
+        try:
+            cluster.drop_db(db)
+        except BenchError as e:
+            rec.setdefault("cleanup_error", str(e))
+    if rec["ok"]:
+        shutil.rmtree(ctx.dir, ignore_errors=True)
+    return rec
+
+
+def backlog_sql(events: int) -> str:
+    stmts, done = [], 0
+    while done < events:
+        n = min(BACKLOG_CHUNK, events - done)
+        stmts.append(f"insert into shop_order (user_id, product, quantity) "
+                     f"select g % 100000, 'widget-' || (g % 50), 1 + g % 10 "
+                     f"from generate_series(1, {n}) g;")
+        done += n
+    return "\n".join(stmts) + "\n"
+
+
+def pipeline_drain(env: Env, events: int, scratch: Path) -> dict:
+    """Drain rate of a backlog written while the daemon was stopped (durable mode), the
+    daemon's CPU per 10,000 events and its peak RSS while draining."""
+    cluster = env.cluster
+    db = "pipeline_drain"
+    ctx = Ctx(cluster, db, scratch / "drain", env.postsave_bin)
+    ctx.dir.mkdir(parents=True, exist_ok=True)
+    rec: dict = {"mode": "durable", "events": events, "chunk": BACKLOG_CHUNK}
+    proc: Optional[subprocess.Popen] = None
+    conn: Optional[PgConn] = None
+    log_path = ctx.dir / "daemon.log"
+    try:
+        cluster.create_db(db)
+        ctx.psql(TABLE_SQL)
+        postsave_install(ctx, "durable")  # the no-op handler: routed, prints nothing
+        t0 = time.monotonic()
+        cluster.psql(db, backlog_sql(events), timeout=600)
+        rec["backlog_write_s"] = round(time.monotonic() - t0, 2)
+        pending = int(ctx.psql(POSTSAVE_PENDING_SQL))
+        if pending != events:
+            raise BenchError(f"backlog: {pending} pending ledger rows for {events} rows written")
+        # the same starting state every time (hint bits, visibility map, statistics), and no
+        # checkpoint of the backlog's WAL in the middle of the drain
+        ctx.psql("vacuum analyze post_save.event")
+        ctx.psql("checkpoint")
+        conn = PgConn(cluster, db)
+        cpu0 = cpu_snapshot(cluster, [])
+        t0 = time.monotonic()
+        proc = start_daemon(ctx, log_path, json_log=False)
+        deadline = t0 + max(DRAIN_TIMEOUT, events / 1000)
+        polls = 0
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"the daemon exited while draining (exit {proc.returncode})")
+            polls += 1
+            if conn.scalar(POSTSAVE_PENDING_SQL) == "0":
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"backlog not drained after {deadline - t0:.0f} s")
+            time.sleep(POLL_S)
+        drain_s = time.monotonic() - t0
+        # read before it exits: CPU (all threads, utime + stime) and peak RSS
+        daemon_cpu = proc_cpu(proc.pid)
+        rec["rss_draining_mb"] = proc_status_mb(proc.pid, "VmHWM")
+        cpu1 = cpu_snapshot(cluster, [proc.pid])
+        stop_process(proc)
+        rec.update(drain_s=round(drain_s, 3), polls=polls,
+                   events_per_s=round(events / drain_s, 1),
+                   daemon_cpu_s=round(daemon_cpu, 3),
+                   daemon_cpu_s_per_10k=round(daemon_cpu / events * 10_000, 4),
+                   daemon_cores=round(daemon_cpu / drain_s, 3),
+                   machine_busy_cpu_s=round(cpu1[0] - cpu0[0], 2),
+                   cpu_own_s=round(cpu1[1] - cpu0[1], 2),
+                   cpu_other_s=round(max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])), 2),
+                   wall_s=round(drain_s, 2))
+        handled, dead = (int(x) for x in conn.query(
+            "select (select count(*) from post_save.event where handled_at is not null), "
+            "(select count(*) from post_save.dead_letter)")[0])
+        if handled != events or dead:
+            raise BenchError(f"after the drain: {handled} events handled, {dead} dead letters, "
+                             f"for {events} written")
+        rec["ok"] = True
+    except (BenchError, subprocess.TimeoutExpired, OSError) as e:
+        rec["ok"] = False
+        rec["error"] = str(e)
+        if proc is not None:
+            stop_process(proc)
+            tail = tail_of(log_path)
+            if tail:
+                rec["error"] += f"\n--- daemon output ---\n{tail}"
+    finally:
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            stop_process(proc)
+        try:
+            cluster.drop_db(db)
+        except BenchError as e:
+            rec.setdefault("cleanup_error", str(e))
+    if rec["ok"]:
+        shutil.rmtree(ctx.dir, ignore_errors=True)
+    return rec
+
+
+def run_pipeline(env: Env, args: argparse.Namespace, scratch: Path) -> dict:
+    out: dict = {"rate": PIPELINE_RATE, "clients": PIPELINE_CLIENTS,
+                 "latency_seconds": args.latency_seconds, "backlog_events": args.backlog,
+                 "skipped": None, "modes": {}, "failures": []}
+    if env.postsave_skip_reason or not env.postsave_bin:
+        out["skipped"] = env.postsave_skip_reason or "no post-save binary"
+        log(f"skipping the pipeline phase: {out['skipped']}")
+        return out
+    for mode in PIPELINE_MODES:
+        m: dict = {}
+        lat = pipeline_latency(env, mode, args.latency_seconds, scratch)
+        m["latency"] = lat
+        if lat["ok"]:
+            log(f"pipeline {mode:<8} latency p50 {lat['p50_ms']:.2f} / p99 {lat['p99_ms']:.2f} "
+                f"/ p99.9 {lat['p999_ms']:.2f} ms over {lat['handled']:,} events "
+                f"(max {lat['max_ms']:.1f} ms); idle RSS {lat['rss_idle_mb']} MB")
+        else:
+            log(f"pipeline {mode:<8} latency FAILED: {lat['error']}")
+            out["failures"].append({"step": f"{mode} latency", "error": lat["error"]})
+        if mode == "durable":
+            drain = pipeline_drain(env, args.backlog, scratch)
+            m["drain"] = drain
+            if drain["ok"]:
+                log(f"pipeline {mode:<8} drain {drain['events_per_s']:,.0f} ev/s "
+                    f"({drain['events']:,} in {drain['drain_s']:.2f} s), "
+                    f"{drain['daemon_cpu_s_per_10k']:.3f} CPU s/10k ev "
+                    f"({drain['daemon_cores']:.2f} cores), peak RSS {drain['rss_draining_mb']} MB")
+            else:
+                log(f"pipeline {mode:<8} drain FAILED: {drain['error']}")
+                out["failures"].append({"step": f"{mode} drain", "error": drain["error"]})
+        out["modes"][mode] = m
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Aggregation and report
 # ---------------------------------------------------------------------------------------------
 
@@ -927,6 +1389,154 @@ def aggregate(records: list[dict], arms: list[Arm], workloads: list[Workload]) -
                 "drain_timeouts": sum(1 for r in ok if "drain_s" in r and r["drain_s"] is None),
             })
     return out
+
+
+# --- targets of issue #4 ------------------------------------------------------------------------
+
+# (figure, target text, comparison, threshold, where to find the measured value)
+CAPTURE_TARGETS = [  # postsave_durable's mean ratio to plain, per workload
+    ("b", "≥ 0.80"), ("a", "≥ 0.90"), ("c", "≥ 0.60"), ("d", "≥ 0.75"),
+]
+LATENCY_P50_MAX_MS = 2.0
+LATENCY_P99_MAX_MS = 10.0
+DRAIN_MIN_EV_S = 50_000
+DRAIN_MAX_CORES = 1.0
+RSS_IDLE_MAX_MB = 20.0
+RSS_DRAINING_MAX_MB = 60.0
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """Every target of the issue with the measured figure and met (True/False) or None when
+    not measured in this run."""
+    out = []
+
+    def add(figure: str, target: str, measured: Optional[float], ok: Callable[[float], bool],
+            shown: Callable[[float], str]) -> None:
+        out.append({"figure": figure, "target": target, "measured": measured,
+                    "shown": shown(measured) if measured is not None else "not measured",
+                    "met": ok(measured) if measured is not None else None})
+
+    agg = {(a["workload"], a["arm"]): a for a in result.get("aggregates", [])}
+    titles = {w["key"]: w["title"] for w in result.get("workloads", [])}
+    wl_titles = {w.key: w.title for w in WORKLOADS}
+    for key, target in CAPTURE_TARGETS:
+        a = agg.get((key, "postsave_durable"))
+        threshold = float(target.split()[1])
+        add(f"durable ratio to plain, {key}: {titles.get(key, wl_titles[key])}", target,
+            a["ratio_mean"] if a else None, lambda x, t=threshold: x >= t, lambda x: f"{x:.2f}")
+    modes = result.get("pipeline", {}).get("modes", {})
+    for mode in PIPELINE_MODES:
+        lat = modes.get(mode, {}).get("latency", {})
+        ok = lat.get("ok")
+        add(f"{mode}: latency p50", f"≤ {LATENCY_P50_MAX_MS:g} ms",
+            lat.get("p50_ms") if ok else None, lambda x: x <= LATENCY_P50_MAX_MS,
+            lambda x: f"{x:.2f} ms")
+        add(f"{mode}: latency p99", f"≤ {LATENCY_P99_MAX_MS:g} ms",
+            lat.get("p99_ms") if ok else None, lambda x: x <= LATENCY_P99_MAX_MS,
+            lambda x: f"{x:.2f} ms")
+    drain = modes.get("durable", {}).get("drain", {})
+    ok = drain.get("ok")
+    add("durable: drain rate", f"≥ {DRAIN_MIN_EV_S:,} ev/s", drain.get("events_per_s") if ok else None,
+        lambda x: x >= DRAIN_MIN_EV_S, lambda x: f"{x:,.0f} ev/s")
+    add("durable: daemon CPU while draining", f"≤ {DRAIN_MAX_CORES:g} core",
+        drain.get("daemon_cores") if ok else None, lambda x: x <= DRAIN_MAX_CORES,
+        lambda x: f"{x:.2f} cores")
+    for mode in PIPELINE_MODES:
+        lat = modes.get(mode, {}).get("latency", {})
+        add(f"{mode}: RSS idle", f"≤ {RSS_IDLE_MAX_MB:g} MB",
+            lat.get("rss_idle_mb") if lat.get("ok") else None, lambda x: x <= RSS_IDLE_MAX_MB,
+            lambda x: f"{x:.1f} MB")
+    add("durable: RSS draining (peak)", f"≤ {RSS_DRAINING_MAX_MB:g} MB",
+        drain.get("rss_draining_mb") if ok else None, lambda x: x <= RSS_DRAINING_MAX_MB,
+        lambda x: f"{x:.1f} MB")
+    return out
+
+
+def render_pipeline(result: dict) -> list[str]:
+    pl = result.get("pipeline")
+    if pl is None:
+        return []
+    lines = ["", "## Pipeline: post-save's daemon end to end", ""]
+    if pl.get("skipped"):
+        return lines + [f"Skipped: {pl['skipped']}"]
+    lines += [
+        f"Latency: trigger `at` (clock_timestamp(), before the commit) → the handler's log line, "
+        f"at {pl['rate']:,} events/s offered by pgbench (`-R {pl['rate']} -c {pl['clients']}`, "
+        f"single-row INSERTs, {pl['latency_seconds']} s); it includes the commit's WAL flush. "
+        f"Drain: {pl['backlog_events']:,} durable events written while the daemon was stopped, "
+        f"timed from the daemon's start until none is pending. CPU: the daemon's own "
+        f"(utime + stime). RSS idle: after {IDLE_S:g} s on an empty ledger; draining: peak "
+        f"(VmHWM).",
+        "",
+        "| mode | latency p50 / p99 / p99.9 ms | events | drain ev/s | CPU s / 10k ev "
+        "| RSS idle MB | RSS draining MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in PIPELINE_MODES:
+        m = pl["modes"].get(mode)
+        if m is None:
+            continue
+        lat, drain = m.get("latency", {}), m.get("drain")
+        if lat.get("ok"):
+            lat_cell = f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} / {lat['p999_ms']:.2f}"
+            n_cell = f"{lat['handled']:,}"
+            if lat.get("lost"):
+                n_cell += f" ({lat['lost']:,} lost)"
+            idle = f"{lat['rss_idle_mb']:.1f}" if lat.get("rss_idle_mb") is not None else "—"
+        else:
+            lat_cell, n_cell, idle = "failed", "—", "—"
+        if drain is None:  # notify: at most once, nothing is kept while the daemon is down
+            d_rate, d_cpu, d_rss = "n/a (no backlog)", "n/a", "n/a"
+        elif drain.get("ok"):
+            d_rate = f"{drain['events_per_s']:,.0f}"
+            d_cpu = f"{drain['daemon_cpu_s_per_10k']:.3f} ({drain['daemon_cores']:.2f} cores)"
+            d_rss = f"{drain['rss_draining_mb']:.1f}"
+        else:
+            d_rate = d_cpu = d_rss = "failed"
+        lines.append(f"| {mode} | {lat_cell} | {n_cell} | {d_rate} | {d_cpu} | {idle} | {d_rss} |")
+    extra = []
+    for mode in PIPELINE_MODES:
+        lat = pl["modes"].get(mode, {}).get("latency", {})
+        if lat.get("ok"):
+            extra.append(
+                f"* {mode}, latency run: max {lat['max_ms']:.1f} ms, {lat['over_10ms']} of "
+                f"{lat['handled']:,} events over 10 ms; pgbench achieved {lat['tps']:,.0f} TPS "
+                f"(schedule lag avg {lat['schedule_lag_avg_ms'] or 0:.1f} ms, max "
+                f"{lat['schedule_lag_max_ms'] or 0:.1f} ms); daemon CPU "
+                f"{lat.get('daemon_cpu_s_per_10k', 0):.2f} s / 10k ev at this rate, peak RSS "
+                f"{lat['rss_load_peak_mb']} MB; other processes took {lat['cpu_other_s']} CPU s "
+                f"of {lat['wall_all_s'] * (result['machine'].get('nproc') or 1):.1f}.")
+            if lat["tps"] and lat["tps"] < 0.95 * pl["rate"]:
+                extra.append(
+                    f"  **pgbench reached only {lat['tps']:,.0f} of the {pl['rate']:,} events/s "
+                    f"offered**: its {pl['clients']} clients each wait for their commit's WAL "
+                    f"flush (and, on a busy machine, for CPU) and fell behind the schedule, then "
+                    f"ran flat out to catch up: the load was not the fixed rate asked for.")
+    drain = pl["modes"].get("durable", {}).get("drain", {})
+    if drain.get("ok"):
+        extra.append(
+            f"* durable, drain: backlog written in {drain['backlog_write_s']} s; "
+            f"{drain['events']:,} events in {drain['drain_s']:.2f} s; the whole machine was busy "
+            f"{drain['machine_busy_cpu_s']} CPU s meanwhile (PostgreSQL included), other "
+            f"processes {drain['cpu_other_s']} CPU s.")
+    if extra:
+        lines += [""] + extra
+    return lines
+
+
+def render_targets(result: dict) -> list[str]:
+    targets = result.get("targets", [])
+    lines: list[str] = []
+    if any(t["met"] is not None for t in targets):
+        lines += ["", "## Targets of issue #4 (for reference)", ""]
+        if result.get("quick"):
+            lines += ["`--quick`: seconds-long runs on a shared machine; the marks are printed, "
+                      "never enforced.", ""]
+        lines += ["| figure | target | measured | |", "|---|---|---|---|"]
+        for t in targets:
+            mark = {True: "met", False: "**missed**", None: "—"}[t["met"]]
+            lines.append(f"| {t['figure']} | {t['target']} | {t['shown']} | {mark} |")
+    return lines
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -970,18 +1580,46 @@ def render_markdown(result: dict, arms: list[Arm], workloads: list[Workload]) ->
     fs_txt = (f"{fs['usecs_per_op']} µs/op ({fs['ops_per_sec']:,.0f} ops/s)"
               if "usecs_per_op" in fs else "n/a")
     agg = {(a["workload"], a["arm"]): a for a in result["aggregates"]}
+    capture = "capture" in result.get("phases", PHASES)
+    title = "Capture cost" + (" and post-save pipeline" if result.get("pipeline") else "")
+    run_line = f"`{' '.join(['bench/run', *result['argv']])}`"
+    if capture:
+        run_line += (f" · {result['rounds']} round(s) × {result['seconds']} s per measurement "
+                     f"· arms alternate within each round")
     lines = [
-        f"# Capture cost, {result['started_utc']}",
+        f"# {title}, {result['started_utc']}",
         "",
-        f"`{' '.join(['bench/run', *result['argv']])}` · {result['rounds']} round(s) × "
-        f"{result['seconds']} s per measurement · arms alternate within each round",
+        run_line,
         "",
         f"Machine: {mi.get('nproc')} CPUs ({mi.get('cpu_model', '?')}), "
         f"{mi.get('mem_total_gib', '?')} GiB RAM, PostgreSQL {mi.get('postgres_version')}, "
         f"fdatasync {fs_txt}; fsync=on, synchronous_commit=on, full_page_writes=on, "
         f"wal_level=logical, shared_buffers={mi.get('pg_settings', {}).get('shared_buffers', '?')}.",
-        "",
-        interference(result),
+    ]
+    if capture:
+        lines += ["", interference(result)]
+        lines += render_capture(result, arms, workloads, agg)
+    lines += render_pipeline(result)
+    lines += render_targets(result)
+    if result["skipped"]:
+        lines += ["", "## Skipped", ""]
+        lines += [f"* `{s['arm']}`: {s['reason']}" for s in result["skipped"]]
+    if result["failures"]:
+        lines += ["", "## Failures", ""]
+        for f in result["failures"]:
+            err = f["error"].replace("\n", " ⏎ ")
+            if f.get("phase") == "pipeline":
+                lines.append(f"* pipeline, {f['step']}: {err}")
+            else:
+                lines.append(f"* workload {f['workload']}, `{f['arm']}`, round {f['round']}: "
+                             f"{err}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_capture(result: dict, arms: list[Arm], workloads: list[Workload],
+                   agg: dict) -> list[str]:
+    lines = [
         "",
         "## Ratio to `plain` (mean over rounds; min–max in brackets)",
         "",
@@ -1036,16 +1674,7 @@ def render_markdown(result: dict, arms: list[Arm], workloads: list[Workload]) ->
                 else:
                     cells.append("—")
             lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
-    if result["skipped"]:
-        lines += ["", "## Skipped", ""]
-        lines += [f"* `{s['arm']}`: {s['reason']}" for s in result["skipped"]]
-    if result["failures"]:
-        lines += ["", "## Failures", ""]
-        for f in result["failures"]:
-            err = f["error"].replace("\n", " ⏎ ")
-            lines.append(f"* workload {f['workload']}, `{f['arm']}`, round {f['round']}: {err}")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1074,8 +1703,10 @@ def main(argv: list[str]) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
 
-    wanted = set(args.arm_names)
-    if wanted & {"postsave_notify", "postsave_durable"}:
+    do_capture = "capture" in args.phase_names
+    do_pipeline = "pipeline" in args.phase_names
+    wanted = set(args.arm_names) if do_capture else set()
+    if do_pipeline or wanted & {"postsave_notify", "postsave_durable"}:
         build_postsave(env, args)
     machine = machine_info(cluster)
 
@@ -1096,7 +1727,7 @@ def main(argv: list[str]) -> int:
     records: list[dict] = []
     total = len(workloads) * args.rounds * len(arms)
     n = 0
-    for wl in workloads:
+    for wl in workloads if arms else []:
         for rnd in range(1, args.rounds + 1):
             # rotate by one per round: every arm changes position, and consecutive measurements
             # of the same arm always have the other arms between them
@@ -1111,15 +1742,23 @@ def main(argv: list[str]) -> int:
                 else:
                     log(f"[{n}/{total}] {wl.key} r{rnd} {arm.name:<17} FAILED: {rec['error']}")
 
+    # the pipeline phase: after the capture arms, on the same cluster
+    pipeline = run_pipeline(env, args, scratch) if do_pipeline else None
+
     failures = [{k: r.get(k) for k in ("workload", "arm", "round", "error")}
                 for r in records if not r.get("ok")]
     if args.require_postsave:
         failures += [{"workload": "-", "arm": s["arm"], "round": "-", "error": s["reason"]}
                      for s in skipped]
+    if pipeline is not None:
+        failures += [{"phase": "pipeline", **f} for f in pipeline["failures"]]
+        if pipeline["skipped"] and args.require_postsave:
+            failures.append({"phase": "pipeline", "step": "all", "error": pipeline["skipped"]})
     result = {
         "started_utc": started.strftime("%Y-%m-%d %H:%M:%SZ"),
         "argv": argv,
         "quick": args.quick,
+        "phases": args.phase_names,
         "rounds": args.rounds,
         "seconds": args.seconds,
         "machine": machine,
@@ -1132,6 +1771,9 @@ def main(argv: list[str]) -> int:
         "measurements": records,
         "aggregates": aggregate(records, arms, workloads),
     }
+    if pipeline is not None:
+        result["pipeline"] = pipeline
+    result["targets"] = evaluate_targets(result)
     md = render_markdown(result, arms, workloads)
 
     out = args.out
@@ -1147,6 +1789,14 @@ def main(argv: list[str]) -> int:
     if failures:
         log(f"{len(failures)} measurement(s) failed; exit 1")
         return 1
+    missed = [t for t in result["targets"] if t["met"] is False]
+    if missed:
+        names = "; ".join(f"{t['figure']} {t['shown']} (target {t['target']})" for t in missed)
+        if args.quick:
+            log(f"{len(missed)} target(s) missed (not enforced with --quick): {names}")
+        else:
+            log(f"{len(missed)} target(s) of issue #4 missed; exit 3: {names}")
+            return 3
     return 0
 
 
