@@ -4,15 +4,19 @@
 
 CREATE SCHEMA IF NOT EXISTS post_save;
 
--- One row per captured save of a table in `durable` mode. `payload` is the event JSON of
--- DESIGN.md without its `id` (the id is this row's key). `handled_at` is set when every handler
--- the event was routed to has finished (successfully, or by giving up into dead_letter).
+-- The ledger: one row per captured statement of a table in `durable` mode (chunks of at most
+-- 1000 rows for bigger statements). `head` holds what the statement's events share (raw, txid,
+-- at, actor, origin); `rows` is a JSON array with one [pk, instance, old, update_fields] per
+-- saved row. Ids step by 1000: the events of ledger row N have ids N, N+1, …, so an event id is
+-- unique, increases in commit order for one row, and names its ledger row. `handled_at` is set
+-- when every handler of every event in the row has finished (done, or dead in dead_letter).
 CREATE TABLE post_save.event (
-    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint      GENERATED ALWAYS AS IDENTITY (START WITH 1 INCREMENT BY 1000) PRIMARY KEY,
     sender      text        NOT NULL,
     op          text        NOT NULL,
-    payload     json        NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    n           integer     NOT NULL,
+    head        json        NOT NULL,
+    rows        json        NOT NULL,
     handled_at  timestamptz
 );
 

@@ -117,7 +117,7 @@ impl Default for DaemonConfig {
             fetch_batch: 1_000,
             idle_poll: Duration::from_millis(250),
             busy_poll: Duration::from_millis(1),
-            doorbell_rate: 2_000,
+            doorbell_rate: 200,
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DaemonConfig;
 use crate::event::SaveEvent;
 use crate::handler::{Delivery, Failure, HandlerError};
-use crate::ledger::{self, DeadLetter};
+use crate::ledger::{self, DeadLetter, LedgerRow};
 use crate::registry::Route;
 use crate::stats::Stats;
 
@@ -61,22 +61,18 @@ impl InFlight {
         self.state.lock().map(|s| s.epoch).unwrap_or(0)
     }
 
-    /// Claims the ids of `events` read by a fetch that started at `epoch`; returns the events
-    /// newly claimed and the number already known.
-    pub(crate) fn claim(&self, epoch: u64, events: Vec<SaveEvent>) -> (Vec<SaveEvent>, usize) {
-        let Ok(mut s) = self.state.lock() else { return (Vec::new(), events.len()) };
+    /// Claims the ledger rows read by a fetch that started at `epoch`; returns the rows newly
+    /// claimed and the number of events already known.
+    pub(crate) fn claim(&self, epoch: u64, rows: Vec<LedgerRow>) -> (Vec<LedgerRow>, usize) {
+        let Ok(mut s) = self.state.lock() else { return (Vec::new(), rows.iter().map(|r| r.events.len()).sum()) };
         s.acked.retain(|_, at| *at >= epoch);
         let mut known = 0;
-        let mut fresh = Vec::with_capacity(events.len());
-        for event in events {
-            let Some(id) = event.id else {
-                fresh.push(event);
-                continue;
-            };
-            if s.acked.contains_key(&id) || !s.pending.insert(id) {
-                known += 1;
+        let mut fresh = Vec::with_capacity(rows.len());
+        for row in rows {
+            if s.acked.contains_key(&row.id) || !s.pending.insert(row.id) {
+                known += row.events.len();
             } else {
-                fresh.push(event);
+                fresh.push(row);
             }
         }
         (fresh, known)

@@ -141,15 +141,63 @@ pub fn decode_notice(payload: &str) -> Result<Notice, DecodeError> {
     event_from_map(map).map(|e| Notice::Event(Box::new(e)))
 }
 
-/// Decodes the payload of a ledger row (the event without its id).
-pub fn decode_ledger_row(id: i64, payload: &str) -> Result<SaveEvent, DecodeError> {
-    let value: Value = serde_json::from_str(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let Value::Object(map) = value else {
-        return Err(DecodeError::NotAnEvent("not a JSON object".into()));
-    };
-    let mut event = event_from_map(map)?;
-    event.id = Some(id);
-    Ok(event)
+/// What the events of one captured statement share (the ledger's `head` column).
+#[derive(Deserialize)]
+struct Head {
+    raw: bool,
+    txid: i64,
+    at: String,
+    actor: Actor,
+    #[serde(default)]
+    origin: Option<String>,
+}
+
+/// One saved row of a ledger row: `[pk, instance, old, update_fields]`.
+type Item = (Map<String, Value>, Value, Value, Option<Vec<String>>);
+
+/// Decodes a ledger row — the events of one captured statement — into its events, whose ids are
+/// `id`, `id + 1`, … in `rows` order. `using` is the database name.
+pub fn decode_ledger_row(
+    id: i64,
+    sender: &str,
+    op: &str,
+    head: &str,
+    rows: &str,
+    using: &str,
+) -> Result<Vec<SaveEvent>, DecodeError> {
+    let op: Op =
+        serde_json::from_value(Value::String(op.to_owned())).map_err(|e| DecodeError::NotAnEvent(e.to_string()))?;
+    let head: Head = serde_json::from_str(head).map_err(|e| DecodeError::NotAnEvent(format!("head: {e}")))?;
+    let items: Vec<Item> = serde_json::from_str(rows).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+    let signal = if op == Op::Delete { Signal::PostDelete } else { Signal::PostSave };
+    let mut events = Vec::with_capacity(items.len());
+    for (pos, (mut pk, mut instance, mut old, update_fields)) in items.into_iter().enumerate() {
+        if pk.is_empty() {
+            return Err(DecodeError::NotAnEvent("empty pk".into()));
+        }
+        pk.values_mut().for_each(exact_numbers);
+        exact_numbers(&mut instance);
+        exact_numbers(&mut old);
+        events.push(SaveEvent {
+            id: Some(id + i64::try_from(pos).unwrap_or(i64::MAX - id)),
+            signal,
+            sender: sender.to_owned(),
+            op,
+            created: op == Op::Insert,
+            pk,
+            instance,
+            old,
+            update_fields,
+            raw: head.raw,
+            using: using.to_owned(),
+            txid: head.txid,
+            at: head.at.clone(),
+            actor: head.actor.clone(),
+            origin: head.origin.clone(),
+            reread: false,
+        });
+    }
+    Ok(events)
 }
 
 fn event_from_map(map: Map<String, Value>) -> Result<SaveEvent, DecodeError> {
@@ -283,9 +331,23 @@ mod tests {
     }
 
     #[test]
-    fn ledger_rows_get_their_id() {
-        let e = decode_ledger_row(9, INSERT).unwrap();
-        assert_eq!(e.id, Some(9));
-        assert!(e.to_json().starts_with("{\"id\":9,"));
+    fn ledger_rows_expand_into_events() {
+        let head = r#"{"raw" : false, "txid" : 7, "at" : "2026-11-25T02:17:22.59878+00:00", "actor" : {"role" : "app", "application_name" : "psql", "client_addr" : null, "pid" : 1, "actor" : "user:1"}, "origin" : null}"#;
+        let rows = r#"[[{"id":1},{"id":1,"q":2},{"id":1,"q":1},["q"]], [{"id":2},{"id":2,"q":99999999999999999999},null,["q"]]]"#;
+        let events = decode_ledger_row(1001, "public.t", "update", head, rows, "shop").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].id, Some(1001));
+        assert_eq!(events[1].id, Some(1002));
+        assert_eq!(events[0].signal, Signal::PostSave);
+        assert!(!events[0].created);
+        assert_eq!(events[0].old["q"], 1);
+        assert_eq!(events[1].instance["q"], "99999999999999999999");
+        assert_eq!(events[1].update_fields.as_deref(), Some(&["q".to_owned()][..]));
+        assert_eq!(events[0].actor.actor.as_deref(), Some("user:1"));
+        assert_eq!(events[0].using, "shop");
+        assert!(events[0].to_json().starts_with("{\"id\":1001,"));
+        assert!(decode_ledger_row(1, "public.t", "upsert", head, rows, "shop").is_err());
+        assert!(decode_ledger_row(1, "public.t", "insert", "{}", rows, "shop").is_err());
+        assert!(decode_ledger_row(1, "public.t", "insert", head, "[[{}, {}, null, null]]", "shop").is_err());
     }
 }

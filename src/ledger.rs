@@ -22,10 +22,10 @@ pub(crate) struct BadRow {
     pub error: DecodeError,
 }
 
-const FETCH_NEW: &str = "SELECT id, payload::text FROM post_save.event \
+const FETCH_NEW: &str = "SELECT id, sender, op, head::text, rows::text FROM post_save.event \
      WHERE handled_at IS NULL AND (id > $1 OR id = ANY($2)) ORDER BY id LIMIT $3";
 
-const FETCH_PENDING: &str = "SELECT id, payload::text FROM post_save.event \
+const FETCH_PENDING: &str = "SELECT id, sender, op, head::text, rows::text FROM post_save.event \
      WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
 
 const WRITE_OUTCOMES: &str = "WITH dead AS ( \
@@ -35,15 +35,23 @@ const WRITE_OUTCOMES: &str = "WITH dead AS ( \
      ) \
      UPDATE post_save.event SET handled_at = clock_timestamp() WHERE id = ANY($7) AND handled_at IS NULL";
 
-/// Up to `limit` pending events with ids above `after` or among `gaps`, in id order.
+/// The events of one ledger row (one captured statement, or a chunk of one).
+#[derive(Debug)]
+pub(crate) struct LedgerRow {
+    pub id: i64,
+    pub events: Vec<SaveEvent>,
+}
+
+/// Up to `limit` pending ledger rows with ids above `after` or among `gaps`, in id order.
 pub(crate) async fn fetch_new(
     client: &Client,
     after: i64,
     gaps: &[i64],
     limit: i64,
-) -> Result<(Vec<SaveEvent>, Vec<BadRow>), tokio_postgres::Error> {
+    using: &str,
+) -> Result<(Vec<LedgerRow>, Vec<BadRow>), tokio_postgres::Error> {
     let rows = client.query(FETCH_NEW, &[&after, &gaps, &limit]).await?;
-    Ok(decode_rows(rows))
+    Ok(decode_rows(rows, using))
 }
 
 /// Rings (armed) or silences the doorbell: whether durable captures NOTIFY.
@@ -51,30 +59,30 @@ pub(crate) async fn set_doorbell(client: &Client, armed: bool) -> Result<(), tok
     client.query_one("SELECT setval('post_save.doorbell', $1, true)", &[&i64::from(armed)]).await.map(drop)
 }
 
-/// Up to `limit` pending events with ids above `after`, in id order.
+/// Up to `limit` pending ledger rows with ids above `after`, in id order.
 pub(crate) async fn fetch_pending(
     client: &Client,
     after: i64,
     limit: i64,
-) -> Result<(Vec<SaveEvent>, Vec<BadRow>, Option<i64>), tokio_postgres::Error> {
+    using: &str,
+) -> Result<(Vec<LedgerRow>, Vec<BadRow>, Option<i64>), tokio_postgres::Error> {
     let rows = client.query(FETCH_PENDING, &[&after, &limit]).await?;
     let last = rows.last().map(|r| r.get::<_, i64>(0));
-    let (events, bad) = decode_rows(rows);
+    let (events, bad) = decode_rows(rows, using);
     Ok((events, bad, last))
 }
 
-fn decode_rows(rows: Vec<tokio_postgres::Row>) -> (Vec<SaveEvent>, Vec<BadRow>) {
-    let mut events = Vec::with_capacity(rows.len());
+fn decode_rows(rows: Vec<tokio_postgres::Row>, using: &str) -> (Vec<LedgerRow>, Vec<BadRow>) {
+    let mut out = Vec::with_capacity(rows.len());
     let mut bad = Vec::new();
     for row in rows {
         let id: i64 = row.get(0);
-        let payload: &str = row.get(1);
-        match decode_ledger_row(id, payload) {
-            Ok(e) => events.push(e),
+        match decode_ledger_row(id, row.get(1), row.get(2), row.get(3), row.get(4), using) {
+            Ok(events) => out.push(LedgerRow { id, events }),
             Err(error) => bad.push(BadRow { id, error }),
         }
     }
-    (events, bad)
+    (out, bad)
 }
 
 /// Records dead letters and acknowledges events, in one statement (so one commit).

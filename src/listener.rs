@@ -20,10 +20,11 @@ use crate::daemon::State;
 use crate::db::{self, CHANNEL, DbError};
 use crate::delivery::{InFlight, Outcome};
 use crate::event::{Notice, SaveEvent, decode_notice};
-use crate::ledger::{self, BadRow, DeadLetter};
+use crate::ledger::{self, BadRow, DeadLetter, LedgerRow};
 use crate::name::{TableName, quote_ident};
 use crate::router::Router;
 use crate::stats::Stats;
+use crate::triggers::CHUNK;
 
 /// Notifications buffered between the connection and the listener loop; when full, the
 /// connection stops being read and the rest wait in PostgreSQL's queue.
@@ -40,10 +41,11 @@ const GAP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_GAPS: usize = 10_000;
 
 /// Where the live fetch stands: the highest ledger id seen, and the ids below it not seen yet.
-#[derive(Default)]
 struct Cursor {
     after: i64,
     gaps: BTreeMap<i64, Instant>,
+    /// The database name, the events' `using`.
+    using: String,
 }
 
 impl Cursor {
@@ -52,10 +54,12 @@ impl Cursor {
         if id <= self.after {
             return;
         }
-        // At the first fetch of a session everything below is history, not gaps.
-        if self.after > 0 && self.gaps.len() + usize::try_from(id - self.after - 1).unwrap_or(usize::MAX) <= MAX_GAPS {
+        // Ledger ids step by CHUNK. At the first fetch of a session everything below is
+        // history, not gaps.
+        let missing = usize::try_from((id - self.after) / CHUNK - 1).unwrap_or(usize::MAX);
+        if self.after > 0 && self.gaps.len().saturating_add(missing) <= MAX_GAPS {
             let now = Instant::now();
-            self.gaps.extend((self.after + 1..id).map(|g| (g, now)));
+            self.gaps.extend((1..=missing as i64).map(|k| (self.after + k * CHUNK, now)));
         }
         self.after = id;
     }
@@ -177,7 +181,9 @@ impl Listener {
         let work = Arc::new(work);
         self.work_client.send_replace(Some(Arc::clone(&work)));
         // LISTEN is on; now everything unacknowledged, then live.
-        let mut cursor = Cursor::default();
+        let using: String =
+            work.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
+        let mut cursor = Cursor { after: 0, gaps: BTreeMap::new(), using };
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
             tracing::info!(events = caught_up, "caught up on pending ledger events");
@@ -253,13 +259,14 @@ impl Listener {
             cursor.expire();
             let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
             let epoch = self.in_flight.epoch();
-            let (events, bad) = ledger::fetch_new(work, cursor.after, &gaps, limit).await.map_err(DbError::Query)?;
-            let page = events.len() + bad.len();
-            for id in bad.iter().map(|r| r.id).chain(events.iter().filter_map(|e| e.id)) {
+            let (rows, bad) =
+                ledger::fetch_new(work, cursor.after, &gaps, limit, &cursor.using).await.map_err(DbError::Query)?;
+            let page = rows.len() + bad.len();
+            for id in bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)) {
                 cursor.saw(id);
             }
             self.reject_rows(bad);
-            match self.admit(epoch, events).await {
+            match self.admit(epoch, rows).await {
                 Some(n) => total += n,
                 None => return Ok(total),
             }
@@ -277,11 +284,11 @@ impl Listener {
         let mut found = 0usize;
         while after < cursor.after {
             let epoch = self.in_flight.epoch();
-            let (events, bad, last) = ledger::fetch_pending(work, after, limit).await.map_err(DbError::Query)?;
-            let page = events.len() + bad.len();
+            let (rows, bad, last) =
+                ledger::fetch_pending(work, after, limit, &cursor.using).await.map_err(DbError::Query)?;
+            let page = rows.len() + bad.len();
             self.reject_rows(bad);
-            let passed: Vec<SaveEvent> =
-                events.into_iter().filter(|e| e.id.is_some_and(|id| id <= cursor.after)).collect();
+            let passed: Vec<LedgerRow> = rows.into_iter().filter(|r| r.id <= cursor.after).collect();
             match self.admit(epoch, passed).await {
                 Some(n) => found += n,
                 None => return Ok(()),
@@ -297,29 +304,32 @@ impl Listener {
         Ok(())
     }
 
-    /// Claims the events of a fetch that started at `epoch` — at once, before any wait — and
-    /// dispatches the newly claimed ones. Returns how many were dispatched, or `None` when
-    /// stopping (the claimed events not dispatched are handed back).
-    async fn admit(&self, epoch: u64, events: Vec<SaveEvent>) -> Option<usize> {
-        let (fresh, known) = self.in_flight.claim(epoch, events);
+    /// Claims the ledger rows of a fetch that started at `epoch` — at once, before any wait —
+    /// and dispatches the newly claimed ones. Returns how many events were dispatched, or `None`
+    /// when stopping (the claimed rows not dispatched are handed back).
+    async fn admit(&self, epoch: u64, rows: Vec<LedgerRow>) -> Option<usize> {
+        let (fresh, known) = self.in_flight.claim(epoch, rows);
         self.stats.duplicates.fetch_add(known as u64, std::sync::atomic::Ordering::Relaxed);
-        let count = fresh.len();
+        let mut count = 0;
         let mut fresh = fresh.into_iter();
-        while let Some(event) = fresh.next() {
-            let Some(permit) = self.permit().await else {
-                for id in std::iter::once(event).chain(fresh).filter_map(|e| e.id) {
+        while let Some(row) = fresh.next() {
+            let Some(permit) = self.permits(row.events.len()).await else {
+                for id in std::iter::once(row.id).chain(fresh.map(|r| r.id)) {
                     let _ = self.outcomes.send(Outcome::HandedBack(id));
                 }
                 return None;
             };
-            self.router.dispatch(event, permit);
+            count += row.events.len();
+            self.router.dispatch(Some(row.id), row.events, permit);
         }
         Some(count)
     }
 
-    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+    /// `n` in-flight permits (at most all of them), or `None` when stopping.
+    async fn permits(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n.clamp(1, self.config.daemon.max_in_flight.max(1))).unwrap_or(u32::MAX);
         tokio::select! {
-            p = Arc::clone(&self.permits).acquire_owned() => p.ok(),
+            p = Arc::clone(&self.permits).acquire_many_owned(n) => p.ok(),
             () = self.stop.cancelled() => None,
         }
     }
@@ -343,8 +353,8 @@ impl Listener {
             }
             crate::event::exact_numbers(&mut event.instance);
         }
-        if let Some(permit) = self.permit().await {
-            self.router.dispatch(event, permit);
+        if let Some(permit) = self.permits(1).await {
+            self.router.dispatch(None, vec![event], permit);
         }
         Ok(())
     }

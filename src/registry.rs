@@ -246,14 +246,12 @@ impl From<&Receiver> for HandlerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode_ledger_row;
-
     fn event(op: &str, fields: &str) -> SaveEvent {
         let created = op == "insert";
         let payload = format!(
-            r#"{{"instance":{{"id":1}},"signal":"post_save","sender":"public.t","op":"{op}","created":{created},"pk":{{"id":1}},"update_fields":{fields},"raw":false,"using":"db","txid":1,"at":"x","actor":{{"role":"r","pid":1}}}}"#
+            r#"{{"id":1,"instance":{{"id":1}},"signal":"post_save","sender":"public.t","op":"{op}","created":{created},"pk":{{"id":1}},"update_fields":{fields},"raw":false,"using":"db","txid":1,"at":"x","actor":{{"role":"r","pid":1}}}}"#
         );
-        decode_ledger_row(1, &payload).unwrap()
+        serde_json::from_str(&payload).unwrap()
     }
 
     #[test]

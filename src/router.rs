@@ -24,7 +24,8 @@ struct Job {
     done: Arc<Completion>,
 }
 
-/// Tracks the handlers of one event; reports the event's outcome when the last one ends.
+/// Tracks the deliveries of one ledger row's events (or of one notify-mode event); reports the
+/// row's outcome when the last one ends.
 struct Completion {
     remaining: AtomicUsize,
     handed_back: AtomicBool,
@@ -78,31 +79,43 @@ impl Router {
         })
     }
 
-    /// Queues `event` on the lanes of every handler that accepts it. `permit` is held until
-    /// all of them finish.
-    pub(crate) fn dispatch(self: &Arc<Self>, event: SaveEvent, permit: OwnedSemaphorePermit) {
-        Stats::bump(&self.stats.events);
-        let routes = self.registry.matching(&event);
-        if routes.is_empty() {
-            if let Some(id) = event.id {
+    /// Queues each event on the lanes of every handler that accepts it. `ledger_id` names the
+    /// ledger row the events came from (acknowledged when all of them are done); `permit` is
+    /// held until then.
+    pub(crate) fn dispatch(
+        self: &Arc<Self>,
+        ledger_id: Option<i64>,
+        events: Vec<SaveEvent>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let mut jobs = Vec::new();
+        for event in events {
+            Stats::bump(&self.stats.events);
+            let routes = self.registry.matching(&event);
+            if routes.is_empty() {
+                tracing::debug!(sender = %event.sender, id = ?event.id, "no handler for event");
+                continue;
+            }
+            let event = Arc::new(event);
+            jobs.extend(routes.into_iter().map(|r| (r, Arc::clone(&event))));
+        }
+        if jobs.is_empty() {
+            if let Some(id) = ledger_id {
                 let _ = self.outcomes.send(Outcome::Done(id));
             }
-            tracing::debug!(sender = %event.sender, id = ?event.id, "no handler for event");
             return;
         }
-        let row = event.row_key();
         let done = Arc::new(Completion {
-            remaining: AtomicUsize::new(routes.len()),
+            remaining: AtomicUsize::new(jobs.len()),
             handed_back: AtomicBool::new(false),
-            id: event.id,
+            id: ledger_id,
             outcomes: self.outcomes.clone(),
             _permit: permit,
         });
-        let event = Arc::new(event);
         let Ok(mut lanes) = self.lanes.lock() else { return };
-        for route in routes {
-            let key = (route, row.clone());
-            let job = Job { event: Arc::clone(&event), done: Arc::clone(&done) };
+        for (route, event) in jobs {
+            let key = (route, event.row_key());
+            let job = Job { event, done: Arc::clone(&done) };
             match lanes.get_mut(&key) {
                 Some(queue) => insert_in_order(queue, job),
                 None => {

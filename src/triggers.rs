@@ -25,6 +25,9 @@ pub const TRIGGERS: [(&str, &str); 3] =
 /// json_build_object takes at most 100 arguments: 50 columns.
 const MAX_BUILD_COLUMNS: usize = 50;
 
+/// Most rows of one statement in one ledger row (ledger ids step by this much).
+pub const CHUNK: i64 = 1000;
+
 /// A difference between the database and the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drift {
@@ -237,11 +240,15 @@ impl Generator<'_> {
         let instance = self.instance(row);
         match self.watch.mode {
             Mode::Durable => format!(
-                "        INSERT INTO post_save.event (sender, op, payload)\n        \
-                 SELECT {sender}, '{name}', json_build_object('instance', {instance}, 'old', {old},\n                \
-                 {head})\n          FROM {source}{filter};\n        \
+                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
+                 SELECT {sender}, '{name}', count(*), v_head, json_agg(e.item)\n          \
+                 FROM (SELECT json_build_array({pk}, {instance}, {old}, {changed}) AS item,\n                       \
+                 (row_number() OVER () - 1) / {CHUNK} AS chunk\n                  \
+                 FROM {source}{filter}) e\n         \
+                 GROUP BY e.chunk;\n        \
                  GET DIAGNOSTICS v_rows = ROW_COUNT;",
                 sender = self.sender,
+                pk = self.pk(row),
             ),
             Mode::Notify => format!(
                 "        PERFORM pg_notify('post_save', e.note)\n           \

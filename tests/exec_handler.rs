@@ -537,9 +537,10 @@ sleep 1
     let stopping = Instant::now();
     daemon.stop().await;
     let took = stopping.elapsed();
-    // The running program finishes (grace 10 s); the 4 queued events are handed back.
+    // The running program finishes (grace 10 s); the 4 queued events are handed back: their
+    // statement's ledger row (all 5 events) stays pending, delivered again after a restart.
     assert_eq!(lines(&out.join("runs")).len(), 1, "programs started after stop: {:?}", lines(&out.join("runs")));
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL").await, 4);
+    assert_eq!(query_i64(&db, "SELECT sum(n) FROM post_save.event WHERE handled_at IS NULL").await, 5);
     assert!(took < Duration::from_secs(3), "stop took {took:?}");
 }
 
@@ -555,9 +556,10 @@ async fn a_catch_up_never_dispatches_an_acknowledged_event_again() {
                 [[watch]]\ntable = \"public.shop_order\"\n";
     let cfg = config(text);
     install(&db, &cfg).await;
-    db.psql_ok("SELECT setval(pg_get_serial_sequence('post_save.event', 'id'), 100)");
+    // Ledger ids step by 1000: the next statement's row (and event) id is 101000.
+    db.psql_ok("SELECT setval(pg_get_serial_sequence('post_save.event', 'id'), 100000)");
     // A handler that holds the events in `held` until the test lets them go.
-    let held: Arc<Mutex<HashSet<i64>>> = Arc::new(Mutex::new(HashSet::from([101, 50, 51])));
+    let held: Arc<Mutex<HashSet<i64>>> = Arc::new(Mutex::new(HashSet::from([101_000, 50_000, 51_000])));
     let calls: Arc<Mutex<Vec<i64>>> = Arc::default();
     let mut registry = post_save::Registry::from_config(&cfg);
     let (gate, record) = (Arc::clone(&held), Arc::clone(&calls));
@@ -581,12 +583,13 @@ async fn a_catch_up_never_dispatches_an_acknowledged_event_again() {
 
     // Event 101 arrives by notification and holds the only in-flight permit.
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'a')");
-    eventually("event 101 to run", called(101)).await;
+    eventually("event 101000 to run", called(101_000)).await;
     // Events 50 and 51 of other rows whose notifications were missed: only a catch-up finds them.
     db.psql_ok(
-        "INSERT INTO post_save.event (id, sender, op, payload) OVERRIDING SYSTEM VALUE \
-         SELECT 50 + g, sender, op, (payload::jsonb || jsonb_build_object('pk', jsonb_build_object('id', 10 + g)))::json \
-         FROM post_save.event, generate_series(0, 1) g WHERE id = 101",
+        "INSERT INTO post_save.event (id, sender, op, n, head, rows) OVERRIDING SYSTEM VALUE \
+         SELECT 50000 + g * 1000, sender, op, n, head, \
+                json_build_array(json_build_array(json_build_object('id', 10 + g), rows->0->1, rows->0->2, rows->0->3)) \
+         FROM post_save.event, generate_series(0, 1) g WHERE id = 101000",
     );
     // The LISTEN connection drops; the new session's catch-up reads [50, 51, 101] and waits
     // for a permit for 50 (101 is still running).
@@ -607,7 +610,7 @@ async fn a_catch_up_never_dispatches_an_acknowledged_event_again() {
         let fetched: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> ALL($1) \
-                 AND query LIKE 'SELECT id, payload::text FROM post_save.event WHERE handled_at IS NULL%'",
+                 AND query LIKE 'SELECT id, sender, op, head::text, rows::text FROM post_save.event WHERE handled_at IS NULL%'",
                 &[&before],
             )
             .await
@@ -620,17 +623,21 @@ async fn a_catch_up_never_dispatches_an_acknowledged_event_again() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // 101 finishes and is acknowledged while the catch-up walks its page.
-    held.lock().unwrap().remove(&101);
-    eventually("event 50 to run", called(50)).await;
-    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE id = 101 AND handled_at IS NOT NULL", 1).await;
+    held.lock().unwrap().remove(&101_000);
+    eventually("event 50 to run", called(50_000)).await;
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE id = 101000 AND handled_at IS NOT NULL", 1).await;
     eventually("the acknowledgement of 101", || (daemon.stats.snapshot().acked >= 1).then_some(())).await;
-    held.lock().unwrap().remove(&50);
-    eventually("event 51 to run", called(51)).await;
-    held.lock().unwrap().remove(&51);
+    held.lock().unwrap().remove(&50_000);
+    eventually("event 51 to run", called(51_000)).await;
+    held.lock().unwrap().remove(&51_000);
     // A new save is consumed only after the catch-up: once it ran, the page is through.
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'probe')");
-    eventually("the probe event 102 to run", called(102)).await;
+    eventually("the probe event 102 to run", called(102_000)).await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
-    assert_eq!(*calls.lock().unwrap(), [101, 50, 51, 102], "an acknowledged event was dispatched again");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [101_000, 50_000, 51_000, 102_000],
+        "an acknowledged event was dispatched again"
+    );
     daemon.stop().await;
 }
