@@ -529,7 +529,7 @@ def postsave_ready(ctx: Ctx) -> bool:
 
 # Durable mode: one ledger row per row written (statement-level trigger; an UPDATE row that
 # changes nothing writes none, but every workload changes a column).
-POSTSAVE_CAPTURED_SQL = "select count(*) from post_save.event"
+POSTSAVE_CAPTURED_SQL = "select coalesce(sum(n), 0) from post_save.event"
 POSTSAVE_PENDING_SQL = "select count(*) from post_save.event where handled_at is null"
 
 

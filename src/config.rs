@@ -113,11 +113,11 @@ impl Default for DaemonConfig {
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             ack_batch: 1_000,
-            ack_interval: Duration::from_millis(5),
+            ack_interval: Duration::from_millis(20),
             fetch_batch: 1_000,
             idle_poll: Duration::from_millis(250),
-            busy_poll: Duration::from_millis(1),
-            doorbell_rate: 200,
+            busy_poll: Duration::from_millis(2),
+            doorbell_rate: 2_000,
         }
     }
 }

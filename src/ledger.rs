@@ -54,6 +54,19 @@ pub(crate) async fn fetch_new(
     Ok(decode_rows(rows, using))
 }
 
+/// Backends of this database waiting for the lock every notifying commit takes: commits are
+/// queueing behind NOTIFY.
+pub(crate) async fn notify_lock_waiters(client: &Client) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE wait_event_type = 'Lock' AND wait_event = 'object' AND datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Rings (armed) or silences the doorbell: whether durable captures NOTIFY.
 pub(crate) async fn set_doorbell(client: &Client, armed: bool) -> Result<(), tokio_postgres::Error> {
     client.query_one("SELECT setval('post_save.doorbell', $1, true)", &[&i64::from(armed)]).await.map(drop)

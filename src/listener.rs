@@ -70,9 +70,11 @@ impl Cursor {
     }
 }
 
-/// The doorbell: armed (durable captures NOTIFY) while events arrive slower than
-/// `daemon.doorbell_rate`; silenced while faster, when the daemon polls every `busy_poll`
-/// instead and most commits carry no NOTIFY.
+/// The doorbell: armed (durable captures NOTIFY) while the daemon waits idle; silenced while it
+/// is busy, when it polls the ledger every `busy_poll` instead and most commits carry no NOTIFY.
+/// Busy means: more than `daemon.doorbell_rate` events per second, or commits queueing for
+/// NOTIFY's lock (with a slow disk that happens well below any fixed rate, and the queue itself
+/// keeps the rate down). It is armed again below a quarter of the rate.
 struct Bell {
     armed: bool,
     high: f64,
@@ -82,6 +84,12 @@ struct Bell {
 
 /// The rate is measured over windows this long.
 const RATE_WINDOW: Duration = Duration::from_millis(200);
+
+/// Below this rate NOTIFY's lock is not worth looking at.
+const LOCK_CHECK_RATE: f64 = 100.0;
+
+/// This many writers queueing for NOTIFY's lock silence the doorbell.
+const LOCK_WAITERS: i64 = 2;
 
 impl Bell {
     fn new(config: &Config) -> Self {
@@ -94,8 +102,7 @@ impl Bell {
         Ok(())
     }
 
-    /// Counts `got` events; at the end of each window, silences the bell above the high rate
-    /// and arms it again below a quarter of it.
+    /// Counts `got` events; at the end of each window, decides whether to ring or poll.
     async fn observe(&mut self, work: &Client, got: usize) -> Result<(), SessionError> {
         self.window_events += got;
         let elapsed = self.window_start.elapsed();
@@ -105,11 +112,16 @@ impl Bell {
         let rate = self.window_events as f64 / elapsed.as_secs_f64();
         self.window_start = Instant::now();
         self.window_events = 0;
-        if self.armed && rate > self.high {
-            ledger::set_doorbell(work, false).await.map_err(DbError::Query)?;
-            self.armed = false;
-            tracing::debug!(rate, "busy: polling the ledger; captures stop notifying");
-        } else if !self.armed && rate < self.high / 4.0 {
+        if self.armed {
+            let busy = rate > self.high
+                || rate > LOCK_CHECK_RATE
+                    && ledger::notify_lock_waiters(work).await.map_err(DbError::Query)? >= LOCK_WAITERS;
+            if busy {
+                ledger::set_doorbell(work, false).await.map_err(DbError::Query)?;
+                self.armed = false;
+                tracing::debug!(rate, "busy: polling the ledger; captures stop notifying");
+            }
+        } else if rate < self.high / 4.0 {
             self.arm(work).await?;
             tracing::debug!(rate, "idle: captures notify again");
         }

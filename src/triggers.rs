@@ -148,9 +148,12 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
     let ops = watch.operations;
     let branch = |on: bool, body: String| if on { body } else { "        NULL;".to_owned() };
     let wake = match watch.mode {
-        Mode::Durable => "    IF v_rows > 0 AND (SELECT last_value FROM post_save.doorbell) > 0 THEN\n        \
+        // A function call, not a query: PL/pgSQL evaluates it without starting an executor.
+        Mode::Durable => {
+            "    IF v_rows > 0 AND pg_sequence_last_value('post_save.doorbell'::regclass) > 0 THEN\n        \
                           PERFORM pg_notify('post_save', '{\"wake\":\"ledger\"}');\n    END IF;"
-            .to_owned(),
+                .to_owned()
+        }
         Mode::Notify => String::new(),
     };
     TEMPLATE

@@ -309,3 +309,54 @@ async fn writers_need_no_rights_on_the_ledger() {
     daemon.stop().await;
     db.psql_ok(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doorbell_is_silenced_while_busy_and_rung_again_when_idle() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config(
+        "[daemon]\nsweep_interval = \"1h\"\ndoorbell_rate = 100\nbusy_poll = \"2ms\"\n\
+         [[watch]]\ntable = \"public.shop_order\"\n",
+    );
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    let watcher = db.client().await;
+    let bell = || async {
+        watcher.query_one("SELECT last_value FROM post_save.doorbell", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    assert_eq!(bell().await, 1, "armed once listening");
+    // Saves faster than doorbell_rate, one transaction each: the daemon silences the bell.
+    let writer = db.client().await;
+    let writing = tokio::spawn(async move {
+        for i in 0..3000 {
+            writer
+                .execute("INSERT INTO shop_order (user_id, product) VALUES ($1, 'busy')", &[&i64::from(i)])
+                .await
+                .unwrap();
+        }
+    });
+    let mut silenced = false;
+    while !writing.is_finished() {
+        if bell().await == 0 {
+            silenced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writing.await.unwrap();
+    assert!(silenced, "the doorbell stayed armed under load");
+    // Every save still arrives (by polling), and once idle the bell rings again.
+    let events = daemon.take(3000).await;
+    assert_eq!(
+        events.iter().map(|e| e.pk["id"].as_i64().unwrap()).collect::<std::collections::HashSet<_>>().len(),
+        3000
+    );
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while bell().await != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the doorbell was not armed again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'after the rush')");
+    assert_eq!(daemon.next().await.instance["product"], "after the rush");
+    daemon.stop().await;
+}
