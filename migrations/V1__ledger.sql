@@ -20,6 +20,17 @@ CREATE TABLE post_save.event (
     handled_at  timestamptz
 );
 
+-- lz4 (where the server was built with it) compresses faster than pglz, and keeps a 100-row
+-- statement's rows (about 14 kB of JSON) under 2 kB, inline rather than in TOAST.
+DO $$
+BEGIN
+    ALTER TABLE post_save.event ALTER COLUMN rows SET COMPRESSION lz4;
+    ALTER TABLE post_save.event ALTER COLUMN head SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported OR invalid_parameter_value OR syntax_error THEN
+    RAISE NOTICE 'post_save: lz4 compression unavailable; the ledger uses the default';
+END
+$$;
+
 -- The daemon's catch-up scans only what is still pending.
 CREATE INDEX event_pending_idx ON post_save.event (id) WHERE handled_at IS NULL;
 

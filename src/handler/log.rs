@@ -71,6 +71,10 @@ impl LogHandler {
 #[async_trait]
 impl Handler for LogHandler {
     async fn handle(&self, event: &SaveEvent, delivery: &Delivery) -> Result<(), HandlerError> {
+        if !level_enabled(self.options.level) {
+            // Filtered out (RUST_LOG): nothing to build.
+            return Ok(());
+        }
         let Ok(Value::Object(all)) = serde_json::to_value(event) else {
             return Err(HandlerError::permanent("event does not serialize"));
         };
@@ -87,5 +91,15 @@ impl Handler for LogHandler {
             tracing::Level::ERROR => tracing::error!(handler, sender, event = %fields, "save event"),
         }
         Ok(())
+    }
+}
+
+fn level_enabled(level: tracing::Level) -> bool {
+    match level {
+        tracing::Level::TRACE => tracing::enabled!(tracing::Level::TRACE),
+        tracing::Level::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
+        tracing::Level::INFO => tracing::enabled!(tracing::Level::INFO),
+        tracing::Level::WARN => tracing::enabled!(tracing::Level::WARN),
+        tracing::Level::ERROR => tracing::enabled!(tracing::Level::ERROR),
     }
 }
