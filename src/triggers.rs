@@ -182,13 +182,12 @@ pub fn trigger_ddl(watch: &Watch, shape: &TableShape) -> String {
         if !on {
             continue;
         }
-        let referencing = match *op {
-            "insert" => "NEW TABLE AS post_save_new",
-            "update" => "OLD TABLE AS post_save_old NEW TABLE AS post_save_new",
-            _ => "OLD TABLE AS post_save_old",
+        let level = match *op {
+            "insert" => " REFERENCING NEW TABLE AS post_save_new\n    FOR EACH STATEMENT",
+            _ => "\n    FOR EACH ROW",
         };
         sql.push_str(&format!(
-            "CREATE TRIGGER {name} AFTER {} ON {table} REFERENCING {referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+            "CREATE TRIGGER {name} AFTER {} ON {table}{level} EXECUTE FUNCTION {function}();\n\
              ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name};\n",
             op.to_uppercase()
         ));
@@ -215,95 +214,117 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
-    /// One IF branch: capture the statement's rows of `op`.
+    /// One IF branch: capture the rows of `op`.
     fn branch(&self, op: Op) -> String {
+        match op {
+            Op::Insert => self.statement_insert(),
+            Op::Update | Op::Delete => self.row_branch(op),
+        }
+    }
+
+    /// The pairs of the event JSON other than its row images.
+    fn head(&self, op: Op, pk: &str, changed: &str) -> String {
         let (name, signal, created) = match op {
             Op::Insert => ("insert", "post_save", "true"),
             Op::Update => ("update", "post_save", "false"),
             Op::Delete => ("delete", "post_delete", "false"),
         };
-        let row = if op == Op::Delete { "o" } else { "n" };
-        let (source, changed, filter) = match op {
-            Op::Insert => ("post_save_new n".to_owned(), "NULL::text[]".to_owned(), String::new()),
-            Op::Delete => ("post_save_old o".to_owned(), "NULL::text[]".to_owned(), String::new()),
-            Op::Update => self.update_source(),
-        };
-        let old = if op == Op::Update && self.watch.include_old {
-            format!("CASE WHEN o.{} IS NULL THEN NULL ELSE {} END", quote_ident(&self.shape.pk[0]), self.instance("o"))
-        } else {
-            "NULL::json".to_owned()
-        };
-        let head = format!(
+        format!(
             "'signal', '{signal}', 'sender', {sender}, 'op', '{name}', 'created', {created},\n                \
              'pk', {pk}, 'update_fields', {changed}, 'raw', v_raw, 'using', v_db, 'txid', v_txid,\n                \
              'at', v_at, 'actor', v_actor, 'origin', v_origin",
             sender = self.sender,
-            pk = self.pk(row),
-        );
-        let instance = self.instance(row);
+        )
+    }
+
+    /// INSERT, per statement: every new row, set-based.
+    fn statement_insert(&self) -> String {
+        let instance = self.instance("n");
+        let pk = self.pk("n");
         match self.watch.mode {
             Mode::Durable => format!(
                 "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
-                 SELECT {sender}, '{name}', count(*), v_head, json_agg(e.item)\n          \
-                 FROM (SELECT json_build_array({pk}, {instance}, {old}, {changed}) AS item,\n                       \
+                 SELECT {sender}, 'insert', count(*), v_head, json_agg(e.item)\n          \
+                 FROM (SELECT json_build_array({pk}, {instance}, NULL::json, NULL::text[]) AS item,\n                       \
                  (row_number() OVER () - 1) / {CHUNK} AS chunk\n                  \
-                 FROM {source}{filter}) e\n         \
+                 FROM post_save_new n) e\n         \
                  GROUP BY e.chunk;\n        \
                  GET DIAGNOSTICS v_rows = ROW_COUNT;",
                 sender = self.sender,
-                pk = self.pk(row),
             ),
             Mode::Notify => format!(
                 "        PERFORM pg_notify('post_save', e.note)\n           \
                  FROM (SELECT CASE WHEN octet_length(r.full_note) < 8000 THEN r.full_note ELSE r.ref_note END AS note\n                   \
-                 FROM (SELECT '{{\"instance\":' || coalesce(q.inst::text, 'null') || ',\"old\":' || coalesce(q.old::text, 'null')\n                                \
-                 || ',' || substr(q.head::text, 2) AS full_note,\n                                \
+                 FROM (SELECT '{{\"instance\":' || coalesce(q.inst::text, 'null') || ',\"old\":null,' || substr(q.head::text, 2) AS full_note,\n                                \
                  '{{\"reread\":true,' || substr(q.head::text, 2) AS ref_note\n                           \
-                 FROM (SELECT {instance} AS inst, {old} AS old, json_build_object(\n                \
-                 {head}) AS head\n          FROM {source}{filter}) q) r) e\n          \
-                 WHERE octet_length(e.note) < 8000;"
+                 FROM (SELECT {instance} AS inst, json_build_object(\n                \
+                 {head}) AS head\n          FROM post_save_new n) q) r) e\n          \
+                 WHERE octet_length(e.note) < 8000;",
+                head = self.head(Op::Insert, &pk, "NULL::text[]"),
             ),
         }
     }
 
-    /// For UPDATE: new rows joined to old rows by primary key, their changed columns, and the
-    /// filter that drops no-op updates (and updates of no watched column).
-    fn update_source(&self) -> (String, String, String) {
-        let join: Vec<String> = self
-            .shape
-            .pk
-            .iter()
-            .map(|c| {
-                let q = quote_ident(c);
-                format!("n.{q} = o.{q}")
-            })
-            .collect();
-        let diff: Vec<String> = self
-            .shape
-            .columns
-            .iter()
-            .map(|c| {
-                let q = quote_ident(&c.name);
-                let cast = if c.text_compare { "::text" } else { "" };
-                format!("CASE WHEN n.{q}{cast} IS DISTINCT FROM o.{q}{cast} THEN {} END", quote_literal(&c.name))
-            })
-            .collect();
-        let all: Vec<String> = self.shape.columns.iter().map(|c| quote_literal(&c.name)).collect();
-        let pk0 = quote_ident(&self.shape.pk[0]);
-        let source = format!(
-            "post_save_new n\n          LEFT JOIN post_save_old o ON {}\n          \
-             CROSS JOIN LATERAL (SELECT CASE WHEN o.{pk0} IS NULL THEN ARRAY[{}]::text[]\n                              \
-             ELSE array_remove(ARRAY[{}]::text[], NULL) END AS changed) d",
-            join.join(" AND "),
-            all.join(", "),
-            diff.join(",\n                                                   "),
-        );
-        let mut filter = "\n         WHERE cardinality(d.changed) > 0".to_owned();
-        if !self.watch.columns.is_empty() {
-            let watched: Vec<String> = self.watch.columns.iter().map(|c| quote_literal(c)).collect();
-            filter.push_str(&format!(" AND d.changed && ARRAY[{}]::text[]", watched.join(", ")));
+    /// UPDATE or DELETE, per row: NEW and OLD.
+    fn row_branch(&self, op: Op) -> String {
+        let mut sql = String::new();
+        let row = if op == Op::Delete { "OLD" } else { "NEW" };
+        let changed = if op == Op::Update { "v_changed" } else { "NULL::text[]" };
+        if op == Op::Update {
+            let diff: Vec<String> = self
+                .shape
+                .columns
+                .iter()
+                .map(|c| {
+                    let q = quote_ident(&c.name);
+                    let cast = if c.text_compare { "::text" } else { "" };
+                    format!(
+                        "CASE WHEN NEW.{q}{cast} IS DISTINCT FROM OLD.{q}{cast} THEN {} END",
+                        quote_literal(&c.name)
+                    )
+                })
+                .collect();
+            sql.push_str(&format!(
+                "        v_changed := array_remove(ARRAY[{}]::text[], NULL);\n",
+                diff.join(",\n                                          ")
+            ));
+            // No change, or none of the watched columns: no event.
+            let mut quiet = "cardinality(v_changed) = 0".to_owned();
+            if !self.watch.columns.is_empty() {
+                let watched: Vec<String> = self.watch.columns.iter().map(|c| quote_literal(c)).collect();
+                quiet.push_str(&format!(" OR NOT (v_changed && ARRAY[{}]::text[])", watched.join(", ")));
+            }
+            sql.push_str(&format!("        IF {quiet} THEN\n            RETURN NULL;\n        END IF;\n"));
         }
-        (source, "d.changed".to_owned(), filter)
+        let old =
+            if op == Op::Update && self.watch.include_old { self.instance("OLD") } else { "NULL::json".to_owned() };
+        let instance = self.instance(row);
+        let pk = self.pk(row);
+        let name = if op == Op::Delete { "delete" } else { "update" };
+        match self.watch.mode {
+            Mode::Durable => sql.push_str(&format!(
+                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
+                 VALUES ({sender}, '{name}', 1, v_head,\n                \
+                 json_build_array(json_build_array({pk}, {instance}, {old}, {changed})));\n        \
+                 v_rows := 1;",
+                sender = self.sender,
+            )),
+            Mode::Notify => {
+                let head = self.head(op, &pk, changed);
+                sql.push_str(&format!(
+                    "        v_note := json_build_object(\n                {head})::text;\n        \
+                     IF octet_length(v_note) + octet_length(coalesce({instance}::text, '')) + octet_length(coalesce({old}::text, '')) < 7950 THEN\n            \
+                     v_note := '{{\"instance\":' || coalesce({instance}::text, 'null') || ',\"old\":' || coalesce({old}::text, 'null') || ',' || substr(v_note, 2);\n        \
+                     ELSE\n            \
+                     v_note := '{{\"reread\":true,' || substr(v_note, 2);\n        \
+                     END IF;\n        \
+                     IF octet_length(v_note) < 8000 THEN\n            \
+                     PERFORM pg_notify('post_save', v_note);\n        \
+                     END IF;"
+                ));
+            }
+        }
+        sql
     }
 
     /// The row as JSON, redacted columns left out.
