@@ -107,7 +107,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
-            max_in_flight: 10_000,
+            max_in_flight: 4_000,
             shutdown_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(250),
