@@ -102,6 +102,10 @@ pub struct DaemonConfig {
     /// Events per second above which the daemon silences the doorbell and polls instead, so
     /// writers' commits stop taking NOTIFY's cluster-wide lock; armed again below a quarter.
     pub doorbell_rate: usize,
+    /// Acknowledged ledger rows older than this are deleted (checked every minute, or every
+    /// `keep_handled` when shorter).
+    #[serde(with = "humantime_serde")]
+    pub keep_handled: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -118,6 +122,7 @@ impl Default for DaemonConfig {
             idle_poll: Duration::from_millis(250),
             busy_poll: Duration::from_millis(2),
             doorbell_rate: 2_000,
+            keep_handled: Duration::from_secs(24 * 3600),
         }
     }
 }

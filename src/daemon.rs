@@ -147,6 +147,7 @@ impl Daemon {
             stop.clone(),
             abort.clone(),
         );
+        let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
         let listener = Listener {
             pg: self.pg.clone(),
             config: Arc::clone(&self.config),
@@ -191,8 +192,35 @@ impl Daemon {
             give_up_later.cancel();
         });
         let _ = writer.await;
+        let _ = retention.await;
         self.state.send_replace(State::Stopped);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
+/// when shorter), on a connection of its own so a long DELETE never delays the listener.
+async fn keep_ledger_small(pg: tokio_postgres::Config, keep: Duration, stop: CancellationToken) {
+    let every = keep.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut from = 0i64;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let result = async {
+            let (client, task) = db::connect(&pg).await?;
+            let deleted = crate::ledger::delete_handled(&client, keep, &mut from).await.map_err(DbError::Query);
+            drop(client);
+            task.abort();
+            deleted
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "removed acknowledged ledger rows"),
+            Err(e) => tracing::warn!(error = %e, "ledger retention failed; will retry"),
+        }
     }
 }

@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DaemonConfig;
 use crate::event::SaveEvent;
 use crate::handler::{Delivery, Failure, HandlerError};
-use crate::ledger::{self, DeadLetter, LedgerRow};
+use crate::ledger::{self, DeadLetter, LedgerRow, Work};
 use crate::registry::Route;
 use crate::stats::Stats;
 
@@ -174,7 +173,7 @@ async fn attempt_once(route: &Route, event: &SaveEvent, delivery: &Delivery) -> 
 /// ledger and is delivered again: at least once.
 pub(crate) async fn write_outcomes(
     mut rx: mpsc::UnboundedReceiver<Outcome>,
-    mut client: watch::Receiver<Option<Arc<Client>>>,
+    mut client: watch::Receiver<Option<Arc<Work>>>,
     in_flight: Arc<InFlight>,
     config: DaemonConfig,
     stats: Arc<Stats>,
@@ -219,7 +218,7 @@ fn sort(outcome: Outcome, dead: &mut Vec<DeadLetter>, acks: &mut Vec<i64>, back:
 }
 
 async fn write_batch(
-    client: &mut watch::Receiver<Option<Arc<Client>>>,
+    client: &mut watch::Receiver<Option<Arc<Work>>>,
     dead: &[DeadLetter],
     acks: &[i64],
     give_up: &CancellationToken,

@@ -20,7 +20,7 @@ use crate::daemon::State;
 use crate::db::{self, CHANNEL, DbError};
 use crate::delivery::{InFlight, Outcome};
 use crate::event::{Notice, SaveEvent, decode_notice};
-use crate::ledger::{self, BadRow, DeadLetter, LedgerRow};
+use crate::ledger::{self, BadRow, DeadLetter, LedgerRow, Work};
 use crate::name::{TableName, quote_ident};
 use crate::router::Router;
 use crate::stats::Stats;
@@ -96,14 +96,14 @@ impl Bell {
         Bell { armed: false, high: config.daemon.doorbell_rate as f64, window_start: Instant::now(), window_events: 0 }
     }
 
-    async fn arm(&mut self, work: &Client) -> Result<(), SessionError> {
-        ledger::set_doorbell(work, true).await.map_err(DbError::Query)?;
+    async fn arm(&mut self, work: &Work) -> Result<(), SessionError> {
+        ledger::set_doorbell(&work.client, true).await.map_err(DbError::Query)?;
         self.armed = true;
         Ok(())
     }
 
     /// Counts `got` events; at the end of each window, decides whether to ring or poll.
-    async fn observe(&mut self, work: &Client, got: usize) -> Result<(), SessionError> {
+    async fn observe(&mut self, work: &Work, got: usize) -> Result<(), SessionError> {
         self.window_events += got;
         let elapsed = self.window_start.elapsed();
         if elapsed < RATE_WINDOW {
@@ -115,9 +115,9 @@ impl Bell {
         if self.armed {
             let busy = rate > self.high
                 || rate > LOCK_CHECK_RATE
-                    && ledger::notify_lock_waiters(work).await.map_err(DbError::Query)? >= LOCK_WAITERS;
+                    && ledger::notify_lock_waiters(&work.client).await.map_err(DbError::Query)? >= LOCK_WAITERS;
             if busy {
-                ledger::set_doorbell(work, false).await.map_err(DbError::Query)?;
+                ledger::set_doorbell(&work.client, false).await.map_err(DbError::Query)?;
                 self.armed = false;
                 tracing::debug!(rate, "busy: polling the ledger; captures stop notifying");
             }
@@ -137,7 +137,7 @@ pub(crate) struct Listener {
     pub in_flight: Arc<InFlight>,
     pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
-    pub work_client: watch::Sender<Option<Arc<Client>>>,
+    pub work_client: watch::Sender<Option<Arc<Work>>>,
     pub outcomes: mpsc::UnboundedSender<Outcome>,
     pub state: watch::Sender<State>,
     pub stop: CancellationToken,
@@ -190,11 +190,11 @@ impl Listener {
     async fn session(&self, attempt: &mut u32) -> Result<(), SessionError> {
         let (_listen_client, mut notices, _listen_task) = open_listener(&self.pg).await?;
         let (work, mut work_task) = db::connect(&self.pg).await?;
-        let work = Arc::new(work);
+        let work = Arc::new(Work::new(work).await.map_err(DbError::Query)?);
         self.work_client.send_replace(Some(Arc::clone(&work)));
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
-            work.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
+            work.client.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
         let mut cursor = Cursor { after: 0, gaps: BTreeMap::new(), using };
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
@@ -215,7 +215,7 @@ impl Listener {
                 biased;
                 () = self.stop.cancelled() => {
                     // Nobody will listen: spare writers the NOTIFY until the next start.
-                    let silence = ledger::set_doorbell(&work, false);
+                    let silence = ledger::set_doorbell(&work.client, false);
                     let _ = tokio::time::timeout(Duration::from_secs(1), silence).await;
                     return Ok(());
                 }
@@ -245,7 +245,7 @@ impl Listener {
     }
 
     /// Handles a batch of notifications; true when one asked to read the ledger.
-    async fn handle_notices(&self, work: &Client, payloads: Vec<String>) -> Result<bool, SessionError> {
+    async fn handle_notices(&self, work: &Work, payloads: Vec<String>) -> Result<bool, SessionError> {
         let mut wake = false;
         for payload in payloads {
             Stats::bump(&self.stats.notifications);
@@ -264,16 +264,15 @@ impl Listener {
 
     /// Dispatches every ledger event past the cursor (and in its gaps), page by page. Returns
     /// how many were dispatched.
-    async fn drain(&self, work: &Client, cursor: &mut Cursor) -> Result<usize, SessionError> {
+    async fn drain(&self, work: &Work, cursor: &mut Cursor) -> Result<usize, SessionError> {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut total = 0;
         loop {
             cursor.expire();
             let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
             let epoch = self.in_flight.epoch();
-            let (rows, bad) =
+            let (rows, bad, more) =
                 ledger::fetch_new(work, cursor.after, &gaps, limit, &cursor.using).await.map_err(DbError::Query)?;
-            let page = rows.len() + bad.len();
             for id in bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)) {
                 cursor.saw(id);
             }
@@ -282,7 +281,7 @@ impl Listener {
                 Some(n) => total += n,
                 None => return Ok(total),
             }
-            if i64::try_from(page).unwrap_or(0) < limit {
+            if !more {
                 return Ok(total);
             }
         }
@@ -290,15 +289,14 @@ impl Listener {
 
     /// Re-reads what the cursor has passed, for events committed too late for their gap to be
     /// remembered (a transaction open longer than the gap timeout).
-    async fn sweep(&self, work: &Client, cursor: &Cursor) -> Result<(), SessionError> {
+    async fn sweep(&self, work: &Work, cursor: &Cursor) -> Result<(), SessionError> {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut after = 0i64;
         let mut found = 0usize;
         while after < cursor.after {
             let epoch = self.in_flight.epoch();
-            let (rows, bad, last) =
+            let (rows, bad, last, more) =
                 ledger::fetch_pending(work, after, limit, &cursor.using).await.map_err(DbError::Query)?;
-            let page = rows.len() + bad.len();
             self.reject_rows(bad);
             let passed: Vec<LedgerRow> = rows.into_iter().filter(|r| r.id <= cursor.after).collect();
             match self.admit(epoch, passed).await {
@@ -306,7 +304,7 @@ impl Listener {
                 None => return Ok(()),
             }
             match last {
-                Some(last) if i64::try_from(page).unwrap_or(0) >= limit => after = last,
+                Some(last) if more => after = last,
                 _ => break,
             }
         }
@@ -346,7 +344,7 @@ impl Listener {
         }
     }
 
-    async fn accept_notify_event(&self, work: &Client, mut event: SaveEvent) -> Result<(), SessionError> {
+    async fn accept_notify_event(&self, work: &Work, mut event: SaveEvent) -> Result<(), SessionError> {
         let watch = TableName::parse(&event.sender)
             .ok()
             .and_then(|t| self.config.watch(&t).cloned())
@@ -418,11 +416,7 @@ async fn open_listener(
 }
 
 /// Re-reads a row too big for its notification, by primary key. `null` when it is gone.
-async fn reread(
-    work: &Client,
-    table: &TableName,
-    event: &SaveEvent,
-) -> Result<serde_json::Value, tokio_postgres::Error> {
+async fn reread(work: &Work, table: &TableName, event: &SaveEvent) -> Result<serde_json::Value, tokio_postgres::Error> {
     if event.op == crate::event::Op::Delete {
         return Ok(serde_json::Value::Null);
     }
@@ -434,7 +428,7 @@ async fn reread(
         pc = cols.iter().map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", "),
     );
     let pk = serde_json::Value::Object(event.pk.clone()).to_string();
-    let row = work.query_opt(&sql, &[&pk]).await?;
+    let row = work.client.query_opt(&sql, &[&pk]).await?;
     Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()).unwrap_or(serde_json::Value::Null))
 }
 

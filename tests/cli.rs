@@ -706,8 +706,10 @@ async fn triggers_handle_quoted_names() {
         .code(0)
         .stdout_has(r#"CREATE TRIGGER "post_save_insert" AFTER INSERT ON "Sales"."Order Items""#)
         .stdout_has(r#"json_build_object('Order Id', NEW."Order Id", 'line', NEW."line")"#)
-        .stdout_has(r#"CREATE TRIGGER "post_save_update" AFTER UPDATE ON "Sales"."Order Items"
-    FOR EACH ROW"#);
+        .stdout_has(
+            r#"CREATE TRIGGER "post_save_update" AFTER UPDATE ON "Sales"."Order Items"
+    FOR EACH ROW"#,
+        );
     let run = against(&db, &config, &["triggers", "check"]);
     run.code(1);
     assert_eq!(drift_lines(&run), ["Sales.Order Items: watched but has no capture trigger"]);

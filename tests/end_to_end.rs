@@ -360,3 +360,21 @@ async fn the_doorbell_is_silenced_while_busy_and_rung_again_when_idle() {
     assert_eq!(daemon.next().await.instance["product"], "after the rush");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn acknowledged_ledger_rows_are_removed_after_keep_handled() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config("[daemon]\nkeep_handled = \"0s\"\n[[watch]]\ntable = \"public.shop_order\"\n");
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'kept briefly' FROM generate_series(1, 50) g");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'single')");
+    daemon.take(51).await;
+    // Handled rows go; the ledger ends empty.
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 0).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'later')");
+    assert_eq!(daemon.next().await.instance["product"], "later");
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 0).await;
+    daemon.stop().await;
+}
