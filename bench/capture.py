@@ -460,6 +460,7 @@ url = "{url}"
 table = "public.shop_order"
 operations = ["insert", "update"]
 mode = "{mode}"
+{watch_extra}
 
 [[handler]]
 name = "{handler_name}"
@@ -478,9 +479,10 @@ POSTSAVE_SETUP_COMMANDS = [["migrate"], ["triggers", "install"]]
 POSTSAVE_RUN_COMMAND = ["run"]
 
 
-def postsave_config(url: str, mode: str, handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER) -> str:
+def postsave_config(url: str, mode: str, handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER,
+                    watch_extra: str = "") -> str:
     return POSTSAVE_CONFIG.format(url=url, mode=mode, handler_name=handler[0],
-                                  handler_options=handler[1])
+                                  handler_options=handler[1], watch_extra=watch_extra)
 
 
 def postsave_argv(ctx: Ctx, sub: list[str], json_log: bool = False) -> list[str]:
@@ -490,10 +492,11 @@ def postsave_argv(ctx: Ctx, sub: list[str], json_log: bool = False) -> list[str]
 
 
 def postsave_install(ctx: Ctx, mode: str,
-                     handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER) -> None:
+                     handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER,
+                     watch_extra: str = "") -> None:
     """Write the config, then `migrate` and `triggers install`."""
     (ctx.dir / "post-save.toml").write_text(postsave_config(ctx.cluster.url(ctx.db), mode,
-                                                            handler))
+                                                            handler, watch_extra))
     for sub in POSTSAVE_SETUP_COMMANDS:
         argv = postsave_argv(ctx, sub)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
@@ -510,9 +513,9 @@ def postsave_env() -> dict:
             if k not in ("RUST_LOG", "POST_SAVE_CONFIG", "POST_SAVE_LOG_FORMAT", "DATABASE_URL")}
 
 
-def postsave_setup(mode: str) -> Callable[[Ctx], None]:
+def postsave_setup(mode: str, watch_extra: str = "") -> Callable[[Ctx], None]:
     def setup(ctx: Ctx) -> None:
-        postsave_install(ctx, mode)
+        postsave_install(ctx, mode, watch_extra=watch_extra)
     return setup
 
 
@@ -578,6 +581,11 @@ ARMS: list[Arm] = [
     Arm("postsave_durable", "post-save, watch mode = \"durable\" (daemon running)",
         setup=postsave_setup("durable"), background=postsave_run_argv, ready=postsave_ready,
         drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
+        available=postsave_available),
+    Arm("postsave_durable_row",
+        "post-save, durable, insert_capture = \"row\" (INSERT captured per row, not per statement)",
+        setup=postsave_setup("durable", 'insert_capture = "row"'), background=postsave_run_argv,
+        ready=postsave_ready, drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
 ]
 
@@ -1802,7 +1810,7 @@ def main(argv: list[str]) -> int:
     do_capture = "capture" in args.phase_names
     do_pipeline = "pipeline" in args.phase_names
     wanted = set(args.arm_names) if do_capture else set()
-    if do_pipeline or wanted & {"postsave_notify", "postsave_durable"}:
+    if do_pipeline or wanted & {"postsave_notify", "postsave_durable", "postsave_durable_row"}:
         build_postsave(env, args)
     machine = machine_info(cluster)
 

@@ -147,6 +147,26 @@ impl Mode {
     }
 }
 
+/// How INSERTs are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InsertCapture {
+    /// Once per statement: a multi-row INSERT is one set-based ledger write (the default).
+    Statement,
+    /// Once per row: cheaper for single-row INSERTs, costlier for multi-row ones.
+    Row,
+}
+
+impl InsertCapture {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InsertCapture::Statement => "statement",
+            InsertCapture::Row => "row",
+        }
+    }
+}
+
 /// Which statements a watch captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Operations {
@@ -175,6 +195,8 @@ pub struct Watch {
     pub include_old: bool,
     /// Primary-key columns, when the table has no primary key constraint to read them from.
     pub pk: Option<Vec<String>>,
+    /// How INSERTs are captured.
+    pub insert_capture: InsertCapture,
 }
 
 /// `post_save` or `post_delete`.
@@ -315,6 +337,8 @@ struct RawWatch {
     include_old: bool,
     #[serde(default)]
     pk: Option<Vec<String>>,
+    #[serde(default)]
+    insert_capture: Option<InsertCapture>,
 }
 
 impl RawWatch {
@@ -353,6 +377,7 @@ impl RawWatch {
             redact: self.redact,
             include_old: self.include_old,
             pk: self.pk,
+            insert_capture: self.insert_capture.unwrap_or(InsertCapture::Statement),
         })
     }
 }

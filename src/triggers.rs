@@ -12,7 +12,7 @@ use std::fmt;
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{Config, Mode, Watch};
+use crate::config::{Config, InsertCapture, Mode, Watch};
 use crate::name::{TableName, array_literal, quote_ident, quote_literal};
 
 /// The template of a table's capture function.
@@ -125,6 +125,7 @@ fn options_line(watch: &Watch, shape: &TableShape) -> String {
         "columns": array_literal(&watch.columns),
         "redact": array_literal(&watch.redact),
         "pk": array_literal(&shape.pk),
+        "insert_capture": watch.insert_capture.as_str(),
     });
     format!("options: {options}")
 }
@@ -135,7 +136,7 @@ fn option_changes(have: &str, want: &str) -> Vec<String> {
         |line: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line).unwrap_or_default();
     let (have, want) = (parse(have), parse(want));
     let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-    ["mode", "include_old", "columns", "redact", "pk"]
+    ["mode", "include_old", "columns", "redact", "pk", "insert_capture"]
         .iter()
         .filter(|k| have.get(**k) != want.get(**k))
         .map(|k| format!("{k}: {} → {}", text(have.get(*k)), text(want.get(*k))))
@@ -182,8 +183,8 @@ pub fn trigger_ddl(watch: &Watch, shape: &TableShape) -> String {
         if !on {
             continue;
         }
-        let level = match *op {
-            "insert" => " REFERENCING NEW TABLE AS post_save_new\n    FOR EACH STATEMENT",
+        let level = match (*op, watch.insert_capture) {
+            ("insert", InsertCapture::Statement) => " REFERENCING NEW TABLE AS post_save_new\n    FOR EACH STATEMENT",
             _ => "\n    FOR EACH ROW",
         };
         sql.push_str(&format!(
@@ -216,9 +217,9 @@ struct Generator<'a> {
 impl Generator<'_> {
     /// One IF branch: capture the rows of `op`.
     fn branch(&self, op: Op) -> String {
-        match op {
-            Op::Insert => self.statement_insert(),
-            Op::Update | Op::Delete => self.row_branch(op),
+        match (op, self.watch.insert_capture) {
+            (Op::Insert, InsertCapture::Statement) => self.statement_insert(),
+            _ => self.row_branch(op),
         }
     }
 
@@ -265,7 +266,7 @@ impl Generator<'_> {
         }
     }
 
-    /// UPDATE or DELETE, per row: NEW and OLD.
+    /// Per row, with NEW and OLD: UPDATE, DELETE, and INSERT when `insert_capture = "row"`.
     fn row_branch(&self, op: Op) -> String {
         let mut sql = String::new();
         let row = if op == Op::Delete { "OLD" } else { "NEW" };
@@ -300,7 +301,11 @@ impl Generator<'_> {
             if op == Op::Update && self.watch.include_old { self.instance("OLD") } else { "NULL::json".to_owned() };
         let instance = self.instance(row);
         let pk = self.pk(row);
-        let name = if op == Op::Delete { "delete" } else { "update" };
+        let name = match op {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        };
         match self.watch.mode {
             Mode::Durable => sql.push_str(&format!(
                 "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \

@@ -378,3 +378,22 @@ async fn acknowledged_ledger_rows_are_removed_after_keep_handled() {
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 0).await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn row_level_insert_capture_writes_one_ledger_row_per_row() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config("[[watch]]\ntable = \"public.shop_order\"\ninsert_capture = \"row\"\n");
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'row ' || g FROM generate_series(1, 3) g");
+    let events = daemon.take(3).await;
+    assert!(events.iter().all(|e| e.created));
+    let mut products: Vec<String> = events.iter().map(|e| e.instance["product"].as_str().unwrap().to_owned()).collect();
+    products.sort();
+    assert_eq!(products, ["row 1", "row 2", "row 3"]);
+    let ledger_rows: i64 =
+        db.client().await.query_one("SELECT count(*) FROM post_save.event", &[]).await.unwrap().get(0);
+    assert_eq!(ledger_rows, 3);
+    daemon.stop().await;
+}
