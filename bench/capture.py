@@ -416,33 +416,86 @@ def logical_argv(ctx: Ctx) -> list[str]:
             "--start", "-o", "format-version=2", "-f", "/dev/null"]
 
 
-def logical_ready(ctx: Ctx) -> bool:
-    return ctx.psql(f"select count(*) from pg_replication_slots "
-                    f"where slot_name = '{SLOT}' and active") == "1"
+# --- floors: what any trigger-based capture with a WAL consumer cannot beat ---------------------
+#
+# Not peers: two reference arms for the capture targets. `trigger_floor` is an empty PL/pgSQL row
+# trigger while a pgoutput slot (empty publication) is read; `emit_floor` is the cheapest trigger
+# capture that keeps the row: row_to_json(NEW) written to WAL only with pg_logical_emit_message
+# (no table, no index, no NOTIFY), read from the same kind of slot.
+
+FLOOR_SLOT = "floor_slot"
+FLOOR_PUBLICATION = "floor_none"
+
+TRIGGER_FLOOR_SQL = """
+create function bench_floor() returns trigger language plpgsql as $$
+begin
+    return null;
+end $$;
+create trigger bench_capture after insert or update on shop_order
+    for each row execute function bench_floor();
+"""
+
+EMIT_FLOOR_SQL = """
+create function bench_floor() returns trigger language plpgsql as $$
+begin
+    perform pg_logical_emit_message(true, 'bench', row_to_json(NEW)::text);
+    return null;
+end $$;
+create trigger bench_capture after insert or update on shop_order
+    for each row execute function bench_floor();
+"""
 
 
-def logical_drained(ctx: Ctx) -> bool:
-    # sent_lsn of the walsender serving the slot: how far decoding has got
-    return ctx.psql(f"""
-        select coalesce(bool_and(r.sent_lsn >= '{ctx.end_lsn}'::pg_lsn), false)
-          from pg_replication_slots s join pg_stat_replication r on r.pid = s.active_pid
-         where s.slot_name = '{SLOT}'
-    """) == "t"
+def floor_setup(sql: str) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        ctx.psql(sql)
+        ctx.psql(f"create publication {FLOOR_PUBLICATION}")
+        ctx.psql(f"select pg_create_logical_replication_slot('{FLOOR_SLOT}', 'pgoutput')")
+    return setup
 
 
-def logical_teardown(ctx: Ctx) -> None:
-    ctx.psql(f"""
-        select pg_terminate_backend(active_pid) from pg_replication_slots
-         where slot_name = '{SLOT}' and active_pid is not null;
-    """)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if ctx.psql(f"select count(*) from pg_replication_slots "
-                    f"where slot_name = '{SLOT}' and active") == "0":
-            break
-        time.sleep(0.1)
-    ctx.psql(f"select pg_drop_replication_slot(slot_name) from pg_replication_slots "
-             f"where slot_name = '{SLOT}'")
+def floor_argv(ctx: Ctx) -> list[str]:
+    return [ctx.cluster.tool("pg_recvlogical"), *ctx.cluster.conn_args(ctx.db), "--slot", FLOOR_SLOT,
+            "--start", "-o", "proto_version=1", "-o", f"publication_names={FLOOR_PUBLICATION}",
+            "-o", "messages=true", "-f", "/dev/null"]
+
+
+def slot_ready(slot: str) -> Callable[[Ctx], bool]:
+    def ready(ctx: Ctx) -> bool:
+        return ctx.psql(f"select count(*) from pg_replication_slots "
+                        f"where slot_name = '{slot}' and active") == "1"
+    return ready
+
+
+def slot_drained(slot: str) -> Callable[[Ctx], bool]:
+    def drained(ctx: Ctx) -> bool:
+        # sent_lsn of the walsender serving the slot: how far decoding has got
+        return ctx.psql(f"""
+            select coalesce(bool_and(r.sent_lsn >= '{ctx.end_lsn}'::pg_lsn), false)
+              from pg_replication_slots s join pg_stat_replication r on r.pid = s.active_pid
+             where s.slot_name = '{slot}'
+        """) == "t"
+    return drained
+
+
+def slot_teardown(slot: str) -> Callable[[Ctx], None]:
+    def teardown(ctx: Ctx) -> None:
+        ctx.psql(f"select pg_terminate_backend(active_pid) from pg_replication_slots "
+                 f"where slot_name = '{slot}' and active_pid is not null")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if ctx.psql(f"select count(*) from pg_replication_slots "
+                        f"where slot_name = '{slot}' and active") == "0":
+                break
+            time.sleep(0.1)
+        ctx.psql(f"select pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                 f"where slot_name = '{slot}'")
+    return teardown
+
+
+logical_ready = slot_ready(SLOT)
+logical_drained = slot_drained(SLOT)
+logical_teardown = slot_teardown(SLOT)
 
 
 # --- post-save ---------------------------------------------------------------------------------
@@ -574,6 +627,17 @@ ARMS: list[Arm] = [
         "(Debezium, Sequin, Supabase)",
         setup=logical_setup, background=logical_argv, ready=logical_ready,
         drained=logical_drained, teardown=logical_teardown, triggers=False),
+    Arm("trigger_floor",
+        "reference, not a peer: an empty PL/pgSQL row trigger while a pgoutput slot is read",
+        setup=floor_setup(TRIGGER_FLOOR_SQL), background=floor_argv,
+        ready=slot_ready(FLOOR_SLOT), drained=slot_drained(FLOOR_SLOT),
+        teardown=slot_teardown(FLOOR_SLOT)),
+    Arm("emit_floor",
+        "reference, not a peer: row trigger writing row_to_json(NEW) to WAL only "
+        "(pg_logical_emit_message), read from a pgoutput slot",
+        setup=floor_setup(EMIT_FLOOR_SQL), background=floor_argv,
+        ready=slot_ready(FLOOR_SLOT), drained=slot_drained(FLOOR_SLOT),
+        teardown=slot_teardown(FLOOR_SLOT)),
     # notify mode is at most once and keeps nothing: no capture count, no catch-up check
     Arm("postsave_notify", "post-save, watch mode = \"notify\" (daemon running)",
         setup=postsave_setup("notify"), background=postsave_run_argv, ready=postsave_ready,
