@@ -125,7 +125,10 @@ pub async fn run(cli: Cli) -> Result<u8> {
 /// Maps an error to the process exit code.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
-        if cause.downcast_ref::<ConfigError>().is_some() || cause.downcast_ref::<BadConnectionString>().is_some() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<BadConnectionString>().is_some()
+            || cause.downcast_ref::<post_save::handler::BuildError>().is_some()
+        {
             return EXIT_CONFIG;
         }
         if let Some(e) = cause.downcast_ref::<DbError>()
@@ -183,7 +186,7 @@ async fn run_daemon(global: &Global) -> Result<u8> {
     let shutdown = shutdown_signal()?;
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
-    let registry = Registry::from_config(&config);
+    let registry = Registry::from_config(&config)?;
     tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
     Daemon::new(config, registry, pg).run(shutdown.cancelled_owned()).await?;
     Ok(0)
@@ -273,7 +276,7 @@ fn trigger_error(e: TriggerError) -> anyhow::Error {
 
 fn list_handlers(global: &Global, json: bool) -> Result<u8> {
     let config = load_config(global)?;
-    let handlers = Registry::from_config(&config).describe();
+    let handlers = Registry::describe_config(&config);
     let mut out = std::io::stdout().lock();
     if json {
         let text = serde_json::to_string_pretty(&handlers).context("encoding JSON")?;

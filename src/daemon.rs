@@ -59,7 +59,7 @@ pub enum DaemonError {
 ///     [[watch]]
 ///     table = "public.shop_order"
 /// "#)?;
-/// let mut registry = Registry::from_config(&config);
+/// let mut registry = Registry::from_config(&config)?;
 /// // The `@receiver(post_save, sender=Order)` of Rust programs:
 /// let orders = TableName::new("public", "shop_order");
 /// registry.register(

@@ -147,7 +147,10 @@ pub(crate) async fn deliver(
             }));
             return Delivered::Dead;
         }
-        let delay = delays.next().unwrap_or(policy.max_backoff);
+        let backoff = delays.next().unwrap_or(policy.max_backoff);
+        // A handler that knows when to come back (HTTP `Retry-After`) sets the wait, up to
+        // the policy's longest backoff.
+        let delay = error.retry_after.map_or(backoff, |d| d.min(policy.max_backoff));
         tracing::warn!(handler = receiver.name(), sender = %event.sender, id = ?event.id, attempt, retry_in = ?delay, error = %error, "handler failed; will retry");
         Stats::bump(&stats.retried);
         tokio::select! {

@@ -76,7 +76,7 @@ async fn demo(conninfo: &str, temporary: bool, shutdown: tokio_util::sync::Cance
     triggers::install(&mut client, &config).await?;
     banner(conninfo, temporary)?;
 
-    let daemon = Daemon::new(config.clone(), Registry::from_config(&config), pg);
+    let daemon = Daemon::new(config.clone(), Registry::from_config(&config)?, pg);
     let mut state = daemon.state();
     tokio::spawn(async move {
         if state.wait_for(|s| matches!(s, State::Listening { .. })).await.is_ok() {

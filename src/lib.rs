@@ -16,7 +16,7 @@
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let config = Config::load("post-save.toml".as_ref())?;
-//!     let mut registry = Registry::from_config(&config);
+//!     let mut registry = Registry::from_config(&config)?;
 //!     let orders = TableName::new("public", "shop_order");
 //!     registry.register(
 //!         Receiver::new("send-confirmation").sender(&orders).created(true),
@@ -40,6 +40,7 @@ pub mod daemon;
 pub mod db;
 mod delivery;
 pub mod event;
+pub mod expr;
 pub mod handler;
 mod ledger;
 mod listener;
@@ -47,6 +48,7 @@ pub mod name;
 pub mod registry;
 mod router;
 pub mod stats;
+pub mod template;
 pub mod triggers;
 
 pub use config::{Config, ConfigError, Mode, Signal};

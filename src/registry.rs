@@ -9,9 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, HandlerConfig, RetryPolicy, Signal};
+use crate::config::{Config, HandlerConfig, MAX_CHAIN_DEPTH, RetryPolicy, Signal};
 use crate::event::{Op, SaveEvent};
+use crate::expr::{EventContext, Expr};
 use crate::handler::Handler;
+use crate::handler::{BuildError, parse_origin};
 use crate::name::TableName;
 
 /// What a handler receives and how it is run: the part of a registration that is not code.
@@ -25,6 +27,8 @@ pub struct Receiver {
     timeout: Duration,
     concurrency: usize,
     retry: RetryPolicy,
+    filter: Option<Expr>,
+    max_depth: u32,
     kind: String,
     target: String,
 }
@@ -41,6 +45,8 @@ impl Receiver {
             timeout: Duration::from_secs(30),
             concurrency: 16,
             retry: RetryPolicy::default(),
+            filter: None,
+            max_depth: 1,
             kind: "rust".into(),
             target: "function".into(),
         }
@@ -88,6 +94,19 @@ impl Receiver {
         self
     }
 
+    /// Only events for which this CEL expression is true (see [`Expr`]).
+    pub fn filter(mut self, filter: Expr) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+
+    /// How deep a chain of saves caused by this handler's own writes may go before they stop
+    /// reaching it; 1 (the default) means it never receives a save it caused.
+    pub fn max_depth(mut self, depth: u32) -> Self {
+        self.max_depth = depth.clamp(1, MAX_CHAIN_DEPTH);
+        self
+    }
+
     fn from_config(h: &HandlerConfig) -> Self {
         Receiver {
             name: h.name.clone(),
@@ -98,6 +117,8 @@ impl Receiver {
             timeout: h.timeout,
             concurrency: h.concurrency,
             retry: h.retry,
+            filter: h.filter.clone(),
+            max_depth: h.max_depth,
             kind: h.kind.name().into(),
             target: h.kind.target(),
         }
@@ -117,9 +138,32 @@ impl Receiver {
         }
         if event.op == Op::Update && !self.columns.is_empty() {
             let changed = event.update_fields.as_deref().unwrap_or_default();
-            return changed.iter().any(|c| self.columns.contains(c));
+            if !changed.iter().any(|c| self.columns.contains(c)) {
+                return false;
+            }
+        }
+        if let Some((origin, depth)) = event.origin.as_deref().and_then(parse_origin) {
+            // The save was caused by a handler's write: stop loops.
+            if depth >= MAX_CHAIN_DEPTH || (origin == self.name && depth >= self.max_depth) {
+                return false;
+            }
         }
         true
+    }
+
+    /// Whether the receiver's filter lets `event` through. A filter that cannot be evaluated
+    /// for this event (a missing field, a type error) is logged and the event is not delivered.
+    pub(crate) fn passes(&self, ctx: Option<&EventContext>) -> bool {
+        let (Some(filter), Some(ctx)) = (&self.filter, ctx) else {
+            return true;
+        };
+        match filter.matches(ctx) {
+            Ok(pass) => pass,
+            Err(e) => {
+                tracing::warn!(handler = %self.name, error = %e, "filter failed; event not delivered to this handler");
+                false
+            }
+        }
     }
 
     /// The receiver's name.
@@ -162,14 +206,21 @@ impl Registry {
         Registry::default()
     }
 
-    /// The handlers of a config.
-    pub fn from_config(config: &Config) -> Self {
+    /// The handlers of a config. Fails when a handler cannot be built (a secret that cannot be
+    /// read); nothing connects anywhere yet.
+    pub fn from_config(config: &Config) -> Result<Self, BuildError> {
         let mut registry = Registry::new();
         for h in &config.handlers {
             // Config validation already rejected duplicate names.
-            let _ = registry.add(Receiver::from_config(h), h.kind.build());
+            let _ = registry.add(Receiver::from_config(h), h.kind.build(&h.name)?);
         }
-        registry
+        Ok(registry)
+    }
+
+    /// What `handlers list` shows for a config, without building the handlers (no secret is
+    /// read).
+    pub fn describe_config(config: &Config) -> Vec<HandlerInfo> {
+        config.handlers.iter().map(|h| HandlerInfo::from(&Receiver::from_config(h))).collect()
     }
 
     /// Registers a handler written in Rust.
@@ -192,7 +243,20 @@ impl Registry {
 
     /// Indexes of the routes `event` goes to.
     pub(crate) fn matching(&self, event: &SaveEvent) -> Vec<usize> {
-        self.routes.iter().enumerate().filter(|(_, r)| r.receiver.accepts(event)).map(|(i, _)| i).collect()
+        let mut ctx = None;
+        let mut out = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.receiver.accepts(event) {
+                continue;
+            }
+            if r.receiver.filter.is_some() && ctx.is_none() {
+                ctx = Some(EventContext::new(event));
+            }
+            if r.receiver.passes(ctx.as_ref()) {
+                out.push(i);
+            }
+        }
+        out
     }
 
     /// A description of every handler, for `handlers list`.
@@ -224,6 +288,8 @@ pub struct HandlerInfo {
     pub concurrency: usize,
     /// Attempts before dead.
     pub max_attempts: u32,
+    /// The CEL filter, if any.
+    pub filter: Option<String>,
 }
 
 impl From<&Receiver> for HandlerInfo {
@@ -239,6 +305,7 @@ impl From<&Receiver> for HandlerInfo {
             timeout: humantime::format_duration(r.timeout).to_string(),
             concurrency: r.concurrency,
             max_attempts: r.retry.attempts,
+            filter: r.filter.as_ref().map(|f| f.source().to_owned()),
         }
     }
 }

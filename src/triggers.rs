@@ -334,14 +334,17 @@ impl Generator<'_> {
 
     /// The row as JSON, redacted columns left out.
     fn instance(&self, alias: &str) -> String {
+        // The whole row of a FROM alias is `alias.*`: a bare `alias` would mean a column of the
+        // same name if the table has one (a transition-table alias `n` and a column `n`).
+        let whole = if alias == "NEW" || alias == "OLD" { alias.to_owned() } else { format!("{alias}.*") };
         let redact = &self.watch.redact;
         if redact.is_empty() {
-            return format!("row_to_json({alias})");
+            return format!("row_to_json({whole})");
         }
         let kept: Vec<&Column> = self.shape.columns.iter().filter(|c| !redact.contains(&c.name)).collect();
         if kept.len() > MAX_BUILD_COLUMNS {
             let gone: Vec<String> = redact.iter().map(|c| quote_literal(c)).collect();
-            return format!("(to_jsonb({alias}) - ARRAY[{}]::text[])::json", gone.join(", "));
+            return format!("(to_jsonb({whole}) - ARRAY[{}]::text[])::json", gone.join(", "));
         }
         let pairs: Vec<String> =
             kept.iter().map(|c| format!("{}, {alias}.{}", quote_literal(&c.name), quote_ident(&c.name))).collect();

@@ -561,7 +561,7 @@ async fn a_catch_up_never_dispatches_an_acknowledged_event_again() {
     // A handler that holds the events in `held` until the test lets them go.
     let held: Arc<Mutex<HashSet<i64>>> = Arc::new(Mutex::new(HashSet::from([101_000, 50_000, 51_000])));
     let calls: Arc<Mutex<Vec<i64>>> = Arc::default();
-    let mut registry = post_save::Registry::from_config(&cfg);
+    let mut registry = post_save::Registry::from_config(&cfg).expect("handlers build");
     let (gate, record) = (Arc::clone(&held), Arc::clone(&calls));
     let handler = handler_fn(move |e: SaveEvent| {
         let (gate, record) = (Arc::clone(&gate), Arc::clone(&record));

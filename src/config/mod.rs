@@ -242,6 +242,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// No handler receives a save caused by a chain of handler writes deeper than this.
+pub const MAX_CHAIN_DEPTH: u32 = 16;
+
 /// One `[[handler]]` entry.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
@@ -261,6 +264,11 @@ pub struct HandlerConfig {
     pub concurrency: usize,
     /// Retries.
     pub retry: RetryPolicy,
+    /// Only events for which this CEL expression is true reach the handler.
+    pub filter: Option<crate::expr::Expr>,
+    /// How deep a chain of saves caused by this handler's own writes may go before they stop
+    /// reaching it (1: never receives the saves it caused).
+    pub max_depth: u32,
     /// The kind and its options.
     pub kind: KindOptions,
 }
@@ -432,10 +440,18 @@ fn parse_handler(s: &mut Section, watches: &[Watch]) -> Result<HandlerConfig, Co
         return Err(s.error("concurrency", "must be at least 1"));
     }
     let retry = parse_retry(s)?;
+    let filter = match s.take::<String>("filter")? {
+        None => None,
+        Some(text) => Some(crate::expr::Expr::compile(&text).map_err(|m| s.error("filter", &m))?),
+    };
+    let max_depth = s.take::<u32>("max_depth")?.unwrap_or(1);
+    if max_depth == 0 || max_depth > MAX_CHAIN_DEPTH {
+        return Err(s.error("max_depth", &format!("must be between 1 and {MAX_CHAIN_DEPTH}")));
+    }
     let kind_name: String = s.require("kind")?;
     let kind = KindOptions::parse(&kind_name, s)?;
     s.finish()?;
-    Ok(HandlerConfig { name, senders, signal, created, columns, timeout, concurrency, retry, kind })
+    Ok(HandlerConfig { name, senders, signal, created, columns, timeout, concurrency, retry, filter, max_depth, kind })
 }
 
 fn parse_retry(s: &mut Section) -> Result<RetryPolicy, ConfigError> {

@@ -30,7 +30,8 @@ impl<'a> Section<'a> {
         Ok(Section::new(src, 0..src.len(), path.to_owned(), table))
     }
 
-    pub(super) fn child(&self, key: &str, table: toml::Table) -> Section<'a> {
+    /// A section over a nested table `key` of this one (errors name `path.key.…`).
+    pub fn child(&self, key: &str, table: toml::Table) -> Section<'a> {
         Section::new(self.src, self.span.clone(), format!("{}.{key}", self.path), table)
     }
 

@@ -51,7 +51,18 @@ pub struct ExecOptions {
 }
 
 impl ExecOptions {
-    pub(super) fn parse(s: &mut Section) -> Result<Self, ConfigError> {
+    /// Where events go, for `handlers list`.
+    pub fn target(&self) -> String {
+        self.command.first().cloned().unwrap_or_default()
+    }
+
+    /// Builds the handler.
+    pub fn build(&self, _name: &str) -> Result<std::sync::Arc<dyn super::Handler>, super::BuildError> {
+        Ok(std::sync::Arc::new(ExecHandler::new(self.clone())))
+    }
+
+    /// Reads the options from the handler's table.
+    pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let command: Vec<String> = s.require("command")?;
         if command.first().is_none_or(|p| p.is_empty()) {
             return Err(s.error("command", "needs at least the program to run"));

@@ -36,7 +36,18 @@ pub struct LogOptions {
 }
 
 impl LogOptions {
-    pub(super) fn parse(s: &mut Section) -> Result<Self, ConfigError> {
+    /// Where events go, for `handlers list`.
+    pub fn target(&self) -> String {
+        format!("log at {}", self.level)
+    }
+
+    /// Builds the handler.
+    pub fn build(&self, _name: &str) -> Result<std::sync::Arc<dyn super::Handler>, super::BuildError> {
+        Ok(std::sync::Arc::new(LogHandler::new(self.clone())))
+    }
+
+    /// Reads the options from the handler's table.
+    pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let level = match s.take::<String>("level")? {
             None => tracing::Level::INFO,
             Some(text) => text.parse().map_err(|_| {

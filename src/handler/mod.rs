@@ -4,8 +4,22 @@
 //! [`Handler`]. Handlers only report what happened; the dispatcher owns timeouts, retries and
 //! dead letters.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "celery")]
+pub mod celery;
+#[cfg(feature = "email")]
+pub mod email;
 pub mod exec;
 pub mod log;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "sql")]
+pub mod sql;
+#[cfg(feature = "webhook")]
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,22 +69,31 @@ pub struct HandlerError {
     /// The underlying error, if any.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// When to try again, if the handler knows better than the backoff (HTTP `Retry-After`).
+    /// Capped at the retry policy's `max_backoff`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl HandlerError {
     /// A transient failure.
     pub fn retry(message: impl Into<String>) -> Self {
-        HandlerError { failure: Failure::Retry, message: message.into(), source: None }
+        HandlerError { failure: Failure::Retry, message: message.into(), source: None, retry_after: None }
     }
 
     /// A failed attempt.
     pub fn failed(message: impl Into<String>) -> Self {
-        HandlerError { failure: Failure::Failed, message: message.into(), source: None }
+        HandlerError { failure: Failure::Failed, message: message.into(), source: None, retry_after: None }
     }
 
     /// A failure that no retry can fix.
     pub fn permanent(message: impl Into<String>) -> Self {
-        HandlerError { failure: Failure::Permanent, message: message.into(), source: None }
+        HandlerError { failure: Failure::Permanent, message: message.into(), source: None, retry_after: None }
+    }
+
+    /// Asks for the next attempt after `delay` instead of the policy's backoff.
+    pub fn retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
     }
 
     /// Attaches the underlying error.
@@ -112,47 +135,168 @@ where
     }
 }
 
-/// The kind of a configured handler with its options.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum KindOptions {
-    /// `kind = "log"`.
-    Log(log::LogOptions),
-    /// `kind = "exec"`.
-    Exec(exec::ExecOptions),
+/// The value a handler sets as `post_save.origin` (transaction-local) before it writes to the
+/// database, so the saves it causes carry it in their `origin` field: `<handler>@<depth>`, where
+/// depth is 1 for a write caused by an ordinary save and one more than the event's own depth
+/// when the event was itself caused by a handler. The router uses it to stop loops (see
+/// `max_depth` of a handler).
+pub fn origin_for(handler: &str, event: &SaveEvent) -> String {
+    let depth = event.origin.as_deref().and_then(parse_origin).map_or(0, |(_, d)| d);
+    format!("{handler}@{}", depth + 1)
 }
 
-impl KindOptions {
-    /// Reads the options of `kind` from its handler table.
-    pub fn parse(kind: &str, section: &mut Section) -> Result<KindOptions, ConfigError> {
-        match kind {
-            "log" => log::LogOptions::parse(section).map(KindOptions::Log),
-            "exec" => exec::ExecOptions::parse(section).map(KindOptions::Exec),
-            other => Err(section.error("kind", &format!("unknown handler kind `{other}`; expected log or exec"))),
+/// Splits an origin `<handler>@<depth>` into its parts (an origin without a depth counts as 1).
+pub fn parse_origin(origin: &str) -> Option<(&str, u32)> {
+    if origin.is_empty() {
+        return None;
+    }
+    match origin.rsplit_once('@') {
+        Some((name, depth)) => match depth.parse() {
+            Ok(d) => Some((name, d)),
+            Err(_) => Some((origin, 1)),
+        },
+        None => Some((origin, 1)),
+    }
+}
+
+/// Declares the configured kinds: one variant per kind, each behind its cargo feature.
+macro_rules! kinds {
+    ($( $(#[$cfg:meta])* $variant:ident($module:ident :: $options:ident) = $name:literal ),* $(,)?) => {
+        /// The kind of a configured handler with its options.
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub enum KindOptions {
+            $( $(#[$cfg])* #[doc = concat!("`kind = \"", $name, "\"`.")] $variant($module::$options), )*
+        }
+
+        /// Every kind this build knows, in the order `config check` lists them.
+        pub const KINDS: &[&str] = &[$( $(#[$cfg])* $name, )*];
+
+        /// Kinds that exist but were left out of this build (cargo feature off).
+        const ALL_KINDS: &[&str] = &[$( $name, )*];
+
+        impl KindOptions {
+            /// Reads the options of `kind` from its handler table.
+            pub fn parse(kind: &str, section: &mut Section) -> Result<KindOptions, ConfigError> {
+                match kind {
+                    $( $(#[$cfg])* $name => $module::$options::parse(section).map(KindOptions::$variant), )*
+                    other if ALL_KINDS.contains(&other) => Err(section.error(
+                        "kind",
+                        &format!("handler kind `{other}` is not in this build (rebuild with `--features {other}`)"),
+                    )),
+                    other => Err(section.error(
+                        "kind",
+                        &format!("unknown handler kind `{other}`; expected one of: {}", KINDS.join(", ")),
+                    )),
+                }
+            }
+
+            /// The kind's name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( $(#[$cfg])* KindOptions::$variant(_) => $name, )*
+                }
+            }
+
+            /// Where events go, for `handlers list`; never contains a secret.
+            pub fn target(&self) -> String {
+                match self {
+                    $( $(#[$cfg])* KindOptions::$variant(o) => o.target(), )*
+                }
+            }
+
+            /// Builds the handler. Builds never connect anywhere: connections are opened on
+            /// the first event and re-opened after a failure, so a broker that is down at start
+            /// only delays delivery.
+            pub fn build(&self, name: &str) -> Result<Arc<dyn Handler>, BuildError> {
+                match self {
+                    $( $(#[$cfg])* KindOptions::$variant(o) => o.build(name), )*
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    Log(log::LogOptions) = "log",
+    Exec(exec::ExecOptions) = "exec",
+    #[cfg(feature = "webhook")]
+    Webhook(webhook::WebhookOptions) = "webhook",
+    #[cfg(feature = "sql")]
+    Sql(sql::SqlOptions) = "sql",
+    #[cfg(feature = "nats")]
+    Nats(nats::NatsOptions) = "nats",
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisOptions) = "redis",
+    #[cfg(feature = "amqp")]
+    Amqp(amqp::AmqpOptions) = "amqp",
+    #[cfg(feature = "celery")]
+    Celery(celery::CeleryOptions) = "celery",
+    #[cfg(feature = "email")]
+    Email(email::EmailOptions) = "email",
+}
+
+/// A handler that could not be built from its (valid) options, for example a secret file that
+/// cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("handler `{handler}`: {message}")]
+pub struct BuildError {
+    /// The handler's name.
+    pub handler: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl BuildError {
+    /// An error building handler `handler`.
+    pub fn new(handler: &str, message: impl Into<String>) -> Self {
+        BuildError { handler: handler.to_owned(), message: message.into() }
+    }
+}
+
+/// A secret named in the config: read from a file (`*_file`, e.g. a systemd credential) or an
+/// environment variable (`*_env`), never written in the config itself and never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// Read the file, trailing newline removed.
+    File(std::path::PathBuf),
+    /// Read the environment variable.
+    Env(String),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(p) => write!(f, "file {}", p.display()),
+            SecretSource::Env(v) => write!(f, "env {v}"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads `<key>_file` or `<key>_env` from `section` (at most one of them).
+    pub fn parse(section: &mut Section, key: &str) -> Result<Option<SecretSource>, ConfigError> {
+        let file_key = format!("{key}_file");
+        let env_key = format!("{key}_env");
+        let file = section.take::<String>(&file_key)?;
+        let env = section.take::<String>(&env_key)?;
+        match (file, env) {
+            (Some(_), Some(_)) => Err(section.error(&env_key, &format!("give `{file_key}` or `{env_key}`, not both"))),
+            (Some(f), None) => Ok(Some(SecretSource::File(f.into()))),
+            (None, Some(e)) => Ok(Some(SecretSource::Env(e))),
+            (None, None) => Ok(None),
         }
     }
 
-    /// The kind's name.
-    pub fn name(&self) -> &'static str {
+    /// Reads the secret. The error names where it looked, never the value.
+    pub fn read(&self) -> Result<secrecy::SecretString, String> {
         match self {
-            KindOptions::Log(_) => "log",
-            KindOptions::Exec(_) => "exec",
-        }
-    }
-
-    /// Where events go, for `handlers list`; never contains a secret.
-    pub fn target(&self) -> String {
-        match self {
-            KindOptions::Log(o) => format!("log at {}", o.level),
-            KindOptions::Exec(o) => o.command.first().cloned().unwrap_or_default(),
-        }
-    }
-
-    /// Builds the handler.
-    pub fn build(&self) -> Arc<dyn Handler> {
-        match self {
-            KindOptions::Log(o) => Arc::new(log::LogHandler::new(o.clone())),
-            KindOptions::Exec(o) => Arc::new(exec::ExecHandler::new(o.clone())),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| secrecy::SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read secret file {}: {e}", p.display())),
+            SecretSource::Env(v) => std::env::var(v)
+                .map(secrecy::SecretString::from)
+                .map_err(|_| format!("secret environment variable {v} is not set")),
         }
     }
 }

@@ -291,3 +291,57 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// The Python of a private virtualenv with `tests/python/requirements.txt` installed (PyPI),
+/// created on first use and shared by every test process: `$POST_SAVE_TEST_VENV`, else
+/// `$TMPDIR/post-save-test-venv-<uid>`. A file lock keeps concurrent test processes from
+/// installing at the same time; a stamp holding the requirements makes later calls instant.
+pub fn python_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let requirements = root.join("tests/python/requirements.txt");
+        let wanted = std::fs::read_to_string(&requirements).expect("reading tests/python/requirements.txt");
+        let dir = std::env::var_os("POST_SAVE_TEST_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("post-save-test-venv-{}", nix::unistd::getuid())));
+        let python = dir.join("bin/python");
+        let stamp = dir.join("post-save-requirements.txt");
+        if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+            return python;
+        }
+        std::fs::create_dir_all(dir.parent().unwrap_or(&dir)).expect("creating the venv's parent");
+        let lock_path = dir.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .expect("opening the venv lock");
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("locking the venv");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            if !python.exists() {
+                let out =
+                    Command::new("python3").args(["-m", "venv"]).arg(&dir).output().expect("running python3 -m venv");
+                assert!(out.status.success(), "python3 -m venv failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let out = Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&requirements)
+                .output()
+                .expect("running pip");
+            assert!(
+                out.status.success(),
+                "pip install -r tests/python/requirements.txt failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::write(&stamp, &wanted).expect("writing the venv stamp");
+        }
+        drop(lock);
+        python
+    })
+    .clone()
+}

@@ -40,7 +40,7 @@ pub fn config(toml: &str) -> Config {
 /// Starts a daemon on `db` running the config's handlers plus a `collector` that receives every
 /// post_save and post_delete event, and waits until it listens.
 pub async fn start(db: &TestDb, config: Config) -> Running {
-    let mut registry = Registry::from_config(&config);
+    let mut registry = Registry::from_config(&config).expect("handlers build");
     start_with(db, config, &mut registry).await
 }
 
