@@ -184,8 +184,9 @@ async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Cli
 
 async fn run_daemon(global: &Global) -> Result<u8> {
     let shutdown = shutdown_signal()?;
-    let config = load_config(global)?;
+    let mut config = load_config(global)?;
     let pg = pg_config(global, &config)?;
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(&pg));
     let registry = Registry::from_config(&config)?;
     tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
     Daemon::new(config, registry, pg).run(shutdown.cancelled_owned()).await?;

@@ -72,7 +72,8 @@ async fn demo(conninfo: &str, temporary: bool, shutdown: tokio_util::sync::Cance
     let (mut client, _task) = db::connect(&pg).await?;
     client.batch_execute(SHOP_ORDER).await.context("creating shop_order")?;
     db::migrate(&mut client).await?;
-    let config = Config::parse(CONFIG)?;
+    let mut config = Config::parse(CONFIG)?;
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(&pg));
     triggers::install(&mut client, &config).await?;
     banner(conninfo, temporary)?;
 

@@ -236,6 +236,18 @@ kinds! {
     Email(email::EmailOptions) = "email",
 }
 
+impl KindOptions {
+    /// Gives kinds that write to PostgreSQL the daemon's connection settings, used when their
+    /// options name no database.
+    pub fn default_database(&mut self, pg: &tokio_postgres::Config) {
+        #[cfg(feature = "sql")]
+        if let KindOptions::Sql(o) = self {
+            o.default_database(pg);
+        }
+        let _ = pg;
+    }
+}
+
 /// A handler that could not be built from its (valid) options, for example a secret file that
 /// cannot be read.
 #[derive(Debug, thiserror::Error)]

@@ -39,7 +39,9 @@ pub fn config(toml: &str) -> Config {
 
 /// Starts a daemon on `db` running the config's handlers plus a `collector` that receives every
 /// post_save and post_delete event, and waits until it listens.
-pub async fn start(db: &TestDb, config: Config) -> Running {
+pub async fn start(db: &TestDb, mut config: Config) -> Running {
+    let pg = db::resolve(Some(&db.conninfo)).expect("conninfo");
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(&pg));
     let mut registry = Registry::from_config(&config).expect("handlers build");
     start_with(db, config, &mut registry).await
 }
