@@ -1,0 +1,333 @@
+//! `kind = "amqp"`: publish each event to an AMQP 0-9-1 exchange (RabbitMQ).
+//!
+//! ```toml
+//! [[handler]]
+//! name = "orders-to-rabbitmq"
+//! sender = "public.shop_order"
+//! kind = "amqp"
+//! url = "amqp://app@127.0.0.1:5672/%2f"   # the default is amqp://guest:guest@127.0.0.1:5672/%2f
+//! password_env = "AMQP_PASSWORD"          # or password_file = "/run/credentials/post-save/amqp"
+//! exchange = "shop"                       # "" is the default exchange (routing key = queue name)
+//! routing_key = "{{ sender }}.{{ op }}"   # a template over the event
+//! declare = true                          # declare the exchange (durable, topic) on connect
+//! mandatory = true                        # the default: a message no queue takes is an error
+//! # body = "{{ instance | tojson }}"      # the default body is the event JSON
+//! ```
+//!
+//! Messages are persistent (`delivery_mode = 2`), `content_type = application/json`, with the
+//! ledger id as `message_id`. The channel is in confirm mode: an attempt succeeds when the
+//! broker has confirmed the message; a negative confirm is retried. With `mandatory` (the
+//! default) a message that no queue is bound to take comes back from the broker and fails the
+//! attempt, instead of vanishing. A message whose confirm was lost with the connection is
+//! published again by the retry: consumers that must see each event once deduplicate on
+//! `message_id`.
+//!
+//! The connection is opened on the first event, not at start, and dropped after it fails; the
+//! next attempt opens a new one. The dispatcher retries failed attempts with its backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+use tokio::sync::Mutex;
+
+use super::{BuildError, Delivery, Handler, HandlerError, SecretSource};
+use crate::config::{ConfigError, Section};
+use crate::event::SaveEvent;
+use crate::expr::EventContext;
+use crate::template::Template;
+
+/// The broker used when `url` is not set.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Longest routing key AMQP allows (a short string).
+const MAX_ROUTING_KEY: usize = 255;
+
+/// Options of an `amqp` handler.
+#[derive(Clone)]
+pub struct AmqpOptions {
+    /// Broker URL; may hold a user and password.
+    pub url: String,
+    /// Password, overriding one in the URL.
+    pub password: Option<SecretSource>,
+    /// Exchange; `""`: the default exchange.
+    pub exchange: String,
+    /// Routing key, rendered per event.
+    pub routing_key: Template,
+    /// Declare the exchange (durable, topic) when connecting.
+    pub declare: bool,
+    /// A message no queue takes fails the attempt.
+    pub mandatory: bool,
+    /// Message body; `None`: the event JSON.
+    pub body: Option<Template>,
+}
+
+impl std::fmt::Debug for AmqpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpOptions")
+            .field("url", &without_userinfo(&self.url))
+            .field("password", &self.password)
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("declare", &self.declare)
+            .field("mandatory", &self.mandatory)
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
+impl AmqpOptions {
+    /// Reads the options from the handler's table.
+    pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
+        let url = s.take::<String>("url")?.unwrap_or_else(|| DEFAULT_URL.to_owned());
+        parse_uri(&url).map_err(|m| s.error("url", &m))?;
+        let password = SecretSource::parse(s, "password")?;
+        let exchange: String = s.require("exchange")?;
+        if exchange.len() > MAX_ROUTING_KEY {
+            return Err(s.error("exchange", "an exchange name is at most 255 bytes"));
+        }
+        let source: String = s.require("routing_key")?;
+        let routing_key = Template::compile(&source).map_err(|m| s.error("routing_key", &m))?;
+        let declare = s.take::<bool>("declare")?.unwrap_or(false);
+        if declare && exchange.is_empty() {
+            return Err(s.error("declare", "the default exchange (\"\") always exists and cannot be declared"));
+        }
+        let mandatory = s.take::<bool>("mandatory")?.unwrap_or(true);
+        let body = match s.take::<String>("body")? {
+            Some(text) => Some(Template::compile(&text).map_err(|m| s.error("body", &m))?),
+            None => None,
+        };
+        Ok(AmqpOptions { url, password, exchange, routing_key, declare, mandatory, body })
+    }
+
+    /// Where events go, for `handlers list`: the broker without its credentials.
+    pub fn target(&self) -> String {
+        let exchange = if self.exchange.is_empty() { "\"\"" } else { &self.exchange };
+        let url = without_userinfo(&self.url);
+        // The default virtual host goes without saying.
+        let url = url.strip_suffix("/%2f").or_else(|| url.strip_suffix("/%2F")).unwrap_or(&url);
+        format!("{url} exchange {exchange} key {}", self.routing_key.source())
+    }
+
+    /// Builds the handler. Reads the password; does not connect.
+    pub fn build(&self, name: &str) -> Result<Arc<dyn Handler>, BuildError> {
+        let mut uri = parse_uri(&self.url).map_err(|m| BuildError::new(name, m))?;
+        if let Some(source) = &self.password {
+            uri.authority.userinfo.password =
+                source.read().map_err(|m| BuildError::new(name, m))?.expose_secret().to_owned();
+        }
+        Ok(Arc::new(AmqpHandler {
+            name: name.to_owned(),
+            options: self.clone(),
+            uri,
+            link: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }))
+    }
+}
+
+fn parse_uri(url: &str) -> Result<AMQPUri, String> {
+    // The parser's message may quote the URL, password included: say only which one failed.
+    url.parse::<AMQPUri>().map_err(|_| format!("`{}` is not a valid AMQP URL", without_userinfo(url)))
+}
+
+/// `scheme://[userinfo@]host[:port][/path][?query]` as `scheme://host[:port][/path]`.
+fn without_userinfo(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
+}
+
+/// One connection and its confirm-mode channel.
+struct Link {
+    generation: u64,
+    // Kept for its lifetime: dropping the last handle closes the connection.
+    _connection: Connection,
+    channel: Channel,
+}
+
+/// Publishes events to an AMQP exchange.
+pub struct AmqpHandler {
+    name: String,
+    options: AmqpOptions,
+    uri: AMQPUri,
+    link: Mutex<Option<Arc<Link>>>,
+    generation: AtomicU64,
+}
+
+impl AmqpHandler {
+    /// The open channel, connecting now if there is none or it broke.
+    async fn link(&self) -> Result<Arc<Link>, HandlerError> {
+        let mut slot = self.link.lock().await;
+        if let Some(link) = slot.as_ref() {
+            if link.channel.status().connected() {
+                return Ok(Arc::clone(link));
+            }
+            *slot = None;
+        }
+        let url = without_userinfo(&self.options.url);
+        let properties =
+            ConnectionProperties::default().with_connection_name(format!("post-save {}", self.name).into());
+        let connection = Connection::connect_uri(self.uri.clone(), properties)
+            .await
+            .map_err(|e| HandlerError::retry(format!("cannot connect to amqp at {url}: {e}")).with_source(e))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| HandlerError::retry(format!("cannot open a channel at {url}: {e}")).with_source(e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| HandlerError::retry(format!("cannot turn on publisher confirms: {e}")).with_source(e))?;
+        if self.options.declare {
+            let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+            let exchange = self.options.exchange.as_str();
+            channel
+                .exchange_declare(exchange.into(), ExchangeKind::Topic, options, FieldTable::default())
+                .await
+                .map_err(|e| {
+                    HandlerError::failed(format!("cannot declare exchange `{exchange}`: {e}")).with_source(e)
+                })?;
+        }
+        tracing::info!(handler = %self.name, url = %url, "connected to amqp");
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let link = Arc::new(Link { generation, _connection: connection, channel });
+        *slot = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Drops connection `generation` (if it is still the current one): the next attempt opens
+    /// a new one.
+    async fn forget(&self, generation: u64) {
+        let mut slot = self.link.lock().await;
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            *slot = None;
+        }
+    }
+
+    async fn publish(
+        &self,
+        link: &Link,
+        routing_key: String,
+        body: String,
+        event: &SaveEvent,
+    ) -> Result<(), HandlerError> {
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_app_id("post-save".into());
+        if let Some(id) = event.id {
+            properties = properties.with_message_id(id.to_string().into());
+        }
+        let options = BasicPublishOptions { mandatory: self.options.mandatory, ..BasicPublishOptions::default() };
+        let exchange = self.options.exchange.as_str();
+        let sent = link.channel.basic_publish(
+            exchange.into(),
+            routing_key.as_str().into(),
+            options,
+            body.as_bytes(),
+            properties,
+        );
+        let confirmation = match sent.await {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        };
+        match confirmation {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(HandlerError::failed(format!(
+                "exchange `{exchange}` routed key `{routing_key}` to no queue ({} {})",
+                returned.reply_code, returned.reply_text
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(HandlerError::retry("the broker refused the message (nack)")),
+            Ok(Confirmation::NotRequested) => Err(HandlerError::failed("the channel is not in confirm mode")),
+            Err(e) => {
+                // A channel error (a missing exchange) closes the channel; a connection error the
+                // connection: either way the next attempt starts over.
+                self.forget(link.generation).await;
+                Err(publish_error(exchange, e))
+            }
+        }
+    }
+}
+
+fn publish_error(exchange: &str, e: lapin::Error) -> HandlerError {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) {
+            let msg = format!("exchange `{exchange}` does not exist: declare it, or set `declare = true`: {e}");
+            return HandlerError::failed(msg).with_source(e);
+        }
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) {
+            return HandlerError::failed(format!("amqp publish: {e}")).with_source(e);
+        }
+    }
+    HandlerError::retry(format!("amqp publish: {e}")).with_source(e)
+}
+
+fn render(template: &Template, ctx: &EventContext) -> Result<String, HandlerError> {
+    // The same event renders the same way on every attempt: retrying cannot help.
+    template.render(ctx).map_err(|e| HandlerError::permanent(e.to_string()).with_source(e))
+}
+
+#[async_trait]
+impl Handler for AmqpHandler {
+    async fn handle(&self, event: &SaveEvent, _delivery: &Delivery) -> Result<(), HandlerError> {
+        let ctx = EventContext::new(event);
+        let routing_key = render(&self.options.routing_key, &ctx)?;
+        if routing_key.len() > MAX_ROUTING_KEY {
+            return Err(HandlerError::permanent(format!(
+                "routing key is {} bytes; AMQP allows at most {MAX_ROUTING_KEY}",
+                routing_key.len()
+            )));
+        }
+        let body = match &self.options.body {
+            Some(body) => render(body, &ctx)?,
+            None => event.to_json(),
+        };
+        let link = self.link().await?;
+        self.publish(&link, routing_key, body, event).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<AmqpOptions, ConfigError> {
+        let doc = format!("kind = \"amqp\"\n{body}");
+        let mut s = Section::from_document(&doc, "handler[0]")?;
+        let _ = s.take::<String>("kind")?;
+        let options = AmqpOptions::parse(&mut s)?;
+        s.finish()?;
+        Ok(options)
+    }
+
+    #[test]
+    fn defaults_and_target_without_the_password() {
+        let o = parse("exchange = \"shop\"\nrouting_key = \"{{ sender }}.{{ op }}\"").unwrap();
+        assert!(o.mandatory && !o.declare);
+        assert_eq!(o.target(), "amqp://127.0.0.1:5672 exchange shop key {{ sender }}.{{ op }}");
+        assert!(!format!("{o:?}").contains("guest:guest"));
+        let o = parse("url = \"amqps://app:s3cret@mq:5671/prod?heartbeat=5\"\nexchange = \"\"\nrouting_key = \"q\"")
+            .unwrap();
+        assert_eq!(o.target(), "amqps://mq:5671/prod exchange \"\" key q");
+    }
+
+    #[test]
+    fn errors_name_their_key() {
+        let key = |body: &str| parse(body).unwrap_err().key.unwrap();
+        assert_eq!(key("routing_key = \"k\""), "handler[0].exchange");
+        assert_eq!(key("exchange = \"x\""), "handler[0].routing_key");
+        assert_eq!(key("exchange = \"\"\nrouting_key = \"k\"\ndeclare = true"), "handler[0].declare");
+        assert_eq!(key("exchange = \"x\"\nrouting_key = \"{{ nope }}\""), "handler[0].routing_key");
+        assert_eq!(key("exchange = \"x\"\nrouting_key = \"k\"\nurl = \"::\""), "handler[0].url");
+    }
+}
