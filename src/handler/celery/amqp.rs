@@ -1,0 +1,206 @@
+//! Celery over RabbitMQ (`broker = "amqp://…"`): what kombu's py-amqp transport sends.
+//!
+//! The task is published to the default exchange with the queue as routing key, body the raw
+//! JSON `[args, kwargs, embed]`, the protocol's headers as AMQP headers. The channel is in
+//! confirm mode and the publish is mandatory: an attempt succeeds when the broker has the
+//! message in the queue. A queue that does not exist (no worker has declared it yet) is a failed
+//! attempt, retried, rather than a task dropped by the broker. The queue is never declared
+//! here: the workers own its arguments.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use super::TaskMessage;
+use crate::handler::HandlerError;
+
+/// Whether `url` names an AMQP broker.
+pub(super) fn is_amqp(url: &str) -> bool {
+    url.starts_with("amqp://") || url.starts_with("amqps://")
+}
+
+/// Checks an AMQP URL: valid, and without a password in it.
+pub(super) fn check_url(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':')) {
+        return Err("put the password in `password_env` or `password_file`, not in the URL".to_owned());
+    }
+    url.parse::<AMQPUri>().map(drop).map_err(|e| format!("`{url}` is not a valid AMQP URL: {e}"))
+}
+
+/// One connection and its confirm-mode channel.
+struct Link {
+    generation: u64,
+    // Kept for its lifetime: dropping the last handle closes the connection.
+    _connection: Connection,
+    channel: Channel,
+}
+
+/// A RabbitMQ broker, connected on first use and again after a failure.
+pub(super) struct AmqpBroker {
+    name: String,
+    url: String,
+    uri: AMQPUri,
+    link: Mutex<Option<Arc<Link>>>,
+    generation: AtomicU64,
+}
+
+impl AmqpBroker {
+    /// A broker for handler `name` at `url` (checked by [`check_url`]); does not connect.
+    pub(super) fn new(name: &str, url: &str, password: Option<SecretString>) -> Result<AmqpBroker, String> {
+        let mut uri: AMQPUri = url.parse().map_err(|e| format!("`{url}` is not a valid AMQP URL: {e}"))?;
+        if let Some(secret) = password {
+            uri.authority.userinfo.password = secret.expose_secret().to_owned();
+        }
+        Ok(AmqpBroker {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            uri,
+            link: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The open channel, connecting now if there is none or it broke.
+    async fn link(&self) -> Result<Arc<Link>, HandlerError> {
+        let mut slot = self.link.lock().await;
+        if let Some(link) = slot.as_ref() {
+            if link.channel.status().connected() {
+                return Ok(Arc::clone(link));
+            }
+            *slot = None;
+        }
+        let url = &self.url;
+        let properties =
+            ConnectionProperties::default().with_connection_name(format!("post-save {}", self.name).into());
+        let connection = Connection::connect_uri(self.uri.clone(), properties).await.map_err(|e| {
+            HandlerError::retry(format!("cannot connect to the celery broker {url}: {e}")).with_source(e)
+        })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| HandlerError::retry(format!("cannot open a channel on {url}: {e}")).with_source(e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| HandlerError::retry(format!("cannot turn on publisher confirms: {e}")).with_source(e))?;
+        tracing::info!(handler = %self.name, url = %url, "connected to the celery broker");
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let link = Arc::new(Link { generation, _connection: connection, channel });
+        *slot = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Drops connection `generation` if it is still the current one.
+    async fn forget(&self, generation: u64) {
+        let mut slot = self.link.lock().await;
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            *slot = None;
+        }
+    }
+
+    /// Publishes the task to `queue` and waits for the broker's confirm.
+    pub(super) async fn send(&self, message: &TaskMessage, queue: &str) -> Result<(), HandlerError> {
+        let short = |what: &str, s: &str| {
+            ShortString::try_new(s)
+                .map_err(|_| HandlerError::permanent(format!("celery {what} is longer than AMQP allows (255 bytes)")))
+        };
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(field_table(&message.headers)?)
+            .with_delivery_mode(2)
+            .with_priority(0)
+            .with_correlation_id(short("task id", &message.id)?);
+        let routing_key = short("queue", queue)?;
+        let link = self.link().await?;
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let sent =
+            link.channel.basic_publish("".into(), routing_key, options, message.body.as_bytes(), properties).await;
+        let confirmation = match sent {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        };
+        match confirmation {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(HandlerError::failed(format!(
+                "no queue `{queue}` on the celery broker {} (has a worker declared it?): {} {}",
+                self.url, returned.reply_code, returned.reply_text
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(HandlerError::retry("the celery broker refused the task (nack)")),
+            Ok(Confirmation::NotRequested) => Err(HandlerError::failed("the channel is not in confirm mode")),
+            Err(e) => {
+                // A channel or connection error closes what it broke: the next attempt starts over.
+                self.forget(link.generation).await;
+                Err(HandlerError::retry(format!("cannot publish on the celery broker {}: {e}", self.url))
+                    .with_source(e))
+            }
+        }
+    }
+}
+
+/// The protocol's headers as an AMQP table, typed as py-amqp would send them.
+fn field_table(map: &Map<String, Value>) -> Result<FieldTable, HandlerError> {
+    let mut table = FieldTable::default();
+    for (key, value) in map {
+        let key = ShortString::try_new(key.as_str())
+            .map_err(|_| HandlerError::permanent(format!("header name `{key}` is too long for AMQP")))?;
+        table.insert(key, amqp_value(value)?);
+    }
+    Ok(table)
+}
+
+fn amqp_value(value: &Value) -> Result<AMQPValue, HandlerError> {
+    Ok(match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => AMQPValue::LongLongInt(i),
+            (None, Some(f)) => AMQPValue::Double(f),
+            (None, None) => AMQPValue::LongString(LongString::from(n.to_string())),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => {
+            AMQPValue::FieldArray(FieldArray::from(items.iter().map(amqp_value).collect::<Result<Vec<_>, _>>()?))
+        }
+        Value::Object(map) => AMQPValue::FieldTable(field_table(map)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(check_url("amqp://guest@127.0.0.1:5672//").is_ok());
+        assert!(check_url("amqp://localhost").is_ok());
+        let e = check_url("amqp://guest:hunter2@localhost//").unwrap_err();
+        assert!(e.contains("password_env") && !e.contains("hunter2"), "{e}");
+        assert!(is_amqp("amqps://x") && !is_amqp("redis://x"));
+    }
+
+    #[test]
+    fn headers_keep_their_types() {
+        let map: Map<String, Value> =
+            serde_json::from_str(r#"{"a": null, "b": false, "c": 3, "d": 2.5, "e": "x", "f": [null, 1], "g": {}}"#)
+                .unwrap();
+        let table = field_table(&map).unwrap();
+        let inner = table.inner();
+        assert_eq!(inner.get("a"), Some(&AMQPValue::Void));
+        assert_eq!(inner.get("c"), Some(&AMQPValue::LongLongInt(3)));
+        assert_eq!(inner.get("d"), Some(&AMQPValue::Double(2.5)));
+        assert_eq!(
+            inner.get("f"),
+            Some(&AMQPValue::FieldArray(vec![AMQPValue::Void, AMQPValue::LongLongInt(1)].into()))
+        );
+    }
+}
