@@ -206,10 +206,10 @@ fn broken_configs() -> Vec<Broken> {
         },
         Broken {
             name: "unknown-kind",
-            text: BASE.replace("kind = \"log\"", "kind = \"webhook\""),
+            text: BASE.replace("kind = \"log\"", "kind = \"carrier-pigeon\""),
             key: "handler[0].kind",
             line: 8,
-            message: "unknown handler kind `webhook`",
+            message: "unknown handler kind `carrier-pigeon`",
         },
         Broken {
             name: "unknown-operation",
@@ -407,7 +407,8 @@ fn handlers_list_json_matches_the_config_without_a_database() {
             "target": "log at WARN",
             "timeout": "30s",
             "concurrency": 16,
-            "max_attempts": 5
+            "max_attempts": 5,
+            "filter": null
         },
         {
             "name": "order-confirmation",
@@ -419,7 +420,8 @@ fn handlers_list_json_matches_the_config_without_a_database() {
             "target": "/usr/local/bin/send-confirmation",
             "timeout": "1m 30s",
             "concurrency": 3,
-            "max_attempts": 7
+            "max_attempts": 7,
+            "filter": null
         },
         {
             "name": "order-deleted",
@@ -431,7 +433,8 @@ fn handlers_list_json_matches_the_config_without_a_database() {
             "target": "log at INFO",
             "timeout": "250ms",
             "concurrency": 16,
-            "max_attempts": 5
+            "max_attempts": 5,
+            "filter": null
         }
     ]);
     // Field by field first, for a readable failure; then the whole, so no field is extra.
