@@ -872,3 +872,55 @@ fn usage_errors_exit_2() {
     post_save(&["handlers", "list", "--yaml"]).code(2);
     post_save(&["--log-format", "xml", "config", "check"]).code(2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Every handler kind: examples/handlers.toml is valid, and handlers list shows where each kind
+// sends events without any secret.
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(all(
+    feature = "webhook",
+    feature = "sql",
+    feature = "nats",
+    feature = "redis",
+    feature = "amqp",
+    feature = "celery",
+    feature = "email"
+))]
+#[test]
+fn every_kind_is_listed_with_its_target_and_no_secret() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/handlers.toml");
+    with_config(&example, &["config", "check"]).code(0).stderr_has("config ok: 1 watched tables, 7 handlers");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
+        .args(["--config", example.to_str().unwrap(), "handlers", "list", "--json"])
+        .env_remove("POST_SAVE_CONFIG")
+        .env("BILLING_WEBHOOK_SECRET", "whsec_c2VjcmV0LXZhbHVl")
+        .output()
+        .expect("post-save runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let targets: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["kind"].as_str().unwrap().to_owned(), h["target"].as_str().unwrap().to_owned()))
+        .collect();
+    let kinds: Vec<&str> = targets.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["webhook", "sql", "nats", "redis", "amqp", "celery", "email"]);
+    let expect = [
+        "billing.example.com",
+        "UPDATE shop_customer",
+        "subject shop.{{ sender }}.{{ op }}",
+        "XADD post_save:{{ sender }}",
+        "exchange shop key {{ sender }}.{{ op }}",
+        "task shop.tasks.send_order_confirmation queue celery",
+        "to sales@shop.example",
+    ];
+    for ((kind, target), want) in targets.iter().zip(expect) {
+        assert!(target.contains(want), "{kind}: {target:?} lacks {want:?}");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    for secret in ["whsec_", "c2VjcmV0", "SMTP_PASSWORD", "guest:guest"] {
+        assert!(!text.contains(secret), "handlers list shows {secret:?}: {text}");
+    }
+}

@@ -6,7 +6,7 @@
 //! name = "orders-to-redis"
 //! sender = "public.shop_order"
 //! kind = "redis"
-//! url = "redis://127.0.0.1:6379/0"        # the default; `rediss://` for TLS
+//! url = "redis://127.0.0.1:6379/0"        # the default (plain TCP; `rediss://` TLS is not in this build)
 //! command = "xadd"                        # the default; or "publish", "lpush"
 //! key = "post_save:{{ sender }}"          # stream, channel or list name: a template
 //! maxlen = 100000                         # XADD only: trim the stream to about this length
