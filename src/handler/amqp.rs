@@ -25,6 +25,7 @@
 //! The connection is opened on the first event, not at start, and dropped after it fails; the
 //! next attempt opens a new one. The dispatcher retries failed attempts with its backoff.
 
+use super::without_userinfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -134,16 +135,6 @@ impl AmqpOptions {
 fn parse_uri(url: &str) -> Result<AMQPUri, String> {
     // The parser's message may quote the URL, password included: say only which one failed.
     url.parse::<AMQPUri>().map_err(|_| format!("`{}` is not a valid AMQP URL", without_userinfo(url)))
-}
-
-/// `scheme://[userinfo@]host[:port][/path][?query]` as `scheme://host[:port][/path]`.
-fn without_userinfo(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
 /// One connection and its confirm-mode channel.

@@ -40,6 +40,7 @@
 //! crate's TLS feature is not in this build), priorities, countdown/ETA and result backends
 //! (the handler never waits for a result; `reply_to` is empty).
 
+use super::hostname;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,16 +170,6 @@ fn check_broker(url: &str) -> Result<(), String> {
         return Err("put the password in `password_env` or `password_file`, not in the URL".to_owned());
     }
     url.into_connection_info().map(drop).map_err(|e| format!("invalid broker URL: {e}"))
-}
-
-/// This machine's name, for the `origin` header (what Celery shows as the sender's node).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Enqueues a Celery task per event.

@@ -41,6 +41,7 @@
 //! A durable event's mail carries the `Message-ID` `<post-save.<database>.<event id>.<handler>@
 //! <host>>` on every attempt, so a receiver can tell a resent mail from a new one.
 
+use super::hostname;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -255,15 +256,6 @@ fn templates(s: &mut Section, key: &str) -> Result<Vec<Template>, ConfigError> {
         Some(OneOrMany::Many(many)) => many,
     };
     sources.iter().map(|src| Template::compile(src).map_err(|e| s.error(key, &e))).collect()
-}
-
-/// This machine's name, for the Message-ID.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Sends a mail per event.

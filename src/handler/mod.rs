@@ -312,3 +312,26 @@ impl SecretSource {
         }
     }
 }
+
+/// `scheme://host:port/path` of a broker URL: user, password, query and fragment left out, for
+/// `handlers list` and error messages.
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+pub(crate) fn without_userinfo(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
+}
+
+/// This machine's host name, for message ids and origins.
+#[cfg(any(feature = "celery", feature = "email"))]
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

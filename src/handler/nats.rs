@@ -27,6 +27,7 @@
 //! by itself; while it is disconnected, attempts fail as transient and the dispatcher retries
 //! them with its backoff.
 
+use super::without_userinfo;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -152,16 +153,6 @@ fn servers(url: &str) -> Result<Vec<ServerAddr>, String> {
 /// `url` for display: each server without user, password or query.
 fn display_urls(url: &str) -> String {
     url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(without_userinfo).collect::<Vec<_>>().join(",")
-}
-
-/// `scheme://[userinfo@]host[:port][/path][?query]` as `scheme://host[:port][/path]`.
-fn without_userinfo(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
 /// One connection: the client and, in JetStream mode, its context.

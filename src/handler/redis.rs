@@ -24,6 +24,7 @@
 //! The connection is opened on the first event, not at start, and re-opened after it breaks;
 //! attempts that fail on a broken connection are retried by the dispatcher with its backoff.
 
+use super::without_userinfo;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,16 +165,6 @@ impl RedisOptions {
 
 fn compile(s: &Section, key: &str, source: &str) -> Result<Template, ConfigError> {
     Template::compile(source).map_err(|m| s.error(key, &m))
-}
-
-/// `scheme://[userinfo@]host[:port][/path][?query]` as `scheme://host[:port][/path]`.
-fn without_userinfo(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
 }
 
 /// Runs a Redis command per event.
