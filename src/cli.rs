@@ -10,9 +10,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use post_save::config::{Config, ConfigError};
-use post_save::daemon::Daemon;
+use post_save::daemon::{Daemon, Reloader, State};
 use post_save::db::{self, BadConnectionString, DbError};
 use post_save::registry::{HandlerInfo, Registry};
+use post_save::systemd;
 use post_save::triggers::{self, TriggerError};
 
 /// Exit code: a check found drift, or a command failed.
@@ -184,13 +185,81 @@ async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Cli
 
 async fn run_daemon(global: &Global) -> Result<u8> {
     let shutdown = shutdown_signal()?;
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut config = load_config(global)?;
     let pg = pg_config(global, &config)?;
     config.handlers.iter_mut().for_each(|h| h.kind.default_database(&pg));
     let registry = Registry::from_config(&config)?;
     tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
-    Daemon::new(config, registry, pg).run(shutdown.cancelled_owned()).await?;
+    let mut daemon = Daemon::new(config.clone(), registry, pg.clone());
+    if let Some(interval) = systemd::watchdog() {
+        daemon = daemon.heartbeat(interval / 4);
+    }
+    let supervisor = tokio::spawn(systemd::supervise(daemon.state(), daemon.alive()));
+    let reloads =
+        tokio::spawn(reload_on_hangup(hangup, global.config.clone(), config, pg, daemon.reloader(), daemon.state()));
+    let result = daemon.run(shutdown.cancelled_owned()).await;
+    reloads.abort();
+    let _ = supervisor.await;
+    result?;
     Ok(0)
+}
+
+/// On every SIGHUP: re-reads the config file and, when it is valid and its handlers build,
+/// swaps the daemon's handlers; otherwise logs why and keeps the old ones.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    path: Option<PathBuf>,
+    mut current: Config,
+    pg: tokio_postgres::Config,
+    reloader: Reloader,
+    state: tokio::sync::watch::Receiver<State>,
+) {
+    let global = Global { config: path, database_url: None, log_format: LogFormat::Text };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        systemd::reloading();
+        match reload_config(&global, &pg) {
+            Ok((config, registry)) => {
+                warn_needs_restart(&current, &config);
+                let handlers = registry.describe().len();
+                if reloader.replace(registry).await {
+                    tracing::info!(handlers, "configuration reloaded");
+                    current = config;
+                }
+            }
+            Err(error) => {
+                let at = error.chain().find_map(|c| c.downcast_ref::<ConfigError>());
+                tracing::error!(
+                    error = %format!("{error:#}"),
+                    key = at.and_then(|e| e.key.as_deref()),
+                    line = at.and_then(|e| e.line),
+                    "configuration reload failed; keeping the old handlers"
+                );
+            }
+        }
+        systemd::ready(&systemd::status_line(&state.borrow()));
+    }
+}
+
+/// The new config and its handlers, built but not started.
+fn reload_config(global: &Global, pg: &tokio_postgres::Config) -> Result<(Config, Registry)> {
+    let mut config = load_config(global)?;
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(pg));
+    let registry = Registry::from_config(&config)?;
+    Ok((config, registry))
+}
+
+/// A reload swaps handlers only; other changes wait for a restart.
+fn warn_needs_restart(old: &Config, new: &Config) {
+    if old.watches != new.watches {
+        tracing::warn!(
+            "watched tables changed: run `post-save triggers install`, then restart the daemon for them to take effect"
+        );
+    }
+    if old.database.url != new.database.url || format!("{:?}", old.daemon) != format!("{:?}", new.daemon) {
+        tracing::warn!("[database] or [daemon] settings changed: they take effect at the next restart");
+    }
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT. The handlers are installed before this

@@ -3,9 +3,9 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -80,18 +80,65 @@ pub struct Daemon {
     pg: tokio_postgres::Config,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
+    alive: watch::Sender<Instant>,
+    heartbeat: Duration,
+    reload_tx: mpsc::UnboundedSender<Reload>,
+    reload_rx: mpsc::UnboundedReceiver<Reload>,
+}
+
+/// A new handler set, and who to tell once it is in use.
+type Reload = (Registry, oneshot::Sender<()>);
+
+/// Longest idle wait between two round trips with the database, by default.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Replaces a running daemon's handlers; see [`Daemon::reloader`].
+#[derive(Debug, Clone)]
+pub struct Reloader(mpsc::UnboundedSender<Reload>);
+
+impl Reloader {
+    /// Routes events dispatched from now on to the handlers of `registry`. Deliveries already
+    /// running finish on the old handlers first (so one row's events stay in order); returns
+    /// when the new handlers are in use, or `false` when the daemon has stopped.
+    pub async fn replace(&self, registry: Registry) -> bool {
+        let (done, applied) = oneshot::channel();
+        self.0.send((registry, done)).is_ok() && applied.await.is_ok()
+    }
 }
 
 impl Daemon {
     /// A daemon for `config`, running the handlers of `registry`, connecting with `pg`.
     pub fn new(config: Config, registry: Registry, pg: tokio_postgres::Config) -> Self {
+        let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         Daemon {
             config: Arc::new(config),
             registry: Arc::new(registry),
             pg,
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(State::Starting),
+            alive: watch::Sender::new(Instant::now()),
+            heartbeat: HEARTBEAT,
+            reload_tx,
+            reload_rx,
         }
+    }
+
+    /// The longest the listener stays idle without a round trip to the database (default 1 s);
+    /// keep it well below a watchdog interval.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Follows when the listener last completed a round trip with the database (or, while the
+    /// handlers are saturated, last checked in): the proof of life for a watchdog.
+    pub fn alive(&self) -> watch::Receiver<Instant> {
+        self.alive.subscribe()
+    }
+
+    /// A handle that swaps the handlers of the running daemon.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reload_tx.clone())
     }
 
     /// Live counters.
@@ -110,7 +157,7 @@ impl Daemon {
     ///
     /// Fails only at start: when the database cannot be reached or migrated. Later connection
     /// losses are retried forever.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let (mut client, task) = db::connect(&self.pg).await?;
         tracing::info!("applying post_save schema migrations");
         let applied = db::migrate(&mut client).await?;
@@ -140,51 +187,73 @@ impl Daemon {
             Arc::clone(&self.stats),
             give_up.clone(),
         ));
-        let router = Router::new(
+        let mut router_abort = abort.child_token();
+        let (router_tx, router_rx) = watch::channel(Router::new(
             Arc::clone(&self.registry),
             outcome_tx.clone(),
             Arc::clone(&self.stats),
             stop.clone(),
-            abort.clone(),
-        );
+            router_abort.clone(),
+        ));
         let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
         let listener = Listener {
             pg: self.pg.clone(),
             config: Arc::clone(&self.config),
-            router: Arc::clone(&router),
+            router: router_rx,
             in_flight,
             permits: Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1))),
             stats: Arc::clone(&self.stats),
             work_client: client_tx,
-            outcomes: outcome_tx,
+            outcomes: outcome_tx.clone(),
             state: self.state.clone(),
             stop: stop.clone(),
+            alive: self.alive.clone(),
+            heartbeat: self.heartbeat,
         };
 
         {
             let run = listener.run();
             tokio::pin!(run);
-            tokio::select! {
-                () = &mut run => {}
-                () = shutdown => {
-                    self.state.send_replace(State::Stopping);
-                    tracing::info!("stopping: no new events; waiting for running handlers");
-                    stop.cancel();
-                    run.await;
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    () = &mut run => break,
+                    () = &mut shutdown => {
+                        self.state.send_replace(State::Stopping);
+                        tracing::info!("stopping: no new events; waiting for running handlers");
+                        stop.cancel();
+                        run.await;
+                        break;
+                    }
+                    Some((registry, done)) = self.reload_rx.recv() => {
+                        // The listener is not polled meanwhile: nothing new is dispatched until
+                        // the old handlers are done, so one row's events stay in order.
+                        let new_abort = abort.child_token();
+                        let new = Router::new(
+                            Arc::new(registry),
+                            outcome_tx.clone(),
+                            Arc::clone(&self.stats),
+                            stop.clone(),
+                            new_abort.clone(),
+                        );
+                        let old = router_tx.send_replace(new);
+                        let old_abort = std::mem::replace(&mut router_abort, new_abort);
+                        self.finish(&old, &old_abort).await;
+                        tracing::info!("handlers replaced");
+                        let _ = done.send(());
+                    }
                 }
             }
         }
         self.state.send_replace(State::Stopping);
         stop.cancel();
-        let grace = self.config.daemon.shutdown_grace;
-        if tokio::time::timeout(grace, router.drained()).await.is_err() {
-            tracing::warn!(grace = ?grace, "handlers still running after the grace period; handing their events back");
-            abort.cancel();
-            router.drained().await;
-        }
+        let router = router_tx.borrow().clone();
+        drop(router_tx);
+        self.finish(&router, &router_abort).await;
         // The listener (and with it the last sender of outcomes) goes; the writer then flushes.
         drop(listener);
         drop(router);
+        drop(outcome_tx);
         let flush = Duration::from_secs(5);
         let give_up_later = give_up.clone();
         tokio::spawn(async move {
@@ -196,6 +265,17 @@ impl Daemon {
         self.state.send_replace(State::Stopped);
         tracing::info!("stopped");
         Ok(())
+    }
+
+    /// Waits for `router`'s deliveries, at most `daemon.shutdown_grace`; then hands the rest
+    /// back (they stay pending in the ledger).
+    async fn finish(&self, router: &Router, abort: &CancellationToken) {
+        let grace = self.config.daemon.shutdown_grace;
+        if tokio::time::timeout(grace, router.drained()).await.is_err() {
+            tracing::warn!(grace = ?grace, "handlers still running after the grace period; handing their events back");
+            abort.cancel();
+            router.drained().await;
+        }
     }
 }
 

@@ -48,6 +48,7 @@ pub mod name;
 pub mod registry;
 mod router;
 pub mod stats;
+pub mod systemd;
 pub mod template;
 pub mod triggers;
 

@@ -133,7 +133,8 @@ impl Bell {
 pub(crate) struct Listener {
     pub pg: tokio_postgres::Config,
     pub config: Arc<Config>,
-    pub router: Arc<Router>,
+    /// The router new events go to; replaced when the handlers are reloaded.
+    pub router: watch::Receiver<Arc<Router>>,
     pub in_flight: Arc<InFlight>,
     pub permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
@@ -141,6 +142,10 @@ pub(crate) struct Listener {
     pub outcomes: mpsc::UnboundedSender<Outcome>,
     pub state: watch::Sender<State>,
     pub stop: CancellationToken,
+    /// When the session last completed a round trip with the database.
+    pub alive: watch::Sender<Instant>,
+    /// Longest wait between two round trips while idle (the watchdog's proof of life).
+    pub heartbeat: Duration,
 }
 
 /// Why a session ended early.
@@ -211,6 +216,7 @@ impl Listener {
         let mut next_sweep = tokio::time::Instant::now() + sweep_every;
         loop {
             let poll = if bell.armed { self.config.daemon.idle_poll } else { self.config.daemon.busy_poll };
+            let poll = poll.min(self.heartbeat);
             let woken = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => {
@@ -273,6 +279,7 @@ impl Listener {
             let epoch = self.in_flight.epoch();
             let (rows, bad, more) =
                 ledger::fetch_new(work, cursor.after, &gaps, limit, &cursor.using).await.map_err(DbError::Query)?;
+            self.alive.send_replace(Instant::now());
             for id in bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)) {
                 cursor.saw(id);
             }
@@ -330,7 +337,7 @@ impl Listener {
                 return None;
             };
             count += row.events.len();
-            self.router.dispatch(Some(row.id), row.events, permit);
+            self.router.borrow().dispatch(Some(row.id), row.events, permit);
         }
         Some(count)
     }
@@ -338,9 +345,18 @@ impl Listener {
     /// `n` in-flight permits (at most all of them), or `None` when stopping.
     async fn permits(&self, n: usize) -> Option<OwnedSemaphorePermit> {
         let n = u32::try_from(n.clamp(1, self.config.daemon.max_in_flight.max(1))).unwrap_or(u32::MAX);
-        tokio::select! {
-            p = Arc::clone(&self.permits).acquire_many_owned(n) => p.ok(),
-            () = self.stop.cancelled() => None,
+        let acquire = Arc::clone(&self.permits).acquire_many_owned(n);
+        tokio::pin!(acquire);
+        loop {
+            // Waiting for handlers to make room is healthy: the listener is running, the
+            // handlers are slow.
+            tokio::select! {
+                p = &mut acquire => return p.ok(),
+                () = self.stop.cancelled() => return None,
+                () = tokio::time::sleep(self.heartbeat) => {
+                    self.alive.send_replace(Instant::now());
+                }
+            }
         }
     }
 
@@ -364,7 +380,7 @@ impl Listener {
             crate::event::exact_numbers(&mut event.instance);
         }
         if let Some(permit) = self.permits(1).await {
-            self.router.dispatch(None, vec![event], permit);
+            self.router.borrow().dispatch(None, vec![event], permit);
         }
         Ok(())
     }
