@@ -508,6 +508,7 @@ POSTSAVE_CONFIG = """\
 # written by bench/capture.py for one measurement
 [database]
 url = "{url}"
+{daemon}
 
 [[watch]]
 table = "public.shop_order"
@@ -534,7 +535,10 @@ POSTSAVE_RUN_COMMAND = ["run"]
 
 def postsave_config(url: str, mode: str, handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER,
                     watch_extra: str = "") -> str:
-    return POSTSAVE_CONFIG.format(url=url, mode=mode, handler_name=handler[0],
+    # BENCH_POSTSAVE_DAEMON: extra `[daemon]` keys for experiments, e.g. 'busy_poll = "10ms"'
+    extra = os.environ.get("BENCH_POSTSAVE_DAEMON", "").strip()
+    daemon = f"[daemon]\n{extra}\n" if extra else ""
+    return POSTSAVE_CONFIG.format(url=url, mode=mode, daemon=daemon, handler_name=handler[0],
                                   handler_options=handler[1], watch_extra=watch_extra)
 
 
@@ -645,6 +649,12 @@ ARMS: list[Arm] = [
     Arm("postsave_durable", "post-save, watch mode = \"durable\" (daemon running)",
         setup=postsave_setup("durable"), background=postsave_run_argv, ready=postsave_ready,
         drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
+        available=postsave_available),
+    # reference, not a peer: the trigger's share of the durable cost (the doorbell stays at 0
+    # with no daemon, so no NOTIFY either)
+    Arm("postsave_capture",
+        "reference: post-save durable capture with no daemon running (the trigger's own cost)",
+        setup=postsave_setup("durable"), captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
     Arm("postsave_durable_row",
         "post-save, durable, insert_capture = \"row\" (INSERT captured per row, not per statement)",
