@@ -31,6 +31,10 @@ pub enum DbError {
     /// A migration failed.
     #[error("migrating the post_save schema failed")]
     Migrate(#[source] refinery::Error),
+    /// The server did not finish the connection start-up in time (a dead proxy, a hung
+    /// server): the `connect_timeout` covers the whole start-up, not only the TCP handshake.
+    #[error("connecting to the database timed out after {0:?}")]
+    ConnectTimeout(Duration),
 }
 
 impl DbError {
@@ -40,6 +44,7 @@ impl DbError {
             DbError::Connect(e) => e.as_db_error().is_none(),
             DbError::Query(e) => e.is_closed(),
             DbError::Migrate(_) => false,
+            DbError::ConnectTimeout(_) => true,
         }
     }
 }
@@ -99,13 +104,26 @@ pub fn resolve(config_url: Option<&str>) -> Result<tokio_postgres::Config, BadCo
 
 /// Opens a connection and drives it on a task. The task ends when the connection does.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<(Client, tokio::task::JoinHandle<()>), DbError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    let (client, connection) = start_up(config).await?;
     let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection ended");
         }
     });
     Ok((client, task))
+}
+
+/// Connects, within the configured `connect_timeout` (10 s when unset) for the whole start-up:
+/// tokio-postgres bounds only the TCP handshake, and a proxy that accepts but never answers
+/// would otherwise hang the start-up for ever.
+pub(crate) async fn start_up(
+    config: &tokio_postgres::Config,
+) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), DbError> {
+    let limit = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+    match tokio::time::timeout(limit, config.connect(NoTls)).await {
+        Ok(result) => result.map_err(DbError::Connect),
+        Err(_) => Err(DbError::ConnectTimeout(limit)),
+    }
 }
 
 mod embedded {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Mode};
@@ -193,9 +193,27 @@ impl Listener {
     }
 
     async fn session(&self, attempt: &mut u32) -> Result<(), SessionError> {
-        let (_listen_client, mut notices, _listen_task) = open_listener(&self.pg).await?;
-        let (work, mut work_task) = db::connect(&self.pg).await?;
+        let ping_channel = format!("post_save_ping_{}", uuid::Uuid::new_v4().simple());
+        let (_listen_client, mut notices, echoes, listen_task) = open_listener(&self.pg, &ping_channel).await?;
+        let listen_task = AbortOnDrop(listen_task);
+        let (work, work_task) = db::connect(&self.pg).await?;
+        let work_abort = work_task.abort_handle();
+        // Not aborted with the session: the ledger writer may still hold this connection to
+        // flush the last acknowledgements.
+        let mut work_task = work_task;
         let work = Arc::new(Work::new(work).await.map_err(DbError::Query)?);
+        // From here on every query either answers or fails within the liveness interval: a
+        // failed ping drops both connections, which fails whatever is waiting on them.
+        let every = self.config.daemon.liveness;
+        let listen_abort = listen_task.0.abort_handle();
+        let watchdog =
+            liveness(Arc::clone(&work), ping_channel, echoes, every, self.alive.clone(), Arc::clone(&self.stats));
+        let _liveness = AbortOnDrop(tokio::spawn(async move {
+            let waited = watchdog.await;
+            tracing::warn!(waited = ?waited, liveness = ?every, "no answer from the database within the liveness interval; reconnecting");
+            listen_abort.abort();
+            work_abort.abort();
+        }));
         self.work_client.send_replace(Some(Arc::clone(&work)));
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
@@ -405,14 +423,24 @@ impl Listener {
 
 /// Opens the dedicated LISTEN connection; its notifications arrive on the returned channel,
 /// which closes when the connection does.
+/// The LISTEN connection: notifications on the post_save channel go to the first receiver,
+/// the echoes of this session's liveness pings (on its private `ping_channel`) to the second.
 async fn open_listener(
     pg: &tokio_postgres::Config,
-) -> Result<(Client, mpsc::Receiver<String>, tokio::task::JoinHandle<()>), DbError> {
-    let (client, mut connection) = pg.connect(NoTls).await.map_err(DbError::Connect)?;
+    ping_channel: &str,
+) -> Result<(Client, mpsc::Receiver<String>, mpsc::Receiver<String>, tokio::task::JoinHandle<()>), DbError> {
+    let (client, mut connection) = db::start_up(pg).await?;
     let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
+    let (echo_tx, echo_rx) = mpsc::channel(16);
+    let pings = ping_channel.to_owned();
     let task = tokio::spawn(async move {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == pings => {
+                    // A full buffer means the liveness task is behind; dropping an echo only
+                    // makes a ping look late, never a dead connection look alive.
+                    let _ = echo_tx.try_send(n.payload().to_owned());
+                }
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     if tx.send(n.payload().to_owned()).await.is_err() {
                         return;
@@ -427,8 +455,63 @@ async fn open_listener(
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {}", quote_ident(CHANNEL))).await.map_err(DbError::Query)?;
-    Ok((client, rx, task))
+    let listen = format!("LISTEN {}; LISTEN {}", quote_ident(CHANNEL), quote_ident(ping_channel));
+    client.batch_execute(&listen).await.map_err(DbError::Query)?;
+    Ok((client, rx, echo_rx, task))
+}
+
+/// Pings through both connections every half `every`: a NOTIFY on this session's private
+/// channel, sent on the work connection, must come back on the LISTEN connection within half
+/// `every`. So a connection cut anywhere (even a half-open TCP connection that never errors) is
+/// found within `every`. Returns when a ping failed; the caller then drops both connections.
+async fn liveness(
+    work: Arc<Work>,
+    channel: String,
+    mut echoes: mpsc::Receiver<String>,
+    every: Duration,
+    alive: watch::Sender<Instant>,
+    stats: Arc<Stats>,
+) -> Duration {
+    let half = (every / 2).max(Duration::from_millis(5));
+    let mut ticks = tokio::time::interval(half);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut nonce = 0u64;
+    loop {
+        ticks.tick().await;
+        nonce += 1;
+        let expected = nonce.to_string();
+        let sent = Instant::now();
+        let deadline = tokio::time::Instant::now() + half;
+        let echoed = tokio::time::timeout_at(deadline, async {
+            work.client.query_one("SELECT pg_notify($1, $2)", &[&channel, &expected]).await.ok()?;
+            while let Some(echo) = echoes.recv().await {
+                if echo == expected {
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await;
+        match echoed {
+            Ok(Some(())) => {
+                alive.send_replace(Instant::now());
+            }
+            _ => {
+                Stats::bump(&stats.liveness_failures);
+                return sent.elapsed();
+            }
+        }
+    }
+}
+
+/// A task aborted when its handle is dropped: a session's connections and pings end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Re-reads a row too big for its notification, by primary key. `null` when it is gone.

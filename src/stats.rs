@@ -18,6 +18,7 @@ pub struct Stats {
     pub(crate) dead: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) liveness_failures: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -45,6 +46,8 @@ pub struct StatsSnapshot {
     pub acked: u64,
     /// Reconnections to the database.
     pub reconnects: u64,
+    /// Liveness pings not answered in time (each dropped the connections).
+    pub liveness_failures: u64,
 }
 
 impl Stats {
@@ -67,6 +70,7 @@ impl Stats {
             dead: get(&self.dead),
             acked: get(&self.acked),
             reconnects: get(&self.reconnects),
+            liveness_failures: get(&self.liveness_failures),
         }
     }
 }

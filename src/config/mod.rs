@@ -110,6 +110,12 @@ pub struct DaemonConfig {
     /// `keep_handled` when shorter).
     #[serde(with = "humantime_serde")]
     pub keep_handled: Duration,
+    /// A ping goes through both database connections every half interval; one not answered
+    /// within half an interval drops them and reconnects. So a dead connection, even one that
+    /// never errors (a half-open TCP connection, a proxy that stopped forwarding), is found
+    /// within this.
+    #[serde(with = "humantime_serde")]
+    pub liveness: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -127,6 +133,7 @@ impl Default for DaemonConfig {
             busy_poll: Duration::from_millis(2),
             doorbell_rate: 2_000,
             keep_handled: Duration::from_secs(24 * 3600),
+            liveness: Duration::from_secs(10),
         }
     }
 }

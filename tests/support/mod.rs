@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Config, Daemon, DaemonError, Receiver, Registry, SaveEvent, State, Stats, db, triggers};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::common::TestDb;
@@ -21,6 +21,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 pub struct Running {
     pub events: mpsc::UnboundedReceiver<SaveEvent>,
     pub stats: Arc<Stats>,
+    pub state: watch::Receiver<State>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), DaemonError>>>,
 }
@@ -48,6 +49,12 @@ pub async fn start(db: &TestDb, mut config: Config) -> Running {
 
 /// As [`start`], with extra handlers already in `registry`.
 pub async fn start_with(db: &TestDb, config: Config, registry: &mut Registry) -> Running {
+    let pg = db::resolve(Some(&db.conninfo)).expect("conninfo");
+    start_via(pg, config, registry).await
+}
+
+/// As [`start_with`], connecting with `pg` (through a proxy, say).
+pub async fn start_via(pg: tokio_postgres::Config, config: Config, registry: &mut Registry) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "post_save=info".into()),
@@ -71,7 +78,6 @@ pub async fn start_with(db: &TestDb, config: Config, registry: &mut Registry) ->
             .expect("register collector");
     }
     let registry = std::mem::take(registry);
-    let pg = db::resolve(Some(&db.conninfo)).expect("conninfo");
     let daemon = Daemon::new(config, registry, pg);
     let stats = daemon.stats();
     let mut state = daemon.state();
@@ -79,9 +85,11 @@ pub async fn start_with(db: &TestDb, config: Config, registry: &mut Registry) ->
     let task = tokio::spawn(daemon.run(async move {
         let _ = stopped.await;
     }));
-    let listening = tokio::time::timeout(PATIENCE, state.wait_for(|s| matches!(s, State::Listening { .. }))).await;
+    let listening = tokio::time::timeout(PATIENCE, state.wait_for(|s| matches!(s, State::Listening { .. })))
+        .await
+        .map(|r| r.map(drop));
     assert!(matches!(listening, Ok(Ok(_))), "daemon did not start listening");
-    Running { events, stats, stop: Some(stop), task: Some(task) }
+    Running { events, stats, state, stop: Some(stop), task: Some(task) }
 }
 
 impl Running {
