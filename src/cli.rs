@@ -74,6 +74,12 @@ pub enum Command {
     /// Check the configuration file
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
+    Doctor {
+        /// JSON array of checks on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `triggers …`.
@@ -115,6 +121,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Migrate => migrate(&cli.global).await,
         Command::Triggers(t) => triggers_command(&cli.global, t).await,
         Command::Handlers(HandlersCommand::List { json }) => list_handlers(&cli.global, *json),
+        Command::Doctor { json } => crate::ops::doctor(&cli.global, *json).await,
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.global)?;
             eprintln!("config ok: {} watched tables, {} handlers", config.watches.len(), config.handlers.len());

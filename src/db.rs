@@ -134,6 +134,11 @@ mod embedded {
 /// uses refinery keeps its own history.
 pub const MIGRATION_TABLE: &str = "post_save.schema_history";
 
+/// The newest migration version this build carries.
+pub fn latest_migration() -> i64 {
+    embedded::migrations::runner().get_migrations().iter().map(|m| i64::from(m.version())).max().unwrap_or(0)
+}
+
 /// Creates or upgrades the `post_save` schema. Returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<String>, DbError> {
     // Two daemons starting together must not both migrate.

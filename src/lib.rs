@@ -39,6 +39,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 mod delivery;
+pub mod doctor;
 pub mod event;
 pub mod expr;
 pub mod handler;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod demo;
+mod ops;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
