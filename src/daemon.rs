@@ -46,6 +46,15 @@ pub enum DaemonError {
     /// Connecting, migrating or checking the database failed at start.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The metrics endpoint could not listen on `daemon.metrics`.
+    #[error("the metrics endpoint cannot listen on {addr}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The post-save daemon: build it from a config and a registry, then [`Daemon::run`] it.
@@ -158,6 +167,14 @@ impl Daemon {
     /// Fails only at start: when the database cannot be reached or migrated. Later connection
     /// losses are retried forever.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let metrics_stop = CancellationToken::new();
+        let _metrics_stop = metrics_stop.clone().drop_guard();
+        if let Some(addr) = self.config.daemon.metrics {
+            let listener = crate::metrics::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
+            let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), self.pg.clone());
+            tracing::info!(%addr, "metrics endpoint listening");
+            tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
+        }
         let (mut client, task) = db::connect(&self.pg).await?;
         tracing::info!("applying post_save schema migrations");
         let applied = db::migrate(&mut client).await?;

@@ -122,21 +122,26 @@ pub(crate) async fn deliver(
         };
         let Ok(_permit) = permit else { return Delivered::HandedBack };
         let delivery = Delivery { handler: receiver.name().to_owned(), attempt, max_attempts: policy.attempts };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = attempt_once(route, event, &delivery) => r,
             () = abort.cancelled() => return Delivered::HandedBack,
         };
+        stats.attempt_took(receiver.name(), started.elapsed());
         let error = match result {
             Ok(()) => {
                 Stats::bump(&stats.handled);
+                stats.delivery(receiver.name(), "handled");
                 return Delivered::Done;
             }
             Err(e) => e,
         };
         Stats::bump(&stats.failed_attempts);
+        stats.delivery(receiver.name(), "failed");
         if attempt == policy.attempts || error.failure == Failure::Permanent {
             tracing::error!(handler = receiver.name(), sender = %event.sender, id = ?event.id, attempt, error = %error, "delivery is dead");
             Stats::bump(&stats.dead);
+            stats.delivery(receiver.name(), "dead");
             let _ = outcomes.send(Outcome::Dead(DeadLetter {
                 event_id: event.id,
                 handler: receiver.name().to_owned(),
@@ -153,6 +158,7 @@ pub(crate) async fn deliver(
         let delay = error.retry_after.map_or(backoff, |d| d.min(policy.max_backoff));
         tracing::warn!(handler = receiver.name(), sender = %event.sender, id = ?event.id, attempt, retry_in = ?delay, error = %error, "handler failed; will retry");
         Stats::bump(&stats.retried);
+        stats.delivery(receiver.name(), "retried");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stop.cancelled() => return Delivered::HandedBack,

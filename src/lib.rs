@@ -45,6 +45,7 @@ pub mod expr;
 pub mod handler;
 mod ledger;
 mod listener;
+mod metrics;
 pub mod name;
 pub mod registry;
 mod router;

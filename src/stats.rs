@@ -2,10 +2,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
+/// Per-handler delivery counts (`outcome` = `handled`, `failed`, `retried` or `dead`).
+pub(crate) type Deliveries = Family<Vec<(&'static str, String)>, Counter>;
+/// Per-handler attempt durations.
+pub(crate) type Durations = Family<Vec<(&'static str, String)>, Histogram, fn() -> Histogram>;
+
+fn duration_buckets() -> Histogram {
+    // 0.5 ms … about 65 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
 /// Live counters. Cheap to bump from any task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub(crate) notifications: AtomicU64,
     pub(crate) invalid: AtomicU64,
@@ -19,6 +32,29 @@ pub struct Stats {
     pub(crate) acked: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     pub(crate) liveness_failures: AtomicU64,
+    pub(crate) deliveries: Deliveries,
+    pub(crate) durations: Durations,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            notifications: AtomicU64::default(),
+            invalid: AtomicU64::default(),
+            unknown_sender: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            events: AtomicU64::default(),
+            handled: AtomicU64::default(),
+            failed_attempts: AtomicU64::default(),
+            retried: AtomicU64::default(),
+            dead: AtomicU64::default(),
+            acked: AtomicU64::default(),
+            reconnects: AtomicU64::default(),
+            liveness_failures: AtomicU64::default(),
+            deliveries: Deliveries::default(),
+            durations: Durations::new_with_constructor(duration_buckets),
+        }
+    }
 }
 
 /// A copy of the counters at one moment.
@@ -53,6 +89,16 @@ pub struct StatsSnapshot {
 impl Stats {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one delivery `outcome` of `handler`.
+    pub(crate) fn delivery(&self, handler: &str, outcome: &'static str) {
+        self.deliveries.get_or_create(&vec![("handler", handler.to_owned()), ("outcome", outcome.to_owned())]).inc();
+    }
+
+    /// Records how long one attempt of `handler` took.
+    pub(crate) fn attempt_took(&self, handler: &str, took: std::time::Duration) {
+        self.durations.get_or_create(&vec![("handler", handler.to_owned())]).observe(took.as_secs_f64());
     }
 
     /// The counters now.

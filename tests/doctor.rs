@@ -38,6 +38,26 @@ fn doctor(config: &Path, conninfo: &str) -> (i32, Value) {
     (out.status.code().expect("exit code"), Value::Object(by_name))
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /metrics` on the daemon's endpoint.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to metrics");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+}
+
 fn write_config(dir: &TempDir) -> std::path::PathBuf {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, WATCH).expect("write config");
@@ -142,6 +162,20 @@ async fn a_listener_idling_in_a_transaction_is_named_as_the_queue_fills() {
     let detail = queue["detail"].as_str().unwrap();
     assert!(detail.contains(&format!("pid {rogue_pid}")) && detail.contains("role rogue"), "{detail}");
     assert!(detail.contains("rogue-worker"), "{detail}");
+
+    // The daemon's metrics show the same: the queue usage, and the backend holding it.
+    let port = free_port();
+    let text = format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n\n{WATCH}");
+    let pg = post_save::db::resolve(Some(&conninfo)).expect("conninfo");
+    let daemon = support::start_via(pg, config(&text), &mut post_save::Registry::new()).await;
+    let metrics = scrape(port).await;
+    let usage = metric(&metrics, "post_save_notify_queue_usage_ratio ").expect("queue usage metric");
+    assert!(usage > 0.001, "{metrics}");
+    let idle = format!(
+        "post_save_idle_in_transaction_oldest_seconds{{pid=\"{rogue_pid}\",role=\"rogue\",application=\"rogue-worker\"}}"
+    );
+    assert!(metrics.contains(&idle), "no {idle} in:\n{metrics}");
+    daemon.stop().await;
 
     // Once the rogue's transaction ends it reads, and the queue empties.
     rogue.batch_execute("COMMIT").await.unwrap();

@@ -116,6 +116,25 @@ pub struct DaemonConfig {
     /// within this.
     #[serde(with = "humantime_serde")]
     pub liveness: Duration,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens: a loopback address and port,
+    /// such as `127.0.0.1:9187`. No endpoint when unset.
+    #[serde(deserialize_with = "loopback")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// A socket address on a loopback interface.
+fn loopback<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        serde::de::Error::custom(format!("{text:?} is not an address and port like \"127.0.0.1:9187\""))
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(serde::de::Error::custom(format!(
+            "{addr} is not a loopback address: the endpoint listens on 127.0.0.0/8 or [::1] only; \
+             put a proxy in front of it to expose it further"
+        )));
+    }
+    Ok(Some(addr))
 }
 
 impl Default for DaemonConfig {
@@ -134,6 +153,7 @@ impl Default for DaemonConfig {
             doorbell_rate: 2_000,
             keep_handled: Duration::from_secs(24 * 3600),
             liveness: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
