@@ -74,6 +74,9 @@ pub enum Command {
     /// Check the configuration file
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Dead letters: deliveries that gave up
+    #[command(subcommand)]
+    Dead(crate::ops::DeadCommand),
     /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
     Doctor {
         /// JSON array of checks on stdout
@@ -122,6 +125,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Triggers(t) => triggers_command(&cli.global, t).await,
         Command::Handlers(HandlersCommand::List { json }) => list_handlers(&cli.global, *json),
         Command::Doctor { json } => crate::ops::doctor(&cli.global, *json).await,
+        Command::Dead(d) => crate::ops::dead(&cli.global, d).await,
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.global)?;
             eprintln!("config ok: {} watched tables, {} handlers", config.watches.len(), config.handlers.len());

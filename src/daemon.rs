@@ -226,6 +226,7 @@ impl Daemon {
             stop: stop.clone(),
             alive: self.alive.clone(),
             heartbeat: self.heartbeat,
+            retrying: Arc::default(),
         };
 
         {

@@ -204,3 +204,45 @@ pub(crate) async fn delete_handled(
         }
     }
 }
+
+/// A dead letter whose retry was requested (`post-save dead retry`).
+#[derive(Debug)]
+pub(crate) struct RetryRequest {
+    pub id: i64,
+    pub handler: String,
+    pub event: String,
+}
+
+/// Dead letters waiting for a retry, oldest first, leaving out `busy` (already running).
+pub(crate) async fn retry_requests(client: &Client, busy: &[i64]) -> Result<Vec<RetryRequest>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, handler, event::text FROM post_save.dead_letter \
+              WHERE retry_requested_at IS NOT NULL AND id <> ALL($1) ORDER BY id LIMIT 100",
+            &[&busy],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| RetryRequest { id: r.get(0), handler: r.get(1), event: r.get(2) }).collect())
+}
+
+/// Records how a requested retry ended: `None` (delivered) deletes the dead letter; a failure
+/// adds its attempts, keeps its error and clears the request.
+pub(crate) async fn retry_done(
+    client: &Client,
+    id: i64,
+    failure: Option<(i32, &str)>,
+) -> Result<(), tokio_postgres::Error> {
+    match failure {
+        None => client.execute("DELETE FROM post_save.dead_letter WHERE id = $1", &[&id]).await?,
+        Some((attempts, error)) => {
+            client
+                .execute(
+                    "UPDATE post_save.dead_letter SET attempts = attempts + $2, last_error = $3, \
+                            dead_at = clock_timestamp(), retry_requested_at = NULL WHERE id = $1",
+                    &[&id, &attempts, &error],
+                )
+                .await?
+        }
+    };
+    Ok(())
+}

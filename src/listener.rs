@@ -146,7 +146,12 @@ pub(crate) struct Listener {
     pub alive: watch::Sender<Instant>,
     /// Longest wait between two round trips while idle (the watchdog's proof of life).
     pub heartbeat: Duration,
+    /// Dead letters whose requested retry is running.
+    pub retrying: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
 }
+
+/// How often the dead-letter list is checked for retries an operator requested.
+const RETRY_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +237,7 @@ impl Listener {
         tracing::info!(tables, channel = CHANNEL, "listening");
         let sweep_every = self.config.daemon.sweep_interval.max(Duration::from_millis(10));
         let mut next_sweep = tokio::time::Instant::now() + sweep_every;
+        let mut next_retry = tokio::time::Instant::now();
         loop {
             let poll = if bell.armed { self.config.daemon.idle_poll } else { self.config.daemon.busy_poll };
             let poll = poll.min(self.heartbeat);
@@ -264,6 +270,10 @@ impl Listener {
             if tokio::time::Instant::now() >= next_sweep {
                 self.sweep(&work, &cursor).await?;
                 next_sweep = tokio::time::Instant::now() + sweep_every;
+            }
+            if tokio::time::Instant::now() >= next_retry {
+                self.retry_dead(&work).await?;
+                next_retry = tokio::time::Instant::now() + RETRY_CHECK;
             }
         }
     }
@@ -335,6 +345,44 @@ impl Listener {
         }
         if found > 0 {
             tracing::info!(events = found, "sweep found events committed late");
+        }
+        Ok(())
+    }
+
+    /// Starts the retries operators requested (`post-save dead retry`) that are not running.
+    async fn retry_dead(&self, work: &Arc<Work>) -> Result<(), SessionError> {
+        let busy: Vec<i64> = self.retrying.lock().map(|b| b.iter().copied().collect()).unwrap_or_default();
+        let requests = ledger::retry_requests(&work.client, &busy).await.map_err(DbError::Query)?;
+        for request in requests {
+            let id = request.id;
+            let event = match serde_json::from_str::<SaveEvent>(&request.event) {
+                Ok(event) => event,
+                Err(e) => {
+                    let error = format!("retry requested, but the stored event does not decode: {e}");
+                    tracing::warn!(dead_letter = id, %error, "cannot retry a dead letter");
+                    ledger::retry_done(&work.client, id, Some((0, &error))).await.map_err(DbError::Query)?;
+                    continue;
+                }
+            };
+            if let Ok(mut busy) = self.retrying.lock() {
+                busy.insert(id);
+            }
+            let retrying = Arc::clone(&self.retrying);
+            let settled = move || {
+                if let Ok(mut busy) = retrying.lock() {
+                    busy.remove(&id);
+                }
+            };
+            let handler = request.handler.clone();
+            let router = self.router.borrow().clone();
+            if !router.redeliver(request, event, Arc::clone(work), settled) {
+                if let Ok(mut busy) = self.retrying.lock() {
+                    busy.remove(&id);
+                }
+                let error = format!("retry requested, but no handler named {handler:?} is registered");
+                tracing::warn!(dead_letter = id, %handler, "cannot retry a dead letter: no such handler");
+                ledger::retry_done(&work.client, id, Some((0, &error))).await.map_err(DbError::Query)?;
+            }
         }
         Ok(())
     }

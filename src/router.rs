@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::delivery::{Delivered, Outcome, deliver};
 use crate::event::SaveEvent;
+use crate::ledger::{self, RetryRequest, Work};
 use crate::registry::Registry;
 use crate::stats::Stats;
 
@@ -143,6 +144,43 @@ impl Router {
             let how = deliver(route, &job.event, &self.stop, &self.abort, &self.stats, &self.outcomes).await;
             job.done.finish(how);
         }
+    }
+
+    /// Runs a dead letter's `event` through the handler named `handler` again, outside the
+    /// row lanes (an operator's retry), then records the result on `work`. `settled` runs when
+    /// it ends. False when no handler has that name.
+    pub(crate) fn redeliver(
+        self: &Arc<Self>,
+        request: RetryRequest,
+        event: SaveEvent,
+        work: Arc<Work>,
+        settled: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        let Some(index) = self.registry.routes().iter().position(|r| r.receiver.name() == request.handler) else {
+            return false;
+        };
+        let router = Arc::clone(self);
+        self.tracker.spawn(async move {
+            let route = &router.registry.routes()[index];
+            // The new attempts' outcome is recorded on the dead letter itself, not as a new one.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let how = deliver(route, &event, &router.stop, &router.abort, &router.stats, &tx).await;
+            let failure = match (how, rx.try_recv()) {
+                (Delivered::Done, _) => Some(None),
+                (Delivered::Dead, Ok(Outcome::Dead(d))) => Some(Some((d.attempts, d.last_error))),
+                _ => None,
+            };
+            if let Some(failure) = failure {
+                let failed = failure.as_ref().map(|(a, e)| (*a, e.as_str()));
+                match ledger::retry_done(&work.client, request.id, failed).await {
+                    Ok(()) if failed.is_none() => tracing::info!(dead_letter = request.id, handler = %request.handler, "dead letter retried and delivered"),
+                    Ok(()) => tracing::warn!(dead_letter = request.id, handler = %request.handler, "dead letter retried and failed again"),
+                    Err(e) => tracing::warn!(dead_letter = request.id, error = %e, "could not record the retry; it will run again"),
+                }
+            }
+            settled();
+        });
+        true
     }
 
     /// Waits until every lane is empty (after `stop`, lanes hand their events back quickly).
