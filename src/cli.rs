@@ -77,6 +77,9 @@ pub enum Command {
     /// Dead letters: deliveries that gave up
     #[command(subcommand)]
     Dead(crate::ops::DeadCommand),
+    /// The ledger's events and what became of them
+    #[command(subcommand)]
+    Events(crate::ops::EventsCommand),
     /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
     Doctor {
         /// JSON array of checks on stdout
@@ -126,6 +129,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Handlers(HandlersCommand::List { json }) => list_handlers(&cli.global, *json),
         Command::Doctor { json } => crate::ops::doctor(&cli.global, *json).await,
         Command::Dead(d) => crate::ops::dead(&cli.global, d).await,
+        Command::Events(e) => crate::ops::events(&cli.global, e).await,
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.global)?;
             eprintln!("config ok: {} watched tables, {} handlers", config.watches.len(), config.handlers.len());
