@@ -80,6 +80,10 @@ pub enum Command {
     /// The ledger's events and what became of them
     #[command(subcommand)]
     Events(crate::ops::EventsCommand),
+    /// Deliver acknowledged events again (to every handler, or to one)
+    Replay(crate::ops::ReplayArgs),
+    /// Synthetic raw=true insert events for rows that already exist, through the same handlers
+    Backfill(crate::ops::BackfillArgs),
     /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
     Doctor {
         /// JSON array of checks on stdout
@@ -130,6 +134,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Doctor { json } => crate::ops::doctor(&cli.global, *json).await,
         Command::Dead(d) => crate::ops::dead(&cli.global, d).await,
         Command::Events(e) => crate::ops::events(&cli.global, e).await,
+        Command::Replay(r) => crate::ops::replay(&cli.global, r).await,
+        Command::Backfill(b) => crate::ops::backfill(&cli.global, b).await,
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.global)?;
             eprintln!("config ok: {} watched tables, {} handlers", config.watches.len(), config.handlers.len());

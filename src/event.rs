@@ -104,6 +104,9 @@ pub enum Notice {
     /// Durable events were committed: read the ledger. A wake-up is only a hint (anyone can
     /// NOTIFY); the ledger, which only its owner can write, is the truth.
     Wake,
+    /// Events below the daemon's cursor were made pending again (`post-save replay`): sweep
+    /// the whole ledger now rather than at the next `sweep_interval`.
+    Sweep,
     /// A `notify`-mode event, complete in the payload.
     Event(Box<SaveEvent>),
 }
@@ -131,6 +134,9 @@ pub fn decode_notice(payload: &str) -> Result<Notice, DecodeError> {
     };
     if map.get("wake").is_some_and(|w| w == "ledger") {
         return Ok(Notice::Wake);
+    }
+    if map.get("wake").is_some_and(|w| w == "sweep") {
+        return Ok(Notice::Sweep);
     }
     if let Some(id) = map.get("id") {
         return match id.as_i64() {

@@ -259,7 +259,11 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
-                    self.handle_notices(&work, batch).await?
+                    let (wake, sweep) = self.handle_notices(&work, batch).await?;
+                    if sweep {
+                        next_sweep = tokio::time::Instant::now();
+                    }
+                    wake || sweep
                 }
                 () = tokio::time::sleep(poll) => true,
             };
@@ -278,13 +282,14 @@ impl Listener {
         }
     }
 
-    /// Handles a batch of notifications; true when one asked to read the ledger.
-    async fn handle_notices(&self, work: &Work, payloads: Vec<String>) -> Result<bool, SessionError> {
-        let mut wake = false;
+    /// Handles a batch of notifications: (one asked to read the ledger, one asked for a sweep).
+    async fn handle_notices(&self, work: &Work, payloads: Vec<String>) -> Result<(bool, bool), SessionError> {
+        let (mut wake, mut sweep) = (false, false);
         for payload in payloads {
             Stats::bump(&self.stats.notifications);
             match decode_notice(&payload) {
                 Ok(Notice::Wake) => wake = true,
+                Ok(Notice::Sweep) => sweep = true,
                 Ok(Notice::Event(event)) => self.accept_notify_event(work, *event).await?,
                 Err(reason) => {
                     Stats::bump(&self.stats.invalid);
@@ -293,7 +298,7 @@ impl Listener {
                 }
             }
         }
-        Ok(wake)
+        Ok((wake, sweep))
     }
 
     /// Dispatches every ledger event past the cursor (and in its gaps), page by page. Returns

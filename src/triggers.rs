@@ -358,6 +358,36 @@ impl Generator<'_> {
     }
 }
 
+/// The statement `post-save backfill` runs: a synthetic `raw = true` insert event for every
+/// row of `watch`'s table matching `filter` (SQL, the operator's own; `TRUE` when absent),
+/// written to the ledger in chunks of [`CHUNK`] rows, in primary-key order. Returns the number
+/// of events through `RETURNING n`. Redacted columns are left out, as in the capture.
+pub fn backfill_sql(watch: &Watch, shape: &TableShape, filter: Option<&str>) -> String {
+    let g = Generator { watch, shape, sender: quote_literal(&watch.table.to_string()) };
+    let order: Vec<String> = shape.pk.iter().map(|c| format!("n.{}", quote_ident(c))).collect();
+    format!(
+        "INSERT INTO post_save.event (sender, op, n, head, rows)\n\
+         SELECT {sender}, 'insert', count(*), \
+                json_build_object('raw', true, 'txid', txid_current(), 'at', clock_timestamp(), \
+                  'actor', json_build_object('role', current_user::text, 'application_name', current_setting('application_name'), \
+                    'client_addr', inet_client_addr(), 'pid', pg_backend_pid(), 'actor', 'post-save backfill'), \
+                  'origin', NULL), \
+                json_agg(e.item ORDER BY e.position)\n\
+           FROM (SELECT json_build_array({pk}, {instance}, NULL::json, NULL::text[]) AS item, \
+                        row_number() OVER (ORDER BY {order}) AS position\n\
+                   FROM {table} n WHERE ({filter})) e\n\
+          GROUP BY (e.position - 1) / {CHUNK}\n\
+          ORDER BY (e.position - 1) / {CHUNK}\n\
+         RETURNING n",
+        sender = g.sender,
+        pk = g.pk("n"),
+        instance = g.instance("n"),
+        order = order.join(", "),
+        table = watch.table.quoted(),
+        filter = filter.unwrap_or("TRUE"),
+    )
+}
+
 /// The DDL for every watched table, and for removing the capture of tables no longer watched.
 pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String, TriggerError> {
     let mut sql = String::new();

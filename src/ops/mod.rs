@@ -1,4 +1,4 @@
-//! Operator commands: `doctor`, `dead`, `events`. Tables on a terminal, tab-separated lines in a pipe, `--json`
+//! Operator commands: `doctor`, `dead`, `events`, `replay`, `backfill`. Tables on a terminal, tab-separated lines in a pipe, `--json`
 //! for scripts.
 
 use std::io::{IsTerminal, Write};
@@ -10,7 +10,9 @@ use post_save::doctor::{self, Check};
 use crate::cli::{EXIT_DRIFT, Global, load_config, pg_config};
 
 mod events;
+mod replay;
 pub use events::{EventsCommand, events};
+pub use replay::{BackfillArgs, ReplayArgs, backfill, replay};
 
 /// `post-save doctor`: exit 0 when every check is ok, 1 when any found a problem.
 pub async fn doctor(global: &Global, json: bool) -> Result<u8> {
