@@ -28,6 +28,8 @@ pub enum State {
         /// Watched tables in the config.
         tables: usize,
     },
+    /// Another daemon holds the dispatch lease (`daemon.lease`); this one waits to take over.
+    Standby,
     /// The connection was lost; waiting to reconnect.
     Reconnecting {
         /// Consecutive failed attempts.
@@ -190,6 +192,7 @@ impl Daemon {
         drop(client);
         task.abort();
 
+        let lease = self.config.daemon.lease.map(crate::lease::Lease::new);
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let give_up = CancellationToken::new();
@@ -211,6 +214,7 @@ impl Daemon {
             Arc::clone(&self.stats),
             stop.clone(),
             router_abort.clone(),
+            lease.clone(),
         ));
         let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
         let listener = Listener {
@@ -227,6 +231,7 @@ impl Daemon {
             alive: self.alive.clone(),
             heartbeat: self.heartbeat,
             retrying: Arc::default(),
+            lease: lease.clone(),
         };
 
         {
@@ -253,6 +258,7 @@ impl Daemon {
                             Arc::clone(&self.stats),
                             stop.clone(),
                             new_abort.clone(),
+                            lease.clone(),
                         );
                         let old = router_tx.send_replace(new);
                         let old_abort = std::mem::replace(&mut router_abort, new_abort);
@@ -268,6 +274,16 @@ impl Daemon {
         let router = router_tx.borrow().clone();
         drop(router_tx);
         self.finish(&router, &router_abort).await;
+        // Only now that nothing runs here any more may a standby take over.
+        if let Some(lease) = lease.as_ref().filter(|l| l.held()) {
+            let released = async {
+                let (client, _task) = db::connect(&self.pg).await.ok()?;
+                lease.release(&client).await.ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(2), released).await.ok().flatten().is_some() {
+                tracing::info!("lease released");
+            }
+        }
         // The listener (and with it the last sender of outcomes) goes; the writer then flushes.
         drop(listener);
         drop(router);

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DaemonConfig;
 use crate::event::SaveEvent;
 use crate::handler::{Delivery, Failure, HandlerError};
+use crate::lease::Lease;
 use crate::ledger::{self, DeadLetter, LedgerRow, Work};
 use crate::registry::Route;
 use crate::stats::Stats;
@@ -100,6 +101,7 @@ pub(crate) async fn deliver(
     event: &SaveEvent,
     stop: &CancellationToken,
     abort: &CancellationToken,
+    lease: Option<&Lease>,
     stats: &Stats,
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Delivered {
@@ -121,11 +123,23 @@ pub(crate) async fn deliver(
             () = stop.cancelled() => return Delivered::HandedBack,
         };
         let Ok(_permit) = permit else { return Delivered::HandedBack };
+        // With several daemons, only the lease holder starts an attempt, and an attempt still
+        // running when the lease runs out is dropped: no two daemons dispatch at once.
+        if lease.is_some_and(|l| !l.held()) {
+            return Delivered::HandedBack;
+        }
+        let lease_lost = async {
+            match lease {
+                Some(l) => l.lost().await,
+                None => std::future::pending().await,
+            }
+        };
         let delivery = Delivery { handler: receiver.name().to_owned(), attempt, max_attempts: policy.attempts };
         let started = std::time::Instant::now();
         let result = tokio::select! {
             r = attempt_once(route, event, &delivery) => r,
             () = abort.cancelled() => return Delivered::HandedBack,
+            () = lease_lost => return Delivered::HandedBack,
         };
         stats.attempt_took(receiver.name(), started.elapsed());
         let error = match result {

@@ -43,6 +43,7 @@ pub mod doctor;
 pub mod event;
 pub mod expr;
 pub mod handler;
+mod lease;
 mod ledger;
 mod listener;
 mod metrics;

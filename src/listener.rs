@@ -148,6 +148,8 @@ pub(crate) struct Listener {
     pub heartbeat: Duration,
     /// Dead letters whose requested retry is running.
     pub retrying: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    /// The dispatch lease, when several daemons share the database (`daemon.lease`).
+    pub lease: Option<Arc<crate::lease::Lease>>,
 }
 
 /// How often the dead-letter list is checked for retries an operator requested.
@@ -174,9 +176,19 @@ impl Listener {
         let mut delays = backoff.build();
         let mut attempt = 0u32;
         loop {
+            if let Some(lease) = &self.lease
+                && !lease.held()
+                && !self.standby(lease).await
+            {
+                return;
+            }
             let result = self.session(&mut attempt).await;
             if self.stop.is_cancelled() {
                 return;
+            }
+            if self.lease.as_ref().is_some_and(|l| !l.held()) {
+                tracing::warn!("the lease ran out: dispatch stopped; standing by");
+                continue;
             }
             let error = match result {
                 Ok(()) => return,
@@ -197,6 +209,56 @@ impl Listener {
         }
     }
 
+    /// Waits as a standby until this daemon holds the lease; false when stopping first.
+    async fn standby(&self, lease: &crate::lease::Lease) -> bool {
+        let poll = (lease.length / 6).max(Duration::from_millis(50));
+        let mut announced = false;
+        loop {
+            match db::connect(&self.pg).await {
+                Ok((client, _task)) => loop {
+                    // Acknowledgements of events this daemon handled before it lost the lease
+                    // are written on this connection meanwhile (else they wait for the next
+                    // session, and those events are delivered again).
+                    let stale = self.work_client.borrow().as_ref().is_none_or(|w| w.client.is_closed());
+                    if stale
+                        && let Ok((ack_client, _ack_task)) = db::connect(&self.pg).await
+                        && let Ok(work) = Work::new(ack_client).await
+                    {
+                        self.work_client.send_replace(Some(Arc::new(work)));
+                    }
+                    match lease.try_acquire(&client).await {
+                        Ok(true) => {
+                            tracing::info!(holder = %lease.holder, "lease acquired: dispatching");
+                            return true;
+                        }
+                        Ok(false) => {
+                            self.alive.send_replace(Instant::now());
+                            if !announced {
+                                let holder = crate::lease::Lease::current(&client).await.ok().flatten();
+                                tracing::info!(holder = ?holder.map(|h| h.0), "standby: another instance holds the lease");
+                                self.state.send_replace(State::Standby);
+                                announced = true;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not take the lease; reconnecting");
+                            break;
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(poll) => {}
+                        () = self.stop.cancelled() => return false,
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "standby cannot reach the database"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                () = self.stop.cancelled() => return false,
+            }
+        }
+    }
+
     async fn session(&self, attempt: &mut u32) -> Result<(), SessionError> {
         let ping_channel = format!("post_save_ping_{}", uuid::Uuid::new_v4().simple());
         let (_listen_client, mut notices, echoes, listen_task) = open_listener(&self.pg, &ping_channel).await?;
@@ -213,6 +275,16 @@ impl Listener {
         let listen_abort = listen_task.0.abort_handle();
         let watchdog =
             liveness(Arc::clone(&work), ping_channel, echoes, every, self.alive.clone(), Arc::clone(&self.stats));
+        // The lease holder renews on the work connection; losing the lease drops the session.
+        let _keeper = self.lease.as_ref().map(|lease| {
+            let (lease, work) = (Arc::clone(lease), Arc::clone(&work));
+            let (listen, worker) = (listen_task.0.abort_handle(), work_task.abort_handle());
+            AbortOnDrop(tokio::spawn(async move {
+                crate::lease::keep(lease, work).await;
+                listen.abort();
+                worker.abort();
+            }))
+        });
         let _liveness = AbortOnDrop(tokio::spawn(async move {
             let waited = watchdog.await;
             tracing::warn!(waited = ?waited, liveness = ?every, "no answer from the database within the liveness interval; reconnecting");

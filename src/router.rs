@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::delivery::{Delivered, Outcome, deliver};
 use crate::event::SaveEvent;
+use crate::lease::Lease;
 use crate::ledger::{self, RetryRequest, Work};
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -59,6 +60,7 @@ pub(crate) struct Router {
     abort: CancellationToken,
     outcomes: mpsc::UnboundedSender<Outcome>,
     stats: Arc<Stats>,
+    lease: Option<Arc<Lease>>,
 }
 
 impl Router {
@@ -68,6 +70,7 @@ impl Router {
         stats: Arc<Stats>,
         stop: CancellationToken,
         abort: CancellationToken,
+        lease: Option<Arc<Lease>>,
     ) -> Arc<Router> {
         Arc::new(Router {
             registry,
@@ -77,6 +80,7 @@ impl Router {
             abort,
             outcomes,
             stats,
+            lease,
         })
     }
 
@@ -141,7 +145,9 @@ impl Router {
                     }
                 }
             };
-            let how = deliver(route, &job.event, &self.stop, &self.abort, &self.stats, &self.outcomes).await;
+            let how =
+                deliver(route, &job.event, &self.stop, &self.abort, self.lease.as_deref(), &self.stats, &self.outcomes)
+                    .await;
             job.done.finish(how);
         }
     }
@@ -164,7 +170,7 @@ impl Router {
             let route = &router.registry.routes()[index];
             // The new attempts' outcome is recorded on the dead letter itself, not as a new one.
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let how = deliver(route, &event, &router.stop, &router.abort, &router.stats, &tx).await;
+            let how = deliver(route, &event, &router.stop, &router.abort, router.lease.as_deref(), &router.stats, &tx).await;
             let failure = match (how, rx.try_recv()) {
                 (Delivered::Done, _) => Some(None),
                 (Delivered::Dead, Ok(Outcome::Dead(d))) => Some(Some((d.attempts, d.last_error))),

@@ -85,7 +85,7 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
 fn announce(state: &State) {
     let status = status_line(state);
     match state {
-        State::Listening { .. } => send(&[NotifyState::Ready, NotifyState::Status(&status)]),
+        State::Listening { .. } | State::Standby => send(&[NotifyState::Ready, NotifyState::Status(&status)]),
         State::Stopping => send(&[NotifyState::Stopping, NotifyState::Status(&status)]),
         _ => send(&[NotifyState::Status(&status)]),
     }
@@ -96,6 +96,7 @@ pub fn status_line(state: &State) -> String {
     match state {
         State::Starting => "starting".into(),
         State::Listening { tables } => format!("listening on {tables} tables"),
+        State::Standby => "standby: another instance holds the lease".into(),
         State::Reconnecting { attempt } => format!("reconnecting, attempt {attempt}"),
         State::Stopping => "stopping".into(),
         State::Stopped => "stopped".into(),
@@ -104,7 +105,7 @@ pub fn status_line(state: &State) -> String {
 
 /// Listening, and the listener proved the connection alive within `interval`.
 fn healthy(state: &State, alive: Instant, now: Instant, interval: Duration) -> bool {
-    matches!(state, State::Listening { .. }) && now.saturating_duration_since(alive) < interval
+    matches!(state, State::Listening { .. } | State::Standby) && now.saturating_duration_since(alive) < interval
 }
 
 fn send(states: &[NotifyState<'_>]) {

@@ -120,6 +120,10 @@ pub struct DaemonConfig {
     /// such as `127.0.0.1:9187`. No endpoint when unset.
     #[serde(deserialize_with = "loopback")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Run several daemons on one database: the one holding this lease dispatches, the others
+    /// wait and take over once it has not been renewed for this long. Unset: a single daemon.
+    #[serde(with = "humantime_serde")]
+    pub lease: Option<Duration>,
 }
 
 /// A socket address on a loopback interface.
@@ -154,6 +158,7 @@ impl Default for DaemonConfig {
             keep_handled: Duration::from_secs(24 * 3600),
             liveness: Duration::from_secs(10),
             metrics: None,
+            lease: None,
         }
     }
 }
