@@ -172,7 +172,8 @@ impl Daemon {
         let metrics_stop = CancellationToken::new();
         let _metrics_stop = metrics_stop.clone().drop_guard();
         if let Some(addr) = self.config.daemon.metrics {
-            let listener = crate::metrics::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
             let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), self.pg.clone());
             tracing::info!(%addr, "metrics endpoint listening");
             tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));

@@ -4,7 +4,6 @@
 //! event, the NOTIFY queue usage and the oldest backend idling in a transaction are read from
 //! the database at scrape time, on a connection of the endpoint's own.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -40,11 +39,6 @@ impl Endpoint {
     pub(crate) fn new(stats: Arc<Stats>, state: watch::Receiver<State>, pg: tokio_postgres::Config) -> Self {
         Endpoint { stats, state, pg, client: Mutex::new(None) }
     }
-}
-
-/// Binds `addr`; fails at once (so at start-up) when it cannot.
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Serves scrapes until `stop`.

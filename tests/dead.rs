@@ -6,7 +6,7 @@ mod common;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,14 +22,7 @@ use tempfile::TempDir;
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
 
 fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", &db.conninfo])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save")
+    support::post_save_on(config, db, args)
 }
 
 fn list(config: &Path, db: &TestDb, filter: &[&str]) -> Vec<Value> {

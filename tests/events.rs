@@ -21,14 +21,7 @@ use tempfile::TempDir;
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
 
 fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", &db.conninfo])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save")
+    support::post_save_on(config, db, args)
 }
 
 fn json(out: &Output) -> Value {

@@ -4,7 +4,7 @@ mod common;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,14 +17,7 @@ use tempfile::TempDir;
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\nredact = [\"secret\"]\n";
 
 fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", &db.conninfo])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save");
+    let out = support::post_save_on(config, db, args);
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }

@@ -2,7 +2,7 @@
 //! each (acknowledged, or which handlers gave up on it and why).
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -233,9 +233,8 @@ fn op_name(op: Op) -> &'static str {
 }
 
 fn print_list(entries: &[Entry], json: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(entries).context("encoding JSON")?)?;
+        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(entries).context("encoding JSON")?)?;
         return Ok(());
     }
     const HEADER: [&str; 7] = ["id", "sender", "op", "pk", "at", "handled", "dead"];
@@ -250,19 +249,5 @@ fn print_list(entries: &[Entry], json: bool) -> Result<()> {
             e.dead.iter().map(|d| d.handler.as_str()).collect::<Vec<_>>().join(","),
         ]
     };
-    if std::io::stdout().is_terminal() {
-        let mut table = comfy_table::Table::new();
-        table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-        table.set_header(HEADER);
-        for e in entries {
-            table.add_row(cells(e));
-        }
-        writeln!(out, "{table}")?;
-    } else {
-        writeln!(out, "{}", HEADER.join("\t"))?;
-        for e in entries {
-            writeln!(out, "{}", cells(e).join("\t"))?;
-        }
-    }
-    Ok(())
+    super::print_rows(&HEADER, entries.iter().map(|e| cells(e).to_vec()))
 }

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, Result};
 
-use post_save::doctor::{self, Check};
+use post_save::doctor;
 
 use crate::cli::{EXIT_DRIFT, Global, load_config, pg_config};
 
@@ -19,29 +19,36 @@ pub async fn doctor(global: &Global, json: bool) -> Result<u8> {
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
     let checks = doctor::run(&pg, &config).await;
-    let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&checks).context("encoding JSON")?)?;
-    } else if std::io::stdout().is_terminal() {
-        writeln!(out, "{}", checks_table(&checks))?;
+        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&checks).context("encoding JSON")?)?;
     } else {
-        writeln!(out, "verdict\tcheck\tdetail\tfix")?;
-        for c in &checks {
-            writeln!(out, "{}\t{}\t{}\t{}", c.verdict.as_str(), c.name, c.detail, c.fix.as_deref().unwrap_or(""))?;
-        }
+        let rows = checks.iter().map(|c| {
+            [c.verdict.as_str(), c.name, &c.detail, c.fix.as_deref().unwrap_or("")].map(str::to_owned).to_vec()
+        });
+        print_rows(&["verdict", "check", "detail", "fix"], rows)?;
     }
     Ok(if doctor::problems(&checks) { EXIT_DRIFT } else { 0 })
 }
 
-fn checks_table(checks: &[Check]) -> comfy_table::Table {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-    table.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
-    table.set_header(["", "check", "detail", "fix"]);
-    for c in checks {
-        table.add_row([c.verdict.as_str(), c.name, &c.detail, c.fix.as_deref().unwrap_or("")]);
+/// Rows for people: a table on a terminal, tab-separated lines (header first) in a pipe.
+pub(crate) fn print_rows(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if std::io::stdout().is_terminal() {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+        table.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+        table.set_header(header);
+        for row in rows {
+            table.add_row(row);
+        }
+        writeln!(out, "{table}")?;
+    } else {
+        writeln!(out, "{}", header.join("\t"))?;
+        for row in rows {
+            writeln!(out, "{}", row.join("\t"))?;
+        }
     }
-    table
+    Ok(())
 }
 
 /// `dead …`.
@@ -188,9 +195,8 @@ pub async fn dead(global: &Global, command: &DeadCommand) -> Result<u8> {
 }
 
 fn print_dead(letters: &[DeadLetterRow], json: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(letters).context("encoding JSON")?)?;
+        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(letters).context("encoding JSON")?)?;
         return Ok(());
     }
     let cells = |d: &DeadLetterRow| {
@@ -206,20 +212,5 @@ fn print_dead(letters: &[DeadLetterRow], json: bool) -> Result<()> {
         ]
     };
     const HEADER: [&str; 8] = ["id", "event", "handler", "sender", "attempts", "dead at", "retry", "last error"];
-    if std::io::stdout().is_terminal() {
-        let mut table = comfy_table::Table::new();
-        table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-        table.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
-        table.set_header(HEADER);
-        for d in letters {
-            table.add_row(cells(d));
-        }
-        writeln!(out, "{table}")?;
-    } else {
-        writeln!(out, "{}", HEADER.join("\t"))?;
-        for d in letters {
-            writeln!(out, "{}", cells(d).join("\t"))?;
-        }
-    }
-    Ok(())
+    print_rows(&HEADER, letters.iter().map(|d| cells(d).to_vec()))
 }

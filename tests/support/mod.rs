@@ -149,3 +149,16 @@ pub async fn wait_for_sql(db: &TestDb, sql: &str, expected: i64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs the real `post-save` binary with `--config config --database-url <db>` and `args`,
+/// `RUST_LOG` unset.
+pub fn post_save_on(config: &std::path::Path, db: &TestDb, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
+        .arg("--config")
+        .arg(config)
+        .args(["--database-url", &db.conninfo])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run post-save")
+}
