@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::delivery::{InFlight, write_outcomes};
+use crate::ledger::Rotation;
 use crate::listener::Listener;
 use crate::registry::Registry;
 use crate::router::Router;
@@ -317,25 +318,53 @@ impl Daemon {
 /// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
 /// when shorter), on a connection of its own so a long DELETE never delays the listener.
 async fn keep_ledger_small(pg: tokio_postgres::Config, keep: Duration, stop: CancellationToken) {
-    let every = keep.clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut from = 0i64;
+    let period = crate::ledger::rotation_period(keep);
+    let every = (period / 2).clamp(Duration::from_millis(250), Duration::from_secs(60));
+    let mut client = None;
+    let mut not_before = tokio::time::Instant::now();
+    let mut blocked = Duration::ZERO;
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        let result = async {
-            let (client, task) = db::connect(&pg).await?;
-            let deleted = crate::ledger::delete_handled(&client, keep, &mut from).await.map_err(DbError::Query);
-            drop(client);
-            task.abort();
-            deleted
+        if tokio::time::Instant::now() < not_before {
+            continue;
         }
-        .await;
-        match result {
-            Ok(0) => {}
-            Ok(deleted) => tracing::debug!(deleted, "removed acknowledged ledger rows"),
-            Err(e) => tracing::warn!(error = %e, "ledger retention failed; will retry"),
+        if client.is_none() {
+            match db::connect(&pg).await {
+                Ok(connected) => client = Some(connected),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ledger retention cannot connect; will retry");
+                    continue;
+                }
+            }
+        }
+        let Some((c, _)) = client.as_mut() else { continue };
+        match crate::ledger::rotate(c, keep, period).await {
+            Ok(Rotation::NotDue { wait }) => not_before = tokio::time::Instant::now() + wait,
+            Ok(Rotation::Rotated { slot, freed, moved }) => {
+                blocked = Duration::ZERO;
+                tracing::debug!(slot, freed_bytes = freed, moved, "ledger partition emptied; writes go to it now");
+            }
+            Ok(Rotation::Blocked { slot, holders }) => {
+                // Checked again after 1 s, 2 s, 4 s … up to a minute: a warning each time.
+                blocked = (blocked * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                not_before = tokio::time::Instant::now() + blocked;
+                tracing::warn!(
+                    partition = %format!("post_save.event_{slot}"),
+                    holders = %holders,
+                    retry_in = ?blocked,
+                    "ledger retention waits: another session holds a lock on the partition to be \
+                     emptied (an open transaction that read the ledger); the ledger grows until it ends"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ledger retention failed; will retry");
+                if let Some((_, task)) = client.take() {
+                    task.abort();
+                }
+            }
         }
     }
 }

@@ -141,12 +141,21 @@ pub fn latest_migration() -> i64 {
 
 /// Creates or upgrades the `post_save` schema. Returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<String>, DbError> {
+    migrate_to(client, None).await
+}
+
+/// As [`migrate`], stopping at `version` when given: for tests of an upgrade from an older
+/// schema with data in it.
+#[doc(hidden)]
+pub async fn migrate_to(client: &mut Client, version: Option<u32>) -> Result<Vec<String>, DbError> {
     // Two daemons starting together must not both migrate.
     client.batch_execute("SELECT pg_advisory_lock(hashtext('post_save.migrate'))").await.map_err(DbError::Query)?;
     let result = async {
         client.batch_execute("CREATE SCHEMA IF NOT EXISTS post_save").await.map_err(DbError::Query)?;
-        embedded::migrations::runner()
-            .set_migration_table_name(MIGRATION_TABLE)
+        let mut runner = embedded::migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        runner
+            .set_target(version.map_or(refinery::Target::Latest, refinery::Target::Version))
             .run_async(client)
             .await
             .map_err(DbError::Migrate)

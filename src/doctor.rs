@@ -316,12 +316,26 @@ async fn rights(client: &Client, config: &Config) -> Check {
             Err(e) => return query_failed("rights", &e),
         }
     }
-    let ledger = "SELECT CASE WHEN to_regclass('post_save.event') IS NULL THEN true \
-                  ELSE has_table_privilege('post_save.event', 'SELECT, UPDATE, DELETE') END";
-    match client.query_one(ledger, &[]).await.map(|r| r.get::<_, bool>(0)) {
-        Ok(false) => missing.push("SELECT, UPDATE, DELETE on post_save.event".into()),
-        Ok(true) => {}
-        Err(e) => return query_failed("rights", &e),
+    // Acknowledging needs UPDATE on the ledger; retention empties its partitions (TRUNCATE, and
+    // DELETE + INSERT for rows still pending) and moves writers to the next (the rotation row
+    // and the slot sequence).
+    let ledger = [
+        ("post_save.event", "table", "SELECT, INSERT, UPDATE, DELETE"),
+        ("post_save.event_0", "table", "TRUNCATE"),
+        ("post_save.event_1", "table", "TRUNCATE"),
+        ("post_save.event_2", "table", "TRUNCATE"),
+        ("post_save.ledger_rotation", "table", "SELECT, UPDATE"),
+        ("post_save.ledger_slot", "sequence", "SELECT, UPDATE"),
+    ];
+    for (object, kind, rights) in ledger {
+        let sql = format!(
+            "SELECT CASE WHEN to_regclass($1) IS NULL THEN true ELSE has_{kind}_privilege($1, $2) END"
+        );
+        match client.query_one(&sql, &[&object, &rights]).await.map(|r| r.get::<_, bool>(0)) {
+            Ok(false) => missing.push(format!("{rights} on {object}")),
+            Ok(true) => {}
+            Err(e) => return query_failed("rights", &e),
+        }
     }
     if missing.is_empty() {
         Check::ok("rights", "the role can install triggers and acknowledge events")

@@ -152,57 +152,135 @@ pub(crate) async fn write_outcomes(
         .await
 }
 
-/// Ledger rows examined per retention statement.
-const RETENTION_BATCH: i64 = 10_000;
+/// The ledger's partitions, `post_save.event_0` to `post_save.event_2`: one takes the writes,
+/// one waits to be emptied, one is the newest history.
+pub(crate) const SLOTS: i16 = 3;
 
-/// Deletes acknowledged ledger rows handled more than `keep` ago, walking ids upward from
-/// `*from` until it reaches rows handled recently. Pending rows are stepped over (they are
-/// deleted on a later run, once handled). Returns the number deleted; `*from` becomes the oldest
-/// row still kept, where the next run starts.
-pub(crate) async fn delete_handled(
-    client: &Client,
+/// How long a rotation waits for the lock on the partition it empties before it gives up until
+/// the next check. The daemon's own ledger reads queue behind that wait, so it stays short.
+const ROTATION_LOCK_TIMEOUT: &str = "200ms";
+
+/// What one retention check did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Rotation {
+    /// The current partition is not old enough yet, or the next still holds events acknowledged
+    /// less than `keep_handled` ago: `wait` is how long until the newest of them is.
+    NotDue { wait: std::time::Duration },
+    /// Writes go to `slot` now; its partition was emptied first. `freed` is the bytes the old
+    /// contents took; `moved` counts still-pending ledger rows carried over to the partition
+    /// that was current, so they stay pending.
+    Rotated { slot: i16, freed: i64, moved: u64 },
+    /// Another session holds a lock on the partition to be emptied (an open transaction that
+    /// read the ledger). Tried again at the next check.
+    Blocked { slot: i16, holders: String },
+}
+
+/// How long a partition takes the writes before the next one does: half of `keep_handled`, so
+/// an acknowledged event stays between `keep_handled` and about 1.5 times it (three partitions),
+/// and never less than a second.
+pub(crate) fn rotation_period(keep: std::time::Duration) -> std::time::Duration {
+    (keep / 2).max(std::time::Duration::from_secs(1))
+}
+
+/// One retention check. When the current partition has taken the writes for `period` and every
+/// event in the next one was acknowledged more than `keep` ago, the next partition is emptied
+/// with TRUNCATE (pending rows in it, if any, are first moved to the current one) and writes
+/// switch to it. TRUNCATE needs no vacuum, so an old snapshot held elsewhere cannot make the
+/// ledger grow. Safe to run from several daemons at once: the rotation row is locked.
+pub(crate) async fn rotate(
+    client: &mut Client,
     keep: std::time::Duration,
-    from: &mut i64,
-) -> Result<u64, tokio_postgres::Error> {
-    let keep = f64::max(keep.as_secs_f64(), 0.0);
-    let mut deleted = 0;
-    let mut start = *from;
-    let mut oldest_pending: Option<i64> = None;
-    loop {
-        let row = client
-            .query_one(
-                "WITH batch AS ( \
-                     SELECT id, handled_at FROM post_save.event WHERE id >= $1 ORDER BY id LIMIT $2 \
-                 ), gone AS ( \
-                     DELETE FROM post_save.event e USING batch b \
-                      WHERE e.id = b.id AND b.handled_at < clock_timestamp() - make_interval(secs => $3) \
-                     RETURNING e.id \
-                 ) \
-                 SELECT (SELECT count(*) FROM gone), \
-                        (SELECT max(id) FROM batch), \
-                        (SELECT min(id) FROM batch WHERE handled_at >= clock_timestamp() - make_interval(secs => $3)), \
-                        (SELECT min(id) FROM batch WHERE handled_at IS NULL)",
-                &[&start, &RETENTION_BATCH, &keep],
-            )
-            .await?;
-        deleted += u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        let last: Option<i64> = row.get(1);
-        let recent: Option<i64> = row.get(2);
-        if oldest_pending.is_none() {
-            oldest_pending = row.get(3);
-        }
-        match (last, recent) {
-            (Some(last), None) => start = last + 1,
-            (None, _) => {
-                *from = oldest_pending.unwrap_or(start);
-                return Ok(deleted);
-            }
-            (Some(_), Some(recent)) => {
-                *from = oldest_pending.map_or(recent, |p| p.min(recent));
-                return Ok(deleted);
-            }
-        }
+    period: std::time::Duration,
+) -> Result<Rotation, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{ROTATION_LOCK_TIMEOUT}'")).await?;
+    let row = tx
+        .query_one(
+            "SELECT slot, clock_timestamp() - since >= make_interval(secs => $1), \
+                    coalesce(pg_sequence_last_value('post_save.ledger_slot'), 0)::int2 \
+               FROM post_save.ledger_rotation FOR UPDATE",
+            &[&period.as_secs_f64()],
+        )
+        .await?;
+    let (current, due, writing): (i16, bool, i16) = (row.get(0), row.get(1), row.get(2));
+    if writing != current {
+        // A rotation committed and its daemon stopped before it moved the writers over.
+        tx.query_one("SELECT setval('post_save.ledger_slot', $1, true)", &[&i64::from(current)]).await?;
     }
+    if !due {
+        tx.commit().await?;
+        return Ok(Rotation::NotDue { wait: std::time::Duration::ZERO });
+    }
+    let next = (current + 1) % SLOTS;
+    let partition = format!("post_save.event_{next}");
+    // One scan of the partition, once it is due: when its last acknowledgement is old enough.
+    let left: Option<f64> = tx
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM max(handled_at) + make_interval(secs => $1) - clock_timestamp())::float8 \
+                   FROM {partition}"
+            ),
+            &[&keep.as_secs_f64()],
+        )
+        .await?
+        .get(0);
+    if let Some(left) = left.filter(|s| *s > 0.0) {
+        tx.commit().await?;
+        return Ok(Rotation::NotDue { wait: std::time::Duration::from_secs_f64(left) });
+    }
+    // A session idling in a transaction that read the ledger keeps its lock until it ends:
+    // queueing behind it would hold up the daemon's own reads, which would queue behind us.
+    let holders = lock_holders(&tx, &partition).await?;
+    if !holders.is_empty() {
+        return Ok(Rotation::Blocked { slot: next, holders });
+    }
+    if let Err(e) = tx.batch_execute(&format!("LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE")).await {
+        if e.code() != Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            return Err(e);
+        }
+        return Ok(Rotation::Blocked { slot: next, holders: "a lock that was not released in time".into() });
+    }
+    // Under the lock nobody writes the partition any more: what is pending now is all there is.
+    let moved = tx
+        .execute(
+            &format!(
+                "WITH gone AS (DELETE FROM {partition} WHERE handled_at IS NULL \
+                                RETURNING id, sender, op, n, head, rows) \
+                 INSERT INTO post_save.event (id, slot, sender, op, n, head, rows) OVERRIDING SYSTEM VALUE \
+                 SELECT id, $1, sender, op, n, head, rows FROM gone"
+            ),
+            &[&current],
+        )
+        .await?;
+    let freed: i64 =
+        tx.query_one(&format!("SELECT pg_total_relation_size('{partition}')"), &[]).await?.get(0);
+    tx.batch_execute(&format!("TRUNCATE {partition}")).await?;
+    tx.execute("UPDATE post_save.ledger_rotation SET slot = $1, since = clock_timestamp()", &[&next]).await?;
+    tx.commit().await?;
+    // Not transactional: only after the commit, so writers never go to a partition that is
+    // about to be emptied. A crash right here is mended at the next check (above).
+    client.query_one("SELECT setval('post_save.ledger_slot', $1, true)", &[&i64::from(next)]).await?;
+    Ok(Rotation::Rotated { slot: next, freed, moved })
+}
+
+/// The other backends holding a lock on `partition` that will not let go soon (idle in a
+/// transaction, or running a statement for more than a second), for the log: pid, role,
+/// application, state. Empty when there are none.
+async fn lock_holders(
+    client: &impl tokio_postgres::GenericClient,
+    partition: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(string_agg(DISTINCT format('pid %s (role %s, application %L, %s)', \
+                      a.pid, a.usename, a.application_name, a.state), '; '), '') \
+               FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+              WHERE l.relation = $1::text::regclass AND l.granted AND l.pid <> pg_backend_pid() \
+                AND (a.state <> 'active' OR a.query_start < clock_timestamp() - interval '1 second')",
+            &[&partition],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// A dead letter whose retry was requested (`post-save dead retry`).

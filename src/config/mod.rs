@@ -106,8 +106,9 @@ pub struct DaemonConfig {
     /// Events per second above which the daemon silences the doorbell and polls instead, so
     /// writers' commits stop taking NOTIFY's cluster-wide lock; armed again below a quarter.
     pub doorbell_rate: usize,
-    /// Acknowledged ledger rows older than this are deleted (checked every minute, or every
-    /// `keep_handled` when shorter).
+    /// How long acknowledged events stay in the ledger: at least this, and at most about 1.5
+    /// times it. The ledger has three partitions taking the writes in turn for half of this
+    /// each (a second at least); one is emptied with TRUNCATE before it takes them again.
     #[serde(with = "humantime_serde")]
     pub keep_handled: Duration,
     /// A ping goes through both database connections every half interval; one not answered
