@@ -92,6 +92,7 @@ pub async fn run(pg: &tokio_postgres::Config, config: &Config) -> Vec<Check> {
     checks.push(notify_queue(&client).await);
     if migrated {
         checks.push(backlog(&client, config).await);
+        checks.push(retention(&client, config).await);
         checks.push(dead_letters(&client).await);
     }
     checks.push(rights(&client, config).await);
@@ -288,6 +289,42 @@ async fn backlog(client: &Client, config: &Config) -> Check {
     }
 }
 
+/// Whether ledger retention keeps up: the current partition should not take the writes for
+/// much longer than `keep_handled` (it rotates after half of it, once the next partition's
+/// events are old enough). Longer means something holds a lock on a partition, or no daemon
+/// has run for a while.
+async fn retention(client: &Client, config: &Config) -> Check {
+    let keep = config.daemon.keep_handled;
+    let overdue = keep.max(crate::ledger::rotation_period(keep) * 2) + std::time::Duration::from_secs(60);
+    let sql = "SELECT extract(epoch FROM clock_timestamp() - since)::float8, pg_size_pretty( \
+                      (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('post_save.event'))), \
+                      (SELECT string_agg(DISTINCT format('pid %s (role %s, application %L, %s)', \
+                                         a.pid, a.usename, a.application_name, a.state), '; ') \
+                         FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                        WHERE l.granted AND l.pid <> pg_backend_pid() AND a.state <> 'active' \
+                          AND l.relation IN (SELECT relid FROM pg_partition_tree('post_save.event'))) \
+                 FROM post_save.ledger_rotation";
+    match client.query_one(sql, &[]).await {
+        Ok(row) => {
+            let (age, size, holders): (f64, Option<String>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+            let size = size.unwrap_or_else(|| "0 bytes".into());
+            let detail = format!("the ledger takes {size}; its current partition has taken the writes for {age:.0} s");
+            if age <= overdue.as_secs_f64() {
+                return Check::ok("retention", detail);
+            }
+            let fix = match holders {
+                Some(holders) => format!(
+                    "end the open transaction of {holders}: it read the ledger and holds a lock the \
+                     partition rotation waits for"
+                ),
+                None => "start the daemon (`post-save run`): it empties and rotates the partitions".into(),
+            };
+            Check::bad("retention", Verdict::Warn, format!("{detail}, longer than keep_handled allows"), fix)
+        }
+        Err(e) => query_failed("retention", &e),
+    }
+}
+
 async fn dead_letters(client: &Client) -> Check {
     match client.query_one("SELECT count(*) FROM post_save.dead_letter", &[]).await {
         Ok(row) => match row.get::<_, i64>(0) {
@@ -328,9 +365,7 @@ async fn rights(client: &Client, config: &Config) -> Check {
         ("post_save.ledger_slot", "sequence", "SELECT, UPDATE"),
     ];
     for (object, kind, rights) in ledger {
-        let sql = format!(
-            "SELECT CASE WHEN to_regclass($1) IS NULL THEN true ELSE has_{kind}_privilege($1, $2) END"
-        );
+        let sql = format!("SELECT CASE WHEN to_regclass($1) IS NULL THEN true ELSE has_{kind}_privilege($1, $2) END");
         match client.query_one(&sql, &[&object, &rights]).await.map(|r| r.get::<_, bool>(0)) {
             Ok(false) => missing.push(format!("{rights} on {object}")),
             Ok(true) => {}

@@ -252,8 +252,7 @@ pub(crate) async fn rotate(
             &[&current],
         )
         .await?;
-    let freed: i64 =
-        tx.query_one(&format!("SELECT pg_total_relation_size('{partition}')"), &[]).await?.get(0);
+    let freed: i64 = tx.query_one(&format!("SELECT pg_total_relation_size('{partition}')"), &[]).await?.get(0);
     tx.batch_execute(&format!("TRUNCATE {partition}")).await?;
     tx.execute("UPDATE post_save.ledger_rotation SET slot = $1, since = clock_timestamp()", &[&next]).await?;
     tx.commit().await?;

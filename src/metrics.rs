@@ -104,6 +104,8 @@ struct FromDb {
     backlog: Option<i64>,
     oldest_age: Option<f64>,
     idle_in_transaction: Option<(i32, String, String, f64)>,
+    /// The ledger's size on disk, and how long its current partition has taken the writes.
+    ledger: Option<(i64, f64)>,
 }
 
 async fn read_db(endpoint: &Endpoint) -> Result<FromDb, db::DbError> {
@@ -147,7 +149,18 @@ async fn read_db(endpoint: &Endpoint) -> Result<FromDb, db::DbError> {
         .await
         .map_err(q)?
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)));
-    Ok(FromDb { queue_usage: usage, backlog, oldest_age, idle_in_transaction: idle })
+    let ledger = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('post_save.ledger_rotation') IS NOT NULL THEN \
+                (SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('post_save.event')) END, \
+                    CASE WHEN to_regclass('post_save.ledger_rotation') IS NOT NULL THEN \
+                (SELECT extract(epoch FROM clock_timestamp() - since)::float8 FROM post_save.ledger_rotation) END",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    let ledger = ledger.get::<_, Option<i64>>(0).zip(ledger.get::<_, Option<f64>>(1));
+    Ok(FromDb { queue_usage: usage, backlog, oldest_age, idle_in_transaction: idle, ledger })
 }
 
 /// The exposition text of one scrape.
@@ -221,6 +234,19 @@ pub(crate) async fn render(endpoint: &Endpoint) -> String {
                     "post_save_ledger_oldest_unacknowledged_seconds",
                     "Age of the oldest unacknowledged ledger event (0 when none)",
                     ConstGauge::new(found.oldest_age.unwrap_or(0.0)),
+                );
+            }
+            if let Some((bytes, age)) = found.ledger {
+                registry.register(
+                    "post_save_ledger_bytes",
+                    "Size of the ledger on disk, every partition with its indexes",
+                    ConstGauge::new(bytes),
+                );
+                registry.register(
+                    "post_save_ledger_partition_age_seconds",
+                    "How long the current ledger partition has taken the writes; above keep_handled, \
+                     retention is held up (see the daemon's warnings)",
+                    ConstGauge::new(age),
                 );
             }
             let idle = Family::<Vec<(&'static str, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();

@@ -71,9 +71,18 @@ async fn a_healthy_setup_passes_every_check() {
     install(&db, &config(WATCH)).await;
     let dir = TempDir::new().unwrap();
     let (code, checks) = doctor(&write_config(&dir), &db.conninfo);
-    for name in
-        ["connect", "standby", "listen", "schema", "triggers", "notify_queue", "backlog", "dead_letters", "rights"]
-    {
+    for name in [
+        "connect",
+        "standby",
+        "listen",
+        "schema",
+        "triggers",
+        "notify_queue",
+        "backlog",
+        "retention",
+        "dead_letters",
+        "rights",
+    ] {
         // The NOTIFY queue is the cluster's, shared with tests running beside this one.
         if name != "notify_queue" {
             assert_eq!(checks[name]["verdict"], "ok", "{name}: {}", checks[name]);
@@ -103,6 +112,33 @@ async fn drift_and_a_missing_schema_are_failures_with_their_fix() {
     assert_eq!(checks["schema"]["verdict"], "ok");
     assert_eq!(checks["triggers"]["verdict"], "fail", "{}", checks["triggers"]);
     assert!(checks["triggers"]["detail"].as_str().unwrap().contains("item"), "{}", checks["triggers"]);
+}
+
+#[tokio::test]
+async fn held_up_retention_is_a_warning_naming_the_transaction_that_holds_it() {
+    let db = TestDb::new().await;
+    db.psql_ok(TABLE);
+    install(&db, &config(WATCH)).await;
+    let dir = TempDir::new().unwrap();
+    // The current partition took over two days ago (keep_handled is 24 h), and a session left
+    // idle in a transaction that read the ledger holds the lock rotation needs.
+    db.psql_ok("UPDATE post_save.ledger_rotation SET since = now() - interval '2 days'");
+    let reader = db.client().await;
+    reader.batch_execute("SET application_name = 'report'; BEGIN; SELECT count(*) FROM post_save.event").await.unwrap();
+    let pid: i32 = reader.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let (code, checks) = doctor(&write_config(&dir), &db.conninfo);
+    assert_eq!(code, 1, "{checks}");
+    let check = &checks["retention"];
+    assert_eq!(check["verdict"], "warn", "{check}");
+    let fix = check["fix"].as_str().unwrap();
+    assert!(fix.contains(&format!("pid {pid}")) && fix.contains("'report'"), "{check}");
+
+    reader.batch_execute("COMMIT").await.unwrap();
+    let (_, checks) = doctor(&write_config(&dir), &db.conninfo);
+    assert!(checks["retention"]["fix"].as_str().unwrap().contains("start the daemon"), "{}", checks["retention"]);
+    db.psql_ok("UPDATE post_save.ledger_rotation SET since = now()");
+    let (_, checks) = doctor(&write_config(&dir), &db.conninfo);
+    assert_eq!(checks["retention"]["verdict"], "ok", "{}", checks["retention"]);
 }
 
 #[tokio::test]

@@ -93,6 +93,9 @@ async fn deliveries_per_handler_and_the_backlog_are_exposed() {
     assert_eq!(sample(&metrics, "post_save_ledger_oldest_unacknowledged_seconds "), Some(0.0), "{metrics}");
     assert!(sample(&metrics, "post_save_notify_queue_usage_ratio ").is_some(), "{metrics}");
     assert!(sample(&metrics, "post_save_events_received_total ").unwrap() >= 3.0, "{metrics}");
+    assert!(sample(&metrics, "post_save_ledger_bytes ").unwrap() > 0.0, "{metrics}");
+    let age = sample(&metrics, "post_save_ledger_partition_age_seconds ").unwrap();
+    assert!((0.0..600.0).contains(&age), "{metrics}");
     assert!(get(port, "/").await.starts_with("HTTP/1.1 404"));
     daemon.stop().await;
 }

@@ -63,7 +63,8 @@ async fn the_ledger_stays_bounded_while_an_old_snapshot_stops_vacuum() {
     // 200 single-row saves a second for 20 s, the ledger's size sampled every half second.
     let writer = db.client().await;
     let sampler = db.client().await;
-    let insert = writer.prepare("INSERT INTO shop_order (user_id, product) VALUES ($1::int8, 'p' || $1::int8)").await.unwrap();
+    let insert =
+        writer.prepare("INSERT INTO shop_order (user_id, product) VALUES ($1::int8, 'p' || $1::int8)").await.unwrap();
     let (rows, per_second, seconds) = (4_000i64, 200i64, 20i64);
     let mut tick = tokio::time::interval(Duration::from_millis(1_000 / u64::try_from(per_second).unwrap()));
     let mut samples: Vec<(f64, i64)> = Vec::new();
