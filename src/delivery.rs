@@ -246,12 +246,22 @@ async fn write_batch(
     acks: &[i64],
     give_up: &CancellationToken,
 ) -> bool {
+    // Tried every 200 ms until the connection is back: a warning for the first failure and then
+    // every 10 s, so an outage does not flood the log.
+    let mut failures = 0u64;
     loop {
         let current = client.borrow_and_update().clone();
         if let Some(c) = current {
             match ledger::write_outcomes(&c, dead, acks).await {
                 Ok(_) => return true,
-                Err(e) => tracing::warn!(error = %e, "writing acknowledgements failed; retrying"),
+                Err(e) => {
+                    failures += 1;
+                    if failures % 50 == 1 {
+                        tracing::warn!(error = %e, failures, "writing acknowledgements failed; retrying every 200 ms");
+                    } else {
+                        tracing::debug!(error = %e, failures, "writing acknowledgements failed; retrying");
+                    }
+                }
             }
         }
         tokio::select! {
