@@ -100,7 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"unknown arm(s): {', '.join(bad)} (known: {', '.join(sorted(known_arms))})")
         a.arm_names = ["plain"] + [x for x in wanted if x != "plain"]
     else:
-        a.arm_names = [arm.name for arm in ARMS]
+        # The lean-trigger variants are experiments: run only when named in --arms.
+        lean = {arm.name for arm in LEAN_ARMS}
+        a.arm_names = [arm.name for arm in ARMS if arm.name not in lean]
     known_w = {w.key for w in WORKLOADS}
     if a.workloads:
         wanted = [x.strip() for x in a.workloads.split(",") if x.strip()]
@@ -663,6 +665,269 @@ ARMS: list[Arm] = [
         available=postsave_available),
 ]
 
+# --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------
+#
+# Hand-written variants of post-save's durable capture, installed as plain SQL (no post-save
+# binary, no daemon: the doorbell stays at 0, so nothing NOTIFYs), to learn what each part of the
+# generated trigger costs. Every variant writes into a copy of the ledger of migrations V1/V2
+# (post_save.event, ids stepping by 1000, pk + partial pending index, lz4 where available, the
+# doorbell sequence), so the capture count is POSTSAVE_CAPTURED_SQL for all of them. `v_stmt` is
+# the function `post-save triggers install` generates for shop_order today (sql/capture_table.sql
+# filled in for this table), so it stands in for `postsave_capture` without the binary.
+
+LEAN_LEDGER_COLUMNS = """
+    sender      text        NOT NULL,
+    op          text        NOT NULL,
+    n           integer     NOT NULL,
+    head        {json}      NOT NULL,
+    rows        {json}      NOT NULL,
+    handled_at  timestamptz"""
+
+LEAN_COMPRESSION_SQL = """
+DO $$
+BEGIN
+    ALTER TABLE post_save.event ALTER COLUMN rows SET COMPRESSION lz4;
+    ALTER TABLE post_save.event ALTER COLUMN head SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported OR invalid_parameter_value OR syntax_error THEN
+    RAISE NOTICE 'lz4 compression unavailable';
+END
+$$;
+"""
+
+
+def lean_ledger_sql(json_type: str = "json", partitioned: bool = False,
+                    pending_index: bool = True) -> str:
+    cols = LEAN_LEDGER_COLUMNS.format(json=json_type)
+    if not partitioned:
+        table = f"""
+CREATE TABLE post_save.event (
+    id          bigint      GENERATED ALWAYS AS IDENTITY (START WITH 1 INCREMENT BY 1000) PRIMARY KEY,{cols}
+);"""
+    else:
+        # LIST-partitioned by a slot taken from a sequence, so that a rotation can flip the slot
+        # with setval() and later truncate a drained partition
+        table = f"""
+CREATE SEQUENCE post_save.slotseq MINVALUE 0 START WITH 0 NO CYCLE;
+CREATE TABLE post_save.event (
+    id          bigint      GENERATED ALWAYS AS IDENTITY (START WITH 1 INCREMENT BY 1000),
+    slot        smallint    NOT NULL
+                DEFAULT coalesce(pg_sequence_last_value('post_save.slotseq'), 0)::smallint,{cols},
+    PRIMARY KEY (id, slot)
+) PARTITION BY LIST (slot);
+CREATE TABLE post_save.event_0 PARTITION OF post_save.event FOR VALUES IN (0);
+CREATE TABLE post_save.event_1 PARTITION OF post_save.event FOR VALUES IN (1);
+CREATE TABLE post_save.event_2 PARTITION OF post_save.event FOR VALUES IN (2);"""
+    # ALTER TABLE … SET COMPRESSION on a partitioned table does not reach its existing
+    # partitions (PostgreSQL 15): set it on each of them too
+    compression = LEAN_COMPRESSION_SQL
+    if partitioned:
+        compression += "".join(LEAN_COMPRESSION_SQL.replace("post_save.event ", f"post_save.event_{i} ")
+                               for i in range(3))
+    return ("CREATE SCHEMA post_save;\n" + table + "\n" + compression
+            + ("CREATE INDEX event_pending_idx ON post_save.event (id) WHERE handled_at IS NULL;\n"
+               if pending_index else "")
+            + "CREATE SEQUENCE post_save.doorbell MINVALUE 0 START WITH 0 NO CYCLE;\n")
+
+
+# the event head of the generated function, computed in DECLARE as sql/capture_table.sql does
+LEAN_HEAD_DECLARE = """
+DECLARE
+    v_raw    boolean := current_setting('session_replication_role') = 'replica';
+    v_db     text := current_database();
+    v_txid   bigint := txid_current();
+    v_at     timestamptz := clock_timestamp();
+    v_role   text := current_setting('role');
+    v_origin text := nullif(current_setting('post_save.origin', true), '');
+    v_actor  {json};
+    v_head   {json};
+    v_changed text[];
+BEGIN
+    v_actor := {j}_build_object(
+        'role', CASE WHEN v_role = 'none' THEN session_user::text ELSE v_role END,
+        'application_name', current_setting('application_name'),
+        'client_addr', inet_client_addr(),
+        'pid', pg_backend_pid(),
+        'actor', current_setting('post_save.actor', true));
+    v_head := {j}_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin);
+"""
+
+# the same head as one expression, no PL/pgSQL variables
+LEAN_HEAD_INLINE = """json_build_object(
+            'raw', current_setting('session_replication_role') = 'replica',
+            'txid', txid_current(), 'at', clock_timestamp(),
+            'actor', json_build_object(
+                'role', CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                             ELSE current_setting('role') END,
+                'application_name', current_setting('application_name'),
+                'client_addr', inet_client_addr(),
+                'pid', pg_backend_pid(),
+                'actor', current_setting('post_save.actor', true)),
+            'origin', nullif(current_setting('post_save.origin', true), ''))"""
+
+# the generated UPDATE diff for shop_order's columns (no column needs a ::text comparison)
+LEAN_DIFF = """
+    IF TG_OP = 'UPDATE' THEN
+        v_changed := array_remove(ARRAY[CASE WHEN NEW."id" IS DISTINCT FROM OLD."id" THEN 'id' END,
+                                          CASE WHEN NEW."user_id" IS DISTINCT FROM OLD."user_id" THEN 'user_id' END,
+                                          CASE WHEN NEW."product" IS DISTINCT FROM OLD."product" THEN 'product' END,
+                                          CASE WHEN NEW."quantity" IS DISTINCT FROM OLD."quantity" THEN 'quantity' END,
+                                          CASE WHEN NEW."created_at" IS DISTINCT FROM OLD."created_at" THEN 'created_at' END]::text[], NULL);
+        IF cardinality(v_changed) = 0 THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+"""
+
+LEAN_DOORBELL = """
+    IF pg_sequence_last_value('post_save.doorbell'::regclass) > 0 THEN
+        PERFORM pg_notify('post_save', '{"wake":"ledger"}');
+    END IF;
+"""
+
+
+def lean_row_function(head: str = "declare", secdef: str = "none", doorbell: bool = False,
+                      diff: bool = False, json_type: str = "json") -> str:
+    """A per-row capture function (INSERT and UPDATE) writing one ledger row per saved row.
+
+    head     "none" ('{}'), "declare" (the generated DECLARE block), "inline" (one expression)
+    secdef   "none", "definer" (SECURITY DEFINER), "definer_set" (+ SET search_path)
+    """
+    j = "jsonb" if json_type == "jsonb" else "json"
+    row = "to_jsonb(NEW)" if j == "jsonb" else "row_to_json(NEW)"
+    rows = (f"{j}_build_array({j}_build_array({j}_build_object('id', NEW.\"id\"), {row}, "
+            f"NULL::{j}, {'v_changed' if diff else 'NULL::text[]'}))")
+    op = "CASE TG_OP WHEN 'INSERT' THEN 'insert' ELSE 'update' END"
+    if head == "declare":
+        begin = LEAN_HEAD_DECLARE.format(json=j, j=j)
+        head_expr = "v_head"
+    else:
+        begin = "DECLARE\n    v_changed text[];\nBEGIN\n"
+        head_expr = "'{}'" if head == "none" else LEAN_HEAD_INLINE
+    props = {"none": "", "definer": "SECURITY DEFINER\n",
+             "definer_set": "SECURITY DEFINER\nSET search_path = pg_catalog, pg_temp\n"}[secdef]
+    return f"""
+CREATE FUNCTION post_save.lean_capture() RETURNS trigger
+LANGUAGE plpgsql
+{props}AS $capture$
+{begin}{LEAN_DIFF if diff else ''}
+    INSERT INTO post_save.event (sender, op, n, head, rows)
+    VALUES ('public.shop_order', {op}, 1, {head_expr},
+            {rows});
+{LEAN_DOORBELL if doorbell else ''}
+    RETURN NULL;
+END
+$capture$;
+CREATE TRIGGER bench_capture AFTER INSERT OR UPDATE ON shop_order
+    FOR EACH ROW EXECUTE FUNCTION post_save.lean_capture();
+"""
+
+
+# What `post-save triggers install` generates for public.shop_order (durable, insert_capture =
+# "statement"): sql/capture_table.sql with the statement INSERT branch, the per-row UPDATE
+# branch and the doorbell wake, as in src/snapshots/post_save__triggers__tests__ddl_snapshot.snap
+# but with this table's five columns in the diff.
+LEAN_GENERATED_SQL = """
+CREATE FUNCTION post_save.lean_capture() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $capture$
+DECLARE
+    v_raw    boolean := current_setting('session_replication_role') = 'replica';
+    v_db     text := current_database();
+    v_txid   bigint := txid_current();
+    v_at     timestamptz := clock_timestamp();
+    v_role   text := current_setting('role');
+    v_origin text := nullif(current_setting('post_save.origin', true), '');
+    v_actor  json;
+    v_head   json;
+    v_rows   bigint := 0;
+    v_changed text[];
+    v_note   text;
+BEGIN
+    v_actor := json_build_object(
+        'role', CASE WHEN v_role = 'none' THEN session_user::text ELSE v_role END,
+        'application_name', current_setting('application_name'),
+        'client_addr', inet_client_addr(),
+        'pid', pg_backend_pid(),
+        'actor', current_setting('post_save.actor', true));
+    v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin);
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO post_save.event (sender, op, n, head, rows)
+        SELECT 'public.shop_order', 'insert', count(*), v_head, json_agg(e.item)
+          FROM (SELECT json_build_array(json_build_object('id', n."id"), row_to_json(n.*), NULL::json, NULL::text[]) AS item,
+                       (row_number() OVER () - 1) / 1000 AS chunk
+                  FROM post_save_new n) e
+         GROUP BY e.chunk;
+        GET DIAGNOSTICS v_rows = ROW_COUNT;
+    ELSIF TG_OP = 'UPDATE' THEN
+        v_changed := array_remove(ARRAY[CASE WHEN NEW."id" IS DISTINCT FROM OLD."id" THEN 'id' END,
+                                          CASE WHEN NEW."user_id" IS DISTINCT FROM OLD."user_id" THEN 'user_id' END,
+                                          CASE WHEN NEW."product" IS DISTINCT FROM OLD."product" THEN 'product' END,
+                                          CASE WHEN NEW."quantity" IS DISTINCT FROM OLD."quantity" THEN 'quantity' END,
+                                          CASE WHEN NEW."created_at" IS DISTINCT FROM OLD."created_at" THEN 'created_at' END]::text[], NULL);
+        IF cardinality(v_changed) = 0 THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO post_save.event (sender, op, n, head, rows)
+        VALUES ('public.shop_order', 'update', 1, v_head,
+                json_build_array(json_build_array(json_build_object('id', NEW."id"), row_to_json(NEW), NULL::json, v_changed)));
+        v_rows := 1;
+    ELSIF TG_OP = 'DELETE' THEN
+        NULL;
+    END IF;
+    IF v_rows > 0 AND pg_sequence_last_value('post_save.doorbell'::regclass) > 0 THEN
+        PERFORM pg_notify('post_save', '{"wake":"ledger"}');
+    END IF;
+    RETURN NULL;
+END
+$capture$;
+CREATE TRIGGER "post_save_insert" AFTER INSERT ON "public"."shop_order" REFERENCING NEW TABLE AS post_save_new
+    FOR EACH STATEMENT EXECUTE FUNCTION post_save.lean_capture();
+ALTER TABLE "public"."shop_order" ENABLE ALWAYS TRIGGER "post_save_insert";
+CREATE TRIGGER "post_save_update" AFTER UPDATE ON "public"."shop_order"
+    FOR EACH ROW EXECUTE FUNCTION post_save.lean_capture();
+ALTER TABLE "public"."shop_order" ENABLE ALWAYS TRIGGER "post_save_update";
+"""
+
+
+def lean_arm(name: str, what: str, function_sql: str, json_type: str = "json",
+             partitioned: bool = False, pending_index: bool = True) -> Arm:
+    return Arm(name, f"lean variant (no daemon): {what}",
+               setup=lean_ledger_sql(json_type, partitioned, pending_index) + function_sql,
+               captured=POSTSAVE_CAPTURED_SQL)
+
+
+LEAN_ARMS: list[Arm] = [
+    lean_arm("v_row_min", "per-row trigger, ledger row with head '{}' and rows [[pk, row, null, null]]",
+             lean_row_function(head="none")),
+    lean_arm("v_row_noidx", "v_row_min without the partial pending index (primary key only)",
+             lean_row_function(head="none"), pending_index=False),
+    lean_arm("v_row_head", "v_row_min + the generated head (txid, clock, actor, origin) in DECLARE",
+             lean_row_function(head="declare")),
+    lean_arm("v_row_inline", "v_row_head with the head as one expression in the INSERT (no variables)",
+             lean_row_function(head="inline")),
+    lean_arm("v_row_jsonb", "v_row_head with jsonb columns and jsonb_build_*/to_jsonb",
+             lean_row_function(head="declare", json_type="jsonb"), json_type="jsonb"),
+    lean_arm("v_row_definer", "v_row_head as SECURITY DEFINER, no SET clause",
+             lean_row_function(head="declare", secdef="definer")),
+    lean_arm("v_row_secdef", "v_row_head as SECURITY DEFINER SET search_path = pg_catalog, pg_temp",
+             lean_row_function(head="declare", secdef="definer_set")),
+    lean_arm("v_row_doorbell", "v_row_secdef + the doorbell read (pg_sequence_last_value)",
+             lean_row_function(head="declare", secdef="definer_set", doorbell=True)),
+    lean_arm("v_row_full", "v_row_doorbell + the generated UPDATE diff (update_fields): "
+             "the generated function with insert_capture = \"row\"",
+             lean_row_function(head="declare", secdef="definer_set", doorbell=True, diff=True)),
+    lean_arm("v_stmt", "the generated function as installed today (INSERT per statement with a "
+             "transition table, UPDATE per row)", LEAN_GENERATED_SQL),
+    lean_arm("v_part", "v_row_head into a LIST-partitioned ledger (slot from a sequence, 3 partitions)",
+             lean_row_function(head="declare"), partitioned=True),
+    lean_arm("v_stmt_part", "v_stmt into the partitioned ledger of v_part",
+             LEAN_GENERATED_SQL, partitioned=True),
+]
+ARMS += LEAN_ARMS
+
+
 # ---------------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------------
@@ -1016,6 +1281,48 @@ def measure(env: Env, arm: Arm, wl: Workload, rnd: int, seconds: int, scratch: P
             rec.setdefault("cleanup_error", str(e))
     if rec["ok"]:
         shutil.rmtree(mdir, ignore_errors=True)
+    return rec
+
+
+def machine_busy_share(seconds: float) -> float:
+    """Share of the machine's CPU busy over `seconds` (whatever runs: call it between runs)."""
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        return sum(cpu[:8]) - cpu[3] - cpu[4], sum(cpu[:8])
+    b0, t0 = snap()
+    time.sleep(seconds)
+    b1, t1 = snap()
+    return (b1 - b0) / max(1, t1 - t0)
+
+
+def measure_when_quiet(env: Env, arm: Arm, wl: Workload, rnd: int, seconds: int,
+                       scratch: Path) -> dict:
+    """measure(), gated on a quiet machine when BENCH_QUIET="share,wait_s,retries" is set (an
+    experiment aid for a shared machine, off by default): wait up to wait_s until the machine
+    is less than `share` busy before the measurement, and measure again (up to `retries` times)
+    when other processes took more than `share` of the machine during it. The record keeps
+    quiet_wait_s and the shares of the discarded attempts."""
+    spec = os.environ.get("BENCH_QUIET", "").strip()
+    if not spec:
+        return measure(env, arm, wl, rnd, seconds, scratch)
+    share, wait_s, retries = (float(x) for x in spec.split(","))
+    discarded: list[float] = []
+    waited = 0.0
+    while True:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < wait_s and machine_busy_share(1.0) >= share:
+            pass
+        waited += time.monotonic() - t0
+        rec = measure(env, arm, wl, rnd, seconds, scratch)
+        other = (rec["cpu_other_s"] / (rec["wall_s"] * (os.cpu_count() or 1))
+                 if rec.get("ok") and rec.get("wall_s") else 0.0)
+        if other < share or len(discarded) >= retries:
+            break
+        discarded.append(round(other, 3))
+        log(f"{wl.key} r{rnd} {arm.name}: other processes took {other:.0%}; measuring again")
+    rec["quiet_wait_s"] = round(waited, 1)
+    rec["discarded_other_shares"] = discarded
     return rec
 
 
@@ -1884,7 +2191,7 @@ def main(argv: list[str]) -> int:
     do_capture = "capture" in args.phase_names
     do_pipeline = "pipeline" in args.phase_names
     wanted = set(args.arm_names) if do_capture else set()
-    if do_pipeline or wanted & {"postsave_notify", "postsave_durable", "postsave_durable_row"}:
+    if do_pipeline or wanted & {a.name for a in ARMS if a.available is postsave_available}:
         build_postsave(env, args)
     machine = machine_info(cluster)
 
@@ -1912,7 +2219,7 @@ def main(argv: list[str]) -> int:
             k = (rnd - 1) % len(arms)
             for arm in arms[k:] + arms[:k]:
                 n += 1
-                rec = measure(env, arm, wl, rnd, args.seconds, scratch)
+                rec = measure_when_quiet(env, arm, wl, rnd, args.seconds, scratch)
                 records.append(rec)
                 if rec["ok"]:
                     log(f"[{n}/{total}] {wl.key} r{rnd} {arm.name:<17} "
