@@ -891,6 +891,17 @@ ALTER TABLE "public"."shop_order" ENABLE ALWAYS TRIGGER "post_save_update";
 """
 
 
+# v_stmt without the chunking (row_number window + GROUP BY): one ledger row per statement
+# whatever its size. Measures what the chunking costs a single-row INSERT.
+LEAN_GENERATED_FLAT_SQL = LEAN_GENERATED_SQL.replace("""        SELECT 'public.shop_order', 'insert', count(*), v_head, json_agg(e.item)
+          FROM (SELECT json_build_array(json_build_object('id', n."id"), row_to_json(n.*), NULL::json, NULL::text[]) AS item,
+                       (row_number() OVER () - 1) / 1000 AS chunk
+                  FROM post_save_new n) e
+         GROUP BY e.chunk;""", """        SELECT 'public.shop_order', 'insert', count(*), v_head,
+               json_agg(json_build_array(json_build_object('id', n."id"), row_to_json(n.*), NULL::json, NULL::text[]))
+          FROM post_save_new n;""")
+
+
 def lean_arm(name: str, what: str, function_sql: str, json_type: str = "json",
              partitioned: bool = False, pending_index: bool = True) -> Arm:
     return Arm(name, f"lean variant (no daemon): {what}",
@@ -920,6 +931,8 @@ LEAN_ARMS: list[Arm] = [
              lean_row_function(head="declare", secdef="definer_set", doorbell=True, diff=True)),
     lean_arm("v_stmt", "the generated function as installed today (INSERT per statement with a "
              "transition table, UPDATE per row)", LEAN_GENERATED_SQL),
+    lean_arm("v_stmt_flat", "v_stmt without the chunking window and GROUP BY (one aggregate over "
+             "the transition table)", LEAN_GENERATED_FLAT_SQL),
     lean_arm("v_part", "v_row_head into a LIST-partitioned ledger (slot from a sequence, 3 partitions)",
              lean_row_function(head="declare"), partitioned=True),
     lean_arm("v_stmt_part", "v_stmt into the partitioned ledger of v_part",
