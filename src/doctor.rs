@@ -297,22 +297,21 @@ async fn retention(client: &Client, config: &Config) -> Check {
     let keep = config.daemon.keep_handled;
     let overdue = keep.max(crate::ledger::rotation_period(keep) * 2) + std::time::Duration::from_secs(60);
     let sql = "SELECT extract(epoch FROM clock_timestamp() - since)::float8, pg_size_pretty( \
-                      (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('post_save.event'))), \
-                      (SELECT string_agg(DISTINCT format('pid %s (role %s, application %L, %s)', \
-                                         a.pid, a.usename, a.application_name, a.state), '; ') \
-                         FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-                        WHERE l.granted AND l.pid <> pg_backend_pid() AND a.state <> 'active' \
-                          AND l.relation IN (SELECT relid FROM pg_partition_tree('post_save.event'))) \
+                      (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('post_save.event'))) \
                  FROM post_save.ledger_rotation";
     match client.query_one(sql, &[]).await {
         Ok(row) => {
-            let (age, size, holders): (f64, Option<String>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+            let (age, size): (f64, Option<String>) = (row.get(0), row.get(1));
             let size = size.unwrap_or_else(|| "0 bytes".into());
             let detail = format!("the ledger takes {size}; its current partition has taken the writes for {age:.0} s");
             if age <= overdue.as_secs_f64() {
                 return Check::ok("retention", detail);
             }
-            let fix = match holders {
+            let holders = match crate::ledger::lock_holders(client, &crate::ledger::PARTITIONS).await {
+                Ok(holders) => holders,
+                Err(e) => return query_failed("retention", &e),
+            };
+            let fix = match Some(holders).filter(|h| !h.is_empty()) {
                 Some(holders) => format!(
                     "end the open transaction of {holders}: it read the ledger and holds a lock the \
                      partition rotation waits for"

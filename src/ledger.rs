@@ -212,7 +212,7 @@ pub(crate) async fn rotate(
         return Ok(Rotation::NotDue { wait: std::time::Duration::ZERO });
     }
     let next = (current + 1) % SLOTS;
-    let partition = format!("post_save.event_{next}");
+    let partition = PARTITIONS[usize::try_from(next).unwrap_or(0)];
     // One scan of the partition, once it is due: when its last acknowledgement is old enough.
     let left: Option<f64> = tx
         .query_one(
@@ -230,7 +230,7 @@ pub(crate) async fn rotate(
     }
     // A session idling in a transaction that read the ledger keeps its lock until it ends:
     // queueing behind it would hold up the daemon's own reads, which would queue behind us.
-    let holders = lock_holders(&tx, &partition).await?;
+    let holders = lock_holders(&tx, &[partition]).await?;
     if !holders.is_empty() {
         return Ok(Rotation::Blocked { slot: next, holders });
     }
@@ -262,25 +262,28 @@ pub(crate) async fn rotate(
     Ok(Rotation::Rotated { slot: next, freed, moved })
 }
 
-/// The other backends holding a lock on `partition` that will not let go soon (idle in a
-/// transaction, or running a statement for more than a second), for the log: pid, role,
-/// application, state. Empty when there are none.
-async fn lock_holders(
+/// The other backends holding a lock on any of `relations` that will not let go soon (idle in a
+/// transaction, or running a statement for more than a second), for the log and for `doctor`:
+/// pid, role, application, state. Empty when there are none.
+pub(crate) async fn lock_holders(
     client: &impl tokio_postgres::GenericClient,
-    partition: &str,
+    relations: &[&str],
 ) -> Result<String, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT coalesce(string_agg(DISTINCT format('pid %s (role %s, application %L, %s)', \
                       a.pid, a.usename, a.application_name, a.state), '; '), '') \
                FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-              WHERE l.relation = $1::text::regclass AND l.granted AND l.pid <> pg_backend_pid() \
+              WHERE l.relation = ANY($1::text[]::regclass[]) AND l.granted AND l.pid <> pg_backend_pid() \
                 AND (a.state <> 'active' OR a.query_start < clock_timestamp() - interval '1 second')",
-            &[&partition],
+            &[&relations],
         )
         .await?;
     Ok(row.get(0))
 }
+
+/// The ledger's partitions, by name.
+pub(crate) const PARTITIONS: [&str; SLOTS as usize] = ["post_save.event_0", "post_save.event_1", "post_save.event_2"];
 
 /// A dead letter whose retry was requested (`post-save dead retry`).
 #[derive(Debug)]
