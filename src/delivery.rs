@@ -14,7 +14,7 @@ use crate::handler::{Delivery, Failure, HandlerError};
 use crate::lease::Lease;
 use crate::ledger::{self, DeadLetter, LedgerRow, Work};
 use crate::registry::Route;
-use crate::stats::Stats;
+use crate::stats::{HandlerMetrics, Stats};
 
 /// What became of one event, for the ledger writer.
 #[derive(Debug)]
@@ -102,9 +102,10 @@ pub(crate) async fn deliver(
     stop: &CancellationToken,
     abort: &CancellationToken,
     lease: Option<&Lease>,
-    stats: &Stats,
+    metrics: &HandlerMetrics,
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Delivered {
+    let stats = &metrics.stats;
     let receiver = &route.receiver;
     let policy = receiver.retry_policy();
     let mut delays = ExponentialBuilder::default()
@@ -141,21 +142,21 @@ pub(crate) async fn deliver(
             () = abort.cancelled() => return Delivered::HandedBack,
             () = lease_lost => return Delivered::HandedBack,
         };
-        stats.attempt_took(receiver.name(), started.elapsed());
+        metrics.durations.observe(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(()) => {
                 Stats::bump(&stats.handled);
-                stats.delivery(receiver.name(), "handled");
+                metrics.handled.inc();
                 return Delivered::Done;
             }
             Err(e) => e,
         };
         Stats::bump(&stats.failed_attempts);
-        stats.delivery(receiver.name(), "failed");
+        metrics.failed.inc();
         if attempt == policy.attempts || error.failure == Failure::Permanent {
             tracing::error!(handler = receiver.name(), sender = %event.sender, id = ?event.id, attempt, error = %error, "delivery is dead");
             Stats::bump(&stats.dead);
-            stats.delivery(receiver.name(), "dead");
+            metrics.dead.inc();
             let _ = outcomes.send(Outcome::Dead(DeadLetter {
                 event_id: event.id,
                 handler: receiver.name().to_owned(),
@@ -172,7 +173,7 @@ pub(crate) async fn deliver(
         let delay = error.retry_after.map_or(backoff, |d| d.min(policy.max_backoff));
         tracing::warn!(handler = receiver.name(), sender = %event.sender, id = ?event.id, attempt, retry_in = ?delay, error = %error, "handler failed; will retry");
         Stats::bump(&stats.retried);
-        stats.delivery(receiver.name(), "retried");
+        metrics.retried.inc();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stop.cancelled() => return Delivered::HandedBack,

@@ -85,11 +85,12 @@ pub struct SaveEvent {
 impl SaveEvent {
     /// The identity of the saved row: events with the same key keep their order.
     pub fn row_key(&self) -> String {
-        let mut key = String::with_capacity(self.sender.len() + 32);
-        key.push_str(&self.sender);
-        key.push('\u{0}');
-        key.push_str(&Value::Object(self.pk.clone()).to_string());
-        key
+        let mut key = Vec::with_capacity(self.sender.len() + 32);
+        key.extend_from_slice(self.sender.as_bytes());
+        key.push(0);
+        // JSON of a map of JSON values: writing it to memory cannot fail, and it is UTF-8.
+        let _ = serde_json::to_writer(&mut key, &self.pk);
+        String::from_utf8(key).unwrap_or_default()
     }
 
     /// The event as JSON, as handlers receive it.
@@ -236,12 +237,8 @@ fn event_from_map(map: Map<String, Value>) -> Result<SaveEvent, DecodeError> {
 /// string holding its exact text.
 pub fn exact_numbers(value: &mut Value) {
     match value {
-        Value::Number(n) => {
-            let text = n.to_string();
-            if !fits_double(&text) {
-                *value = Value::String(text);
-            }
-        }
+        // `arbitrary_precision`: the number's own text, no formatting
+        Value::Number(n) if !fits_double(n.as_str()) => *value = Value::String(n.as_str().to_owned()),
         Value::Array(items) => items.iter_mut().for_each(exact_numbers),
         Value::Object(map) => map.values_mut().for_each(exact_numbers),
         _ => {}

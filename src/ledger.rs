@@ -22,17 +22,46 @@ pub(crate) struct BadRow {
     pub error: DecodeError,
 }
 
-/// A page holds at most $3 ledger rows and, counting each row's events, about $3 events (a row
+/// A page holds at most $3 ledger rows and, counting each row's events, about $4 events (a row
 /// is never split): a 100-event row counts as 100 against the page, so memory stays bounded.
+///
+/// Rows past the cursor and the cursor's gaps (ids below it not seen yet) are read by two
+/// branches, so that the first is an index scan in id order that stops after $3 rows; one
+/// `id > $1 OR id = ANY($2)` condition made it a bitmap scan of every pending row, sorted, on
+/// every fetch.
 const FETCH_NEW: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
-       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
-        WHERE handled_at IS NULL AND (id > $1 OR id = ANY($2)) ORDER BY id LIMIT $3) page \
-     WHERE before < $3 ORDER BY id";
+       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM ( \
+         (SELECT id, sender, op, n, head, rows FROM post_save.event \
+           WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $3) \
+         UNION ALL \
+         (SELECT id, sender, op, n, head, rows FROM post_save.event \
+           WHERE handled_at IS NULL AND id = ANY($2) AND id <= $1) \
+       ) candidates ORDER BY id LIMIT $3) page \
+     WHERE before < $4 ORDER BY id";
 
 const FETCH_PENDING: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
        SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
         WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2) page \
-     WHERE before < $2 ORDER BY id";
+     WHERE before < $3 ORDER BY id";
+
+/// The size of a page: at most `rows` ledger rows and about `events` events.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PageLimit {
+    pub rows: i64,
+    pub events: i64,
+}
+
+impl PageLimit {
+    /// A page of about `events` events, reading no more ledger rows than it takes when rows
+    /// carry `per_row` events each (as the last page's did). Reading more would fetch rows only
+    /// to drop them: with 100-event rows, a 1000-row page keeps 10.
+    pub(crate) fn for_events(events: i64, per_row: i64) -> PageLimit {
+        let events = events.max(1);
+        // twice the estimate, so that a page of slightly smaller rows is not cut short
+        let rows = (events / per_row.max(1)).saturating_mul(2).saturating_add(1).min(events);
+        PageLimit { rows, events }
+    }
+}
 
 const WRITE_OUTCOMES: &str = "WITH dead AS ( \
        INSERT INTO post_save.dead_letter (event_id, handler, sender, event, attempts, last_error) \
@@ -67,26 +96,26 @@ impl Work {
     }
 }
 
-/// A page of pending ledger rows with ids above `after` or among `gaps`, in id order, at most
-/// `limit` rows and about `limit` events. `more` is true when the page was cut short by a limit.
+/// A page of pending ledger rows with ids above `after` or among `gaps`, in id order, within
+/// `limit`. `more` is true when the page was cut short by a limit.
 pub(crate) async fn fetch_new(
     work: &Work,
     after: i64,
     gaps: &[i64],
-    limit: i64,
+    limit: PageLimit,
     using: &str,
 ) -> Result<(Vec<LedgerRow>, Vec<BadRow>, bool), tokio_postgres::Error> {
-    let rows = work.client.query(&work.fetch_new, &[&after, &gaps, &limit]).await?;
+    let rows = work.client.query(&work.fetch_new, &[&after, &gaps, &limit.rows, &limit.events]).await?;
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
     Ok((good, bad, more))
 }
 
-fn page_full(good: &[LedgerRow], bad: &[BadRow], limit: i64) -> bool {
+fn page_full(good: &[LedgerRow], bad: &[BadRow], limit: PageLimit) -> bool {
     let rows = good.len() + bad.len();
     let events: usize = good.iter().map(|r| r.events.len()).sum::<usize>() + bad.len();
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    rows >= limit || events >= limit
+    let cap = |n: i64| usize::try_from(n).unwrap_or(usize::MAX);
+    rows >= cap(limit.rows) || events >= cap(limit.events)
 }
 
 /// Backends of this database waiting for the lock every notifying commit takes: commits are
@@ -112,10 +141,10 @@ pub(crate) async fn set_doorbell(client: &Client, armed: bool) -> Result<(), tok
 pub(crate) async fn fetch_pending(
     work: &Work,
     after: i64,
-    limit: i64,
+    limit: PageLimit,
     using: &str,
 ) -> Result<(Vec<LedgerRow>, Vec<BadRow>, Option<i64>, bool), tokio_postgres::Error> {
-    let rows = work.client.query(&work.fetch_pending, &[&after, &limit]).await?;
+    let rows = work.client.query(&work.fetch_pending, &[&after, &limit.rows, &limit.events]).await?;
     let last = rows.last().map(|r| r.get::<_, i64>(0));
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
@@ -325,4 +354,23 @@ pub(crate) async fn retry_done(
         }
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageLimit;
+
+    #[test]
+    fn a_page_reads_about_the_rows_it_keeps() {
+        let p = PageLimit::for_events(1000, 1);
+        assert_eq!((p.rows, p.events), (1000, 1000));
+        let p = PageLimit::for_events(1000, 100);
+        assert_eq!((p.rows, p.events), (21, 1000));
+        // rows bigger than the page: one row is still read
+        let p = PageLimit::for_events(1000, 5000);
+        assert_eq!((p.rows, p.events), (1, 1000));
+        // nonsense never makes an empty page
+        let p = PageLimit::for_events(0, 0);
+        assert_eq!((p.rows, p.events), (1, 1));
+    }
 }

@@ -20,7 +20,7 @@ use crate::daemon::State;
 use crate::db::{self, CHANNEL, DbError};
 use crate::delivery::{InFlight, Outcome};
 use crate::event::{Notice, SaveEvent, decode_notice};
-use crate::ledger::{self, BadRow, DeadLetter, LedgerRow, Work};
+use crate::ledger::{self, BadRow, DeadLetter, LedgerRow, PageLimit, Work};
 use crate::name::{TableName, quote_ident};
 use crate::router::Router;
 use crate::stats::Stats;
@@ -46,6 +46,8 @@ struct Cursor {
     gaps: BTreeMap<i64, Instant>,
     /// The database name, the events' `using`.
     using: String,
+    /// Events per ledger row in the last page read, which sizes the next page.
+    per_row: i64,
 }
 
 impl Cursor {
@@ -295,7 +297,7 @@ impl Listener {
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
             work.client.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
-        let mut cursor = Cursor { after: 0, gaps: BTreeMap::new(), using };
+        let mut cursor = Cursor { after: 0, gaps: BTreeMap::new(), using, per_row: 1 };
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
             tracing::info!(events = caught_up, "caught up on pending ledger events");
@@ -382,9 +384,11 @@ impl Listener {
             cursor.expire();
             let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
             let epoch = self.in_flight.epoch();
+            let page = PageLimit::for_events(limit, cursor.per_row);
             let (rows, bad, more) =
-                ledger::fetch_new(work, cursor.after, &gaps, limit, &cursor.using).await.map_err(DbError::Query)?;
+                ledger::fetch_new(work, cursor.after, &gaps, page, &cursor.using).await.map_err(DbError::Query)?;
             self.alive.send_replace(Instant::now());
+            cursor.per_row = events_per_row(&rows).unwrap_or(cursor.per_row);
             for id in bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)) {
                 cursor.saw(id);
             }
@@ -405,10 +409,13 @@ impl Listener {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut after = 0i64;
         let mut found = 0usize;
+        let mut per_row = cursor.per_row;
         while after < cursor.after {
             let epoch = self.in_flight.epoch();
+            let page = PageLimit::for_events(limit, per_row);
             let (rows, bad, last, more) =
-                ledger::fetch_pending(work, after, limit, &cursor.using).await.map_err(DbError::Query)?;
+                ledger::fetch_pending(work, after, page, &cursor.using).await.map_err(DbError::Query)?;
+            per_row = events_per_row(&rows).unwrap_or(per_row);
             self.reject_rows(bad);
             let passed: Vec<LedgerRow> = rows.into_iter().filter(|r| r.id <= cursor.after).collect();
             match self.admit(epoch, passed).await {
@@ -654,6 +661,12 @@ async fn reread(work: &Work, table: &TableName, event: &SaveEvent) -> Result<ser
     let pk = serde_json::Value::Object(event.pk.clone()).to_string();
     let row = work.client.query_opt(&sql, &[&pk]).await?;
     Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()).unwrap_or(serde_json::Value::Null))
+}
+
+/// Events per ledger row on a page (rounded down, at least 1); `None` for an empty page.
+fn events_per_row(rows: &[LedgerRow]) -> Option<i64> {
+    let events: usize = rows.iter().map(|r| r.events.len()).sum();
+    (!rows.is_empty()).then(|| i64::try_from(events / rows.len()).unwrap_or(i64::MAX).max(1))
 }
 
 fn excerpt(payload: &str) -> &str {

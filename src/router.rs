@@ -17,7 +17,7 @@ use crate::event::SaveEvent;
 use crate::lease::Lease;
 use crate::ledger::{self, RetryRequest, Work};
 use crate::registry::Registry;
-use crate::stats::Stats;
+use crate::stats::{HandlerMetrics, Stats};
 
 type LaneKey = (usize, String);
 
@@ -60,6 +60,8 @@ pub(crate) struct Router {
     abort: CancellationToken,
     outcomes: mpsc::UnboundedSender<Outcome>,
     stats: Arc<Stats>,
+    /// Each route's metric handles, by route index.
+    metrics: Vec<HandlerMetrics>,
     lease: Option<Arc<Lease>>,
 }
 
@@ -72,6 +74,7 @@ impl Router {
         abort: CancellationToken,
         lease: Option<Arc<Lease>>,
     ) -> Arc<Router> {
+        let metrics = registry.routes().iter().map(|r| stats.handler_metrics(r.receiver.name())).collect();
         Arc::new(Router {
             registry,
             lanes: Mutex::new(HashMap::new()),
@@ -80,6 +83,7 @@ impl Router {
             abort,
             outcomes,
             stats,
+            metrics,
             lease,
         })
     }
@@ -134,6 +138,7 @@ impl Router {
 
     async fn run_lane(&self, key: LaneKey) {
         let route = &self.registry.routes()[key.0];
+        let metrics = &self.metrics[key.0];
         loop {
             let job = {
                 let Ok(mut lanes) = self.lanes.lock() else { return };
@@ -146,7 +151,7 @@ impl Router {
                 }
             };
             let how =
-                deliver(route, &job.event, &self.stop, &self.abort, self.lease.as_deref(), &self.stats, &self.outcomes)
+                deliver(route, &job.event, &self.stop, &self.abort, self.lease.as_deref(), metrics, &self.outcomes)
                     .await;
             job.done.finish(how);
         }
@@ -170,7 +175,17 @@ impl Router {
             let route = &router.registry.routes()[index];
             // The new attempts' outcome is recorded on the dead letter itself, not as a new one.
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let how = deliver(route, &event, &router.stop, &router.abort, router.lease.as_deref(), &router.stats, &tx).await;
+            let metrics = &router.metrics[index];
+            let how = deliver(
+                route,
+                &event,
+                &router.stop,
+                &router.abort,
+                router.lease.as_deref(),
+                metrics,
+                &tx,
+            )
+            .await;
             let failure = match (how, rx.try_recv()) {
                 (Delivered::Done, _) => Some(None),
                 (Delivered::Dead, Ok(Outcome::Dead(d))) => Some(Some((d.attempts, d.last_error))),

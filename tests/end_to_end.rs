@@ -124,6 +124,40 @@ async fn rows_saved_while_the_daemon_is_down_are_delivered_in_durable_mode() {
     daemon.stop().await;
 }
 
+/// Pages are sized from the last page's events per ledger row: a backlog of 100-event rows
+/// followed by single-event rows (and 100-event rows again) must still arrive whole, each event
+/// once, and in id order per row.
+#[tokio::test]
+async fn a_backlog_of_big_and_small_ledger_rows_arrives_whole() {
+    let (db, config) = shop("durable").await;
+    db.psql_ok(
+        "DO $$ BEGIN
+           FOR i IN 1..30 LOOP
+             INSERT INTO shop_order (user_id, product) SELECT g, 'batch' FROM generate_series(1, 100) g;
+           END LOOP;
+           FOR i IN 1..1500 LOOP
+             INSERT INTO shop_order (user_id, product) VALUES (i, 'single');
+           END LOOP;
+           FOR i IN 1..15 LOOP
+             INSERT INTO shop_order (user_id, product) SELECT g, 'batch again' FROM generate_series(1, 100) g;
+           END LOOP;
+         END $$",
+    );
+    // 30 + 1500 + 15 ledger rows: one per statement
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 1545).await;
+    let mut daemon = start(&db, config).await;
+    let events = daemon.take(6000).await;
+    let mut seen = HashMap::new();
+    for e in &events {
+        *seen.entry(e.pk["id"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 6000);
+    assert!(seen.values().all(|n| *n == 1), "an event was handled twice");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+    wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
+}
+
 #[tokio::test]
 async fn rows_saved_while_the_daemon_is_down_are_lost_in_notify_mode() {
     let (db, config) = shop("notify").await;
