@@ -187,6 +187,8 @@ pub(crate) struct Route {
     pub receiver: Receiver,
     pub handler: Arc<dyn Handler>,
     pub permits: Arc<Semaphore>,
+    /// Deliveries of this handler that may run at once (`permits` holds as many).
+    pub concurrency: usize,
 }
 
 /// A handler name used twice.
@@ -233,7 +235,8 @@ impl Registry {
             return Err(DuplicateHandler(receiver.name));
         }
         let permits = Arc::new(Semaphore::new(receiver.concurrency));
-        self.routes.push(Route { receiver, handler, permits });
+        let concurrency = receiver.concurrency;
+        self.routes.push(Route { receiver, handler, permits, concurrency });
         Ok(())
     }
 

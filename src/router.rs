@@ -26,6 +26,19 @@ struct Job {
     done: Arc<Completion>,
 }
 
+/// The row lanes and the workers that run them. A lane is in `queues` while it has events or a
+/// worker on it; a lane without a worker waits in its route's `ready` list. A route runs at most
+/// `concurrency` workers, each on one lane at a time, so one row's events never run in
+/// parallel, and a 100-row statement starts as many workers as the handler may use (not a task
+/// per row).
+struct Lanes {
+    queues: HashMap<LaneKey, VecDeque<Job>>,
+    /// Per route: rows of lanes waiting for a worker.
+    ready: Vec<VecDeque<String>>,
+    /// Per route: workers running.
+    workers: Vec<usize>,
+}
+
 /// Tracks the deliveries of one ledger row's events (or of one notify-mode event); reports the
 /// row's outcome when the last one ends.
 struct Completion {
@@ -54,7 +67,7 @@ impl Completion {
 /// Routes events to handler lanes.
 pub(crate) struct Router {
     registry: Arc<Registry>,
-    lanes: Mutex<HashMap<LaneKey, VecDeque<Job>>>,
+    lanes: Mutex<Lanes>,
     tracker: TaskTracker,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -75,9 +88,14 @@ impl Router {
         lease: Option<Arc<Lease>>,
     ) -> Arc<Router> {
         let metrics = registry.routes().iter().map(|r| stats.handler_metrics(r.receiver.name())).collect();
+        let routes = registry.routes().len();
         Arc::new(Router {
             registry,
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(Lanes {
+                queues: HashMap::new(),
+                ready: vec![VecDeque::new(); routes],
+                workers: vec![0; routes],
+            }),
             tracker: TaskTracker::new(),
             stop,
             abort,
@@ -121,32 +139,56 @@ impl Router {
             outcomes: self.outcomes.clone(),
             _permit: permit,
         });
-        let Ok(mut lanes) = self.lanes.lock() else { return };
-        for (route, event) in jobs {
-            let key = (route, event.row_key());
-            let job = Job { event, done: Arc::clone(&done) };
-            match lanes.get_mut(&key) {
-                Some(queue) => insert_in_order(queue, job),
-                None => {
-                    lanes.insert(key.clone(), VecDeque::from([job]));
-                    let router = Arc::clone(self);
-                    self.tracker.spawn(async move { router.run_lane(key).await });
+        let mut new_workers = Vec::new();
+        {
+            let Ok(mut lanes) = self.lanes.lock() else { return };
+            for (route, event) in jobs {
+                let key = (route, event.row_key());
+                let job = Job { event, done: Arc::clone(&done) };
+                match lanes.queues.get_mut(&key) {
+                    Some(queue) => insert_in_order(queue, job),
+                    None => {
+                        let (route, row) = key;
+                        lanes.queues.insert((route, row.clone()), VecDeque::from([job]));
+                        lanes.ready[route].push_back(row);
+                        if lanes.workers[route] < self.registry.routes()[route].concurrency {
+                            lanes.workers[route] += 1;
+                            new_workers.push(route);
+                        }
+                    }
                 }
             }
         }
+        for route in new_workers {
+            let router = Arc::clone(self);
+            self.tracker.spawn(async move { router.work(route).await });
+        }
     }
 
-    async fn run_lane(&self, key: LaneKey) {
-        let route = &self.registry.routes()[key.0];
-        let metrics = &self.metrics[key.0];
+    /// One of `route`'s workers: takes a ready lane, runs its events in order until it is
+    /// empty, then the next ready lane; ends when none is ready.
+    async fn work(&self, route_index: usize) {
+        let route = &self.registry.routes()[route_index];
+        let metrics = &self.metrics[route_index];
+        let mut lane: Option<LaneKey> = None;
         loop {
             let job = {
                 let Ok(mut lanes) = self.lanes.lock() else { return };
-                match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(job) => job,
-                    None => {
-                        lanes.remove(&key);
-                        return;
+                loop {
+                    if let Some(key) = &lane {
+                        if let Some(job) = lanes.queues.get_mut(key).and_then(VecDeque::pop_front) {
+                            break job;
+                        }
+                        // the lane is empty: it ends here, and a new event for its row starts
+                        // a new one
+                        lanes.queues.remove(key);
+                    }
+                    match lanes.ready[route_index].pop_front() {
+                        Some(row) => lane = Some((route_index, row)),
+                        None => {
+                            lanes.workers[route_index] -= 1;
+                            return;
+                        }
                     }
                 }
             };
