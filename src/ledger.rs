@@ -118,6 +118,20 @@ fn page_full(good: &[LedgerRow], bad: &[BadRow], limit: PageLimit) -> bool {
     rows >= cap(limit.rows) || events >= cap(limit.events)
 }
 
+/// The last ledger id handed out, or one step below the first id when none was yet. Ids step by
+/// the sequence's increment, so gaps computed from it line up with real ids.
+pub(crate) async fn last_id(client: &Client) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(pg_catalog.pg_sequence_last_value(q.seqrelid), q.seqstart - q.seqincrement) \
+               FROM pg_catalog.pg_sequence q \
+              WHERE q.seqrelid = pg_catalog.pg_get_serial_sequence('post_save.event', 'id')::regclass",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Backends of this database waiting for the lock every notifying commit takes: commits are
 /// queueing behind NOTIFY.
 pub(crate) async fn notify_lock_waiters(client: &Client) -> Result<i64, tokio_postgres::Error> {

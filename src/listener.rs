@@ -43,6 +43,10 @@ const MAX_GAPS: usize = 10_000;
 /// Where the live fetch stands: the highest ledger id seen, and the ids below it not seen yet.
 struct Cursor {
     after: i64,
+    /// The last ledger id handed out when the session began (one step below the first id of a
+    /// fresh ledger). Ids up to it that the catch-up does not see are history (handled, or left
+    /// to the sweep); ids above it that are not seen are gaps, from the first fetch on.
+    floor: i64,
     gaps: BTreeMap<i64, Instant>,
     /// The database name, the events' `using`.
     using: String,
@@ -56,12 +60,15 @@ impl Cursor {
         if id <= self.after {
             return;
         }
-        // Ledger ids step by CHUNK. At the first fetch of a session everything below is
-        // history, not gaps.
-        let missing = usize::try_from((id - self.after) / CHUNK - 1).unwrap_or(usize::MAX);
-        if self.after > 0 && self.gaps.len().saturating_add(missing) <= MAX_GAPS {
-            let now = Instant::now();
-            self.gaps.extend((1..=missing as i64).map(|k| (self.after + k * CHUNK, now)));
+        // Ledger ids step by CHUNK, so the ids not seen between the last one seen (at least the
+        // floor; ids start at 1, so `after` 0 means none seen yet) and this one are gaps.
+        let base = if self.after == 0 { self.floor } else { self.after.max(self.floor) };
+        if id > base {
+            let missing = usize::try_from((id - base) / CHUNK - 1).unwrap_or(usize::MAX);
+            if self.gaps.len().saturating_add(missing) <= MAX_GAPS {
+                let now = Instant::now();
+                self.gaps.extend((1..=missing as i64).map(|k| (base + k * CHUNK, now)));
+            }
         }
         self.after = id;
     }
@@ -297,7 +304,8 @@ impl Listener {
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
             work.client.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
-        let mut cursor = Cursor { after: 0, gaps: BTreeMap::new(), using, per_row: 1 };
+        let floor = ledger::last_id(&work.client).await.map_err(DbError::Query)?;
+        let mut cursor = Cursor { after: 0, floor, gaps: BTreeMap::new(), using, per_row: 1 };
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
             tracing::info!(events = caught_up, "caught up on pending ledger events");
