@@ -45,8 +45,9 @@ struct Cursor {
     after: i64,
     /// The last ledger id handed out when the session began (one step below the first id of a
     /// fresh ledger). Ids up to it that the catch-up does not see are history (handled, or left
-    /// to the sweep); ids above it that are not seen are gaps, from the first fetch on.
-    floor: i64,
+    /// to the sweep); ids above it that are not seen are gaps, from the first fetch on. `None`
+    /// when the sequence could not be read: then the first id seen is the boundary.
+    floor: Option<i64>,
     gaps: BTreeMap<i64, Instant>,
     /// The database name, the events' `using`.
     using: String,
@@ -62,8 +63,13 @@ impl Cursor {
         }
         // Ledger ids step by CHUNK, so the ids not seen between the last one seen (at least the
         // floor; ids start at 1, so `after` 0 means none seen yet) and this one are gaps.
-        let base = if self.after == 0 { self.floor } else { self.after.max(self.floor) };
-        if id > base {
+        let base = match (self.after, self.floor) {
+            (0, floor) => floor,
+            (after, floor) => Some(floor.map_or(after, |f| after.max(f))),
+        };
+        if let Some(base) = base
+            && id > base
+        {
             let missing = usize::try_from((id - base) / CHUNK - 1).unwrap_or(usize::MAX);
             if self.gaps.len().saturating_add(missing) <= MAX_GAPS {
                 let now = Instant::now();
@@ -304,7 +310,13 @@ impl Listener {
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
             work.client.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
-        let floor = ledger::last_id(&work.client).await.map_err(DbError::Query)?;
+        let floor = match ledger::last_id(&work.client).await {
+            Ok(id) => Some(id),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the ledger's id sequence; events committed late at start-up wait for the sweep");
+                None
+            }
+        };
         let mut cursor = Cursor { after: 0, floor, gaps: BTreeMap::new(), using, per_row: 1 };
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
