@@ -70,18 +70,22 @@ async fn update_fields_and_no_op_updates() {
     daemon.stop().await;
 }
 
+/// `events` are `rows` distinct rows (by `id`), each once.
+fn assert_each_row_once(events: &[post_save::event::SaveEvent], rows: usize) {
+    let mut seen = HashMap::new();
+    for e in events {
+        *seen.entry(e.pk["id"].as_i64().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), rows);
+    assert!(seen.values().all(|n| *n == 1), "an event was handled twice");
+}
+
 #[tokio::test]
 async fn insert_select_of_ten_thousand_rows_is_ten_thousand_events() {
     let (db, config) = shop("durable").await;
     let mut daemon = start(&db, config).await;
     db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'bulk ' || g FROM generate_series(1, 10000) g");
-    let events = daemon.take(10_000).await;
-    let mut seen = HashMap::new();
-    for e in &events {
-        *seen.entry(e.pk["id"].as_i64().unwrap()).or_insert(0) += 1;
-    }
-    assert_eq!(seen.len(), 10_000);
-    assert!(seen.values().all(|n| *n == 1), "an event was handled twice");
+    assert_each_row_once(&daemon.take(10_000).await, 10_000);
     daemon.assert_quiet(Duration::from_millis(500)).await;
     daemon.stop().await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
@@ -186,13 +190,7 @@ async fn a_backlog_of_big_and_small_ledger_rows_arrives_whole() {
     // 30 + 1500 + 15 ledger rows: one per statement
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 1545).await;
     let mut daemon = start(&db, config).await;
-    let events = daemon.take(6000).await;
-    let mut seen = HashMap::new();
-    for e in &events {
-        *seen.entry(e.pk["id"].as_i64().unwrap()).or_insert(0) += 1;
-    }
-    assert_eq!(seen.len(), 6000);
-    assert!(seen.values().all(|n| *n == 1), "an event was handled twice");
+    assert_each_row_once(&daemon.take(6000).await, 6000);
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
