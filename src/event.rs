@@ -3,7 +3,13 @@
 //! Anyone who can connect can NOTIFY the channel, so a payload is untrusted input: decoding
 //! never panics, and every rejection says why.
 
-use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::Signal;
@@ -56,10 +62,10 @@ pub struct SaveEvent {
     pub pk: Map<String, Value>,
     /// The row after the save (before, for a delete), redacted columns left out.
     #[serde(default)]
-    pub instance: Value,
+    pub instance: RowImage,
     /// The row before an UPDATE, when the table asks for it.
     #[serde(default)]
-    pub old: Value,
+    pub old: RowImage,
     /// For an UPDATE, the columns whose values changed.
     #[serde(default)]
     pub update_fields: Option<Vec<String>>,
@@ -93,10 +99,133 @@ impl SaveEvent {
         String::from_utf8(key).unwrap_or_default()
     }
 
-    /// The event as JSON, as handlers receive it.
+    /// The event as JSON, as handlers receive it. Row images read from the ledger are written
+    /// as PostgreSQL wrote them when no number in them needs rewriting (see [`RowImage`]).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+        VERBATIM.set(true);
+        let json = serde_json::to_string(self);
+        VERBATIM.set(false);
+        json.unwrap_or_else(|_| String::from("{}"))
     }
+}
+
+thread_local! {
+    /// Set while [`SaveEvent::to_json`] runs: the serializer is serde_json's, so a row image may
+    /// be written as its captured text. Any other serializer gets the decoded value.
+    static VERBATIM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A row image (`instance`, `old`): JSON that reads as a [`Value`] — `event.instance["id"]`,
+/// `event.old.is_null()`. An image read from the ledger keeps the text PostgreSQL wrote and is
+/// decoded the first time something reads it, so an event that a handler only forwards (or that
+/// no filter looks into) is never built into a tree of maps. Numbers that a reader using IEEE
+/// doubles would read inexactly become strings, as [`exact_numbers`] says, whichever way the
+/// image is read or written.
+#[derive(Clone, Default)]
+pub struct RowImage {
+    /// The captured text while it is still what the image holds (dropped on mutable access).
+    raw: Option<Box<RawValue>>,
+    /// `raw` has no number that [`exact_numbers`] would rewrite: it can be written as it is.
+    verbatim: bool,
+    value: OnceLock<Value>,
+}
+
+impl RowImage {
+    /// An image of captured JSON text (already checked to be JSON).
+    fn captured(raw: &RawValue) -> RowImage {
+        if raw.get() == "null" {
+            return RowImage::default();
+        }
+        RowImage { verbatim: !may_hold_inexact_numbers(raw.get()), raw: Some(raw.to_owned()), value: OnceLock::new() }
+    }
+
+    fn decode(raw: Option<&RawValue>) -> Value {
+        let Some(raw) = raw else { return Value::Null };
+        // `raw` was checked when it was read; a failure here cannot happen, and null is safe
+        let mut value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+        exact_numbers(&mut value);
+        value
+    }
+}
+
+impl From<Value> for RowImage {
+    fn from(value: Value) -> RowImage {
+        RowImage { raw: None, verbatim: false, value: OnceLock::from(value) }
+    }
+}
+
+impl Deref for RowImage {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        self.value.get_or_init(|| RowImage::decode(self.raw.as_deref()))
+    }
+}
+
+impl DerefMut for RowImage {
+    fn deref_mut(&mut self) -> &mut Value {
+        let value = match self.value.take() {
+            Some(value) => value,
+            None => RowImage::decode(self.raw.as_deref()),
+        };
+        self.raw = None;
+        self.verbatim = false;
+        self.value = OnceLock::from(value);
+        self.value.get_mut().unwrap_or_else(|| unreachable!("the value was just set"))
+    }
+}
+
+impl PartialEq for RowImage {
+    fn eq(&self, other: &RowImage) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for RowImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl Serialize for RowImage {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match (&self.raw, self.value.get()) {
+            (Some(raw), None) if self.verbatim && VERBATIM.get() => raw.serialize(s),
+            _ => (**self).serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RowImage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RowImage, D::Error> {
+        Value::deserialize(d).map(RowImage::from)
+    }
+}
+
+/// Whether JSON `text` may hold a number that [`exact_numbers`] rewrites: more than 15 digits in
+/// a row (a decimal point between them included), or a digit followed by an exponent mark.
+/// Strings are scanned too: a long run of digits in one only costs a full decode.
+fn may_hold_inexact_numbers(text: &str) -> bool {
+    let mut digits = 0;
+    let mut after_digit = false;
+    for b in text.bytes() {
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits > 15 {
+                    return true;
+                }
+                after_digit = true;
+            }
+            b'.' if after_digit => after_digit = false,
+            b'e' | b'E' if after_digit => return true,
+            _ => {
+                digits = 0;
+                after_digit = false;
+            }
+        }
+    }
+    false
 }
 
 /// What a notification on the channel says.
@@ -159,8 +288,8 @@ struct Head {
     origin: Option<String>,
 }
 
-/// One saved row of a ledger row: `[pk, instance, old, update_fields]`.
-type Item = (Map<String, Value>, Value, Value, Option<Vec<String>>);
+/// One saved row of a ledger row: `[pk, instance, old, update_fields]`; the row images stay text.
+type Item<'a> = (Map<String, Value>, &'a RawValue, &'a RawValue, Option<Vec<String>>);
 
 /// Decodes a ledger row — the events of one captured statement — into its events, whose ids are
 /// `id`, `id + 1`, … in `rows` order. `using` is the database name.
@@ -178,13 +307,12 @@ pub fn decode_ledger_row(
     let items: Vec<Item> = serde_json::from_str(rows).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
     let signal = if op == Op::Delete { Signal::PostDelete } else { Signal::PostSave };
     let mut events = Vec::with_capacity(items.len());
-    for (pos, (mut pk, mut instance, mut old, update_fields)) in items.into_iter().enumerate() {
+    for (pos, (mut pk, instance, old, update_fields)) in items.into_iter().enumerate() {
         if pk.is_empty() {
             return Err(DecodeError::NotAnEvent("empty pk".into()));
         }
         pk.values_mut().for_each(exact_numbers);
-        exact_numbers(&mut instance);
-        exact_numbers(&mut old);
+        let (instance, old) = (RowImage::captured(instance), RowImage::captured(old));
         events.push(SaveEvent {
             id: Some(id + i64::try_from(pos).unwrap_or(i64::MAX - id)),
             signal,
@@ -331,6 +459,53 @@ mod tests {
         assert!(e.reread && e.instance.is_null());
         let without_flag = format!("{{\"signal\"{head}");
         assert!(decode_notice(&without_flag).is_err(), "no instance and not flagged");
+    }
+
+    #[test]
+    fn row_images_from_the_ledger_are_written_as_captured_and_read_exactly() {
+        let head = r#"{"raw" : false, "txid" : 7, "at" : "t", "actor" : {"role" : "app", "pid" : 1}}"#;
+        let rows = r#"[[{"id" : 1}, {"id":1,"note":"a  b","q":2}, null, null], [{"id" : 2}, {"id":2,"q":12345678901234567890}, {"id":2,"q":1.5e3}, ["q"]]]"#;
+        let events = decode_ledger_row(1, "public.t", "update", head, rows, "shop").unwrap();
+        // no number to rewrite: the text PostgreSQL wrote, spacing and key order kept
+        assert!(events[0].to_json().contains(r#""instance":{"id":1,"note":"a  b","q":2},"old":null,"#));
+        // an inexact number: decoded and rewritten, in JSON as in reads
+        let json: Value = serde_json::from_str(&events[1].to_json()).unwrap();
+        assert_eq!(json["instance"]["q"], "12345678901234567890");
+        assert_eq!(events[1].instance["q"], "12345678901234567890");
+        assert_eq!(json["old"]["q"], 1500.0);
+        // any other serializer sees the decoded value
+        assert_eq!(serde_json::to_value(&events[1]).unwrap()["instance"]["q"], "12345678901234567890");
+        assert_eq!(
+            serde_json::to_value(&events[0]).unwrap()["instance"],
+            serde_json::json!({"id": 1, "note": "a  b", "q": 2})
+        );
+        assert!(events[0].old.is_null());
+        // a change is what is written from then on
+        let mut event = events[0].clone();
+        event.instance["q"] = serde_json::json!(3);
+        assert!(event.to_json().contains(r#""instance":{"id":1,"note":"a  b","q":3}"#));
+        assert_ne!(event, events[0]);
+        assert_eq!(events[0].clone(), events[0]);
+    }
+
+    #[test]
+    fn numbers_that_may_be_inexact_are_found_in_text() {
+        for text in [
+            r#"{"a":9007199254740993}"#,
+            r#"{"a":1234567890.1234567891}"#,
+            r#"{"a":1e5}"#,
+            r#"{"a":2E-3}"#,
+            r#"{"s":"1234567890123456"}"#,
+        ] {
+            assert!(may_hold_inexact_numbers(text), "{text}");
+        }
+        for text in [
+            r#"{"a":900719925474099,"b":-12.5,"c":"2026-12-02T04:47:34.272382+00:00"}"#,
+            r#"{"e":"eee","x":"1.2.3"}"#,
+            "[]",
+        ] {
+            assert!(!may_hold_inexact_numbers(text), "{text}");
+        }
     }
 
     #[test]

@@ -541,8 +541,8 @@ impl Listener {
             return Ok(());
         };
         if event.reread {
-            event.instance = reread(work, &watch.table, &event).await.map_err(DbError::Query)?;
-            if let serde_json::Value::Object(row) = &mut event.instance {
+            event.instance = reread(work, &watch.table, &event).await.map_err(DbError::Query)?.into();
+            if let serde_json::Value::Object(row) = &mut *event.instance {
                 watch.redact.iter().for_each(|c| {
                     row.remove(c);
                 });
