@@ -8,6 +8,7 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::OnceLock;
 
+use serde::de::{self, DeserializeSeed};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -286,10 +287,76 @@ struct Head {
     actor: Actor,
     #[serde(default)]
     origin: Option<String>,
+    /// The primary-key columns, for rows written as the instance alone.
+    #[serde(default)]
+    keys: Option<Vec<String>>,
 }
 
-/// One saved row of a ledger row: `[pk, instance, old, update_fields]`; the row images stay text.
+/// One saved row of a ledger row, in full: `[pk, instance, old, update_fields]`; the row images
+/// stay text. A set-based INSERT capture writes the instance alone (`{…}`), its key columns
+/// named by the head's `keys`.
 type Item<'a> = (Map<String, Value>, &'a RawValue, &'a RawValue, Option<Vec<String>>);
+
+/// The primary key of an instance, read from its text: the `keys` columns in key order, the
+/// other columns skipped without being built.
+struct KeyOf<'k>(&'k [String]);
+
+impl<'de> de::DeserializeSeed<'de> for KeyOf<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for KeyOf<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a row as a JSON object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: Vec<Option<Value>> = vec![None; self.0.len()];
+        while let Some(position) = map.next_key_seed(KeyPosition(self.0))? {
+            match position {
+                Some(i) => found[i] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        let mut pk = Map::new();
+        for (key, value) in self.0.iter().zip(found) {
+            let value = value.ok_or_else(|| de::Error::custom(format!("key column `{key}` missing")))?;
+            pk.insert(key.clone(), value);
+        }
+        Ok(pk)
+    }
+}
+
+/// Where a column name stands among the key columns, without allocating it.
+struct KeyPosition<'k>(&'k [String]);
+
+impl<'de> de::DeserializeSeed<'de> for KeyPosition<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for KeyPosition<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a column name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|k| k == name))
+    }
+}
 
 /// Decodes a ledger row — the events of one captured statement — into its events, whose ids are
 /// `id`, `id + 1`, … in `rows` order. `using` is the database name.
@@ -304,15 +371,28 @@ pub fn decode_ledger_row(
     let op: Op =
         serde_json::from_value(Value::String(op.to_owned())).map_err(|e| DecodeError::NotAnEvent(e.to_string()))?;
     let head: Head = serde_json::from_str(head).map_err(|e| DecodeError::NotAnEvent(format!("head: {e}")))?;
-    let items: Vec<Item> = serde_json::from_str(rows).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(rows).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
     let signal = if op == Op::Delete { Signal::PostDelete } else { Signal::PostSave };
     let mut events = Vec::with_capacity(items.len());
-    for (pos, (mut pk, instance, old, update_fields)) in items.into_iter().enumerate() {
+    for (pos, item) in items.into_iter().enumerate() {
+        let text = item.get();
+        let (mut pk, instance, old, update_fields) = if text.starts_with('{') {
+            let keys = head.keys.as_deref().filter(|k| !k.is_empty());
+            let keys = keys.ok_or_else(|| DecodeError::NotAnEvent("a row without `keys` in the head".into()))?;
+            let pk = KeyOf(keys)
+                .deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+            (pk, RowImage::captured(item), RowImage::default(), None)
+        } else {
+            let (pk, instance, old, update_fields): Item =
+                serde_json::from_str(text).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+            (pk, RowImage::captured(instance), RowImage::captured(old), update_fields)
+        };
         if pk.is_empty() {
             return Err(DecodeError::NotAnEvent("empty pk".into()));
         }
         pk.values_mut().for_each(exact_numbers);
-        let (instance, old) = (RowImage::captured(instance), RowImage::captured(old));
         events.push(SaveEvent {
             id: Some(id + i64::try_from(pos).unwrap_or(i64::MAX - id)),
             signal,
@@ -486,6 +566,31 @@ mod tests {
         assert!(event.to_json().contains(r#""instance":{"id":1,"note":"a  b","q":3}"#));
         assert_ne!(event, events[0]);
         assert_eq!(events[0].clone(), events[0]);
+    }
+
+    #[test]
+    fn instance_only_rows_take_their_key_from_the_head_keys() {
+        let head = r#"{"raw" : false, "txid" : 7, "at" : "t", "actor" : {"role" : "app", "pid" : 1}, "origin" : null, "keys" : ["b", "a"]}"#;
+        // json_agg's own spacing between elements
+        let rows = "[{\"a\":1,\"b\":\"x\",\"c\":{\"a\":9}}, \n {\"a\":2,\"b\":\"y\",\"c\":null}]";
+        let events = decode_ledger_row(5001, "public.t", "insert", head, rows, "shop").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(serde_json::to_string(&events[0].pk).unwrap(), r#"{"b":"x","a":1}"#, "key order, not column order");
+        assert_eq!(events[1].pk["a"], 2);
+        assert_eq!(events[0].instance["c"]["a"], 9);
+        assert!(events[0].old.is_null() && events[0].update_fields.is_none());
+        assert_eq!(events[1].id, Some(5002));
+        assert_eq!(events[0].row_key(), "public.t\u{0}{\"b\":\"x\",\"a\":1}");
+        // no keys, or a key column missing from the row
+        let no_keys = head.replace(r#", "keys" : ["b", "a"]"#, "");
+        assert!(decode_ledger_row(1, "public.t", "insert", &no_keys, rows, "shop").is_err());
+        let missing = r#"[{"a":1,"c":2}]"#;
+        let e = decode_ledger_row(1, "public.t", "insert", head, missing, "shop").unwrap_err();
+        assert!(e.to_string().contains("key column `b` missing"), "{e}");
+        // both shapes in one ledger row
+        let mixed = r#"[{"a":1,"b":"x"}, [{"id":3},{"id":3},null,null]]"#;
+        let events = decode_ledger_row(1, "public.t", "insert", head, mixed, "shop").unwrap();
+        assert_eq!(events[1].pk["id"], 3);
     }
 
     #[test]

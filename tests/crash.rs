@@ -274,8 +274,9 @@ async fn sigkill_while_saves_stream_in_loses_nothing_and_keeps_row_order() {
         .client()
         .await
         .query(
-            "SELECT e.id + r.ord - 1, (r.item->0->>'id')::bigint, (r.item->1->>'quantity')::bigint \
-               FROM post_save.event e, json_array_elements(e.rows) WITH ORDINALITY AS r(item, ord)",
+            "SELECT e.id + r.ord - 1, (i.row->>'id')::bigint, (i.row->>'quantity')::bigint \
+               FROM post_save.event e, json_array_elements(e.rows) WITH ORDINALITY AS r(item, ord), \
+                    LATERAL (SELECT CASE json_typeof(r.item) WHEN 'array' THEN r.item->1 ELSE r.item END) AS i(row)",
             &[],
         )
         .await

@@ -91,6 +91,31 @@ async fn insert_select_of_ten_thousand_rows_is_ten_thousand_events() {
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
 }
 
+/// A statement of 1000 rows fills one ledger row exactly; 2,500 rows make three (1000, 1000, 500),
+/// every row once, in statement order; a statement that inserts nothing writes no ledger row and
+/// still commits.
+#[tokio::test]
+async fn big_statements_are_cut_into_ledger_rows_of_a_thousand_and_empty_ones_write_none() {
+    let (db, config) = shop("durable").await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'a' FROM generate_series(1, 1000) g");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'b' FROM generate_series(1, 2500) g");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'c' FROM generate_series(1, 10) g WHERE false");
+    db.psql_ok("INSERT INTO shop_order (id, user_id, product) VALUES (1, 0, 'dup') ON CONFLICT (id) DO NOTHING");
+    let value = |sql: &str| String::from_utf8_lossy(&db.psql_args(&["-Atc", sql]).stdout).trim().to_owned();
+    assert_eq!(value("SELECT string_agg(n::text, ',' ORDER BY id) FROM post_save.event"), "1000,1000,1000,500");
+    assert_eq!(value("SELECT count(*) FROM shop_order"), "3500");
+    let mut daemon = start(&db, config).await;
+    let events = daemon.take(3500).await;
+    assert_each_row_once(&events, 3500);
+    // event ids follow the statement's row order (rows of different rows may be handled in any order)
+    let mut by_event: Vec<(i64, i64)> = events.iter().map(|e| (e.id.unwrap(), e.pk["id"].as_i64().unwrap())).collect();
+    by_event.sort_unstable();
+    assert!(by_event.windows(2).all(|w| w[0].1 < w[1].1), "event ids out of the statement's row order");
+    assert!(events.iter().all(|e| e.instance["id"] == e.pk["id"] && e.old.is_null() && e.update_fields.is_none()));
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_one_megabyte_row_commits_and_arrives_whole() {
     let (db, config) = shop("durable").await;

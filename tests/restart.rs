@@ -460,8 +460,9 @@ async fn an_immediate_postgres_restart_mid_stream_loses_no_committed_event() {
     // The ledger holds one event per committed save, none for a save that did not commit.
     let ledger: BTreeMap<i64, (i64, i64)> = client
         .query(
-            "SELECT e.id + r.ord - 1, (r.item->0->>'id')::bigint, (r.item->1->>'quantity')::bigint \
-               FROM post_save.event e, json_array_elements(e.rows) WITH ORDINALITY AS r(item, ord)",
+            "SELECT e.id + r.ord - 1, (i.row->>'id')::bigint, (i.row->>'quantity')::bigint \
+               FROM post_save.event e, json_array_elements(e.rows) WITH ORDINALITY AS r(item, ord), \
+                    LATERAL (SELECT CASE json_typeof(r.item) WHEN 'array' THEN r.item->1 ELSE r.item END) AS i(row)",
             &[],
         )
         .await
