@@ -28,9 +28,7 @@ BEGIN
         'client_addr', inet_client_addr(),
         'pid', pg_backend_pid(),
         'actor', current_setting('post_save.actor', true));
-    v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin,
-                                'keys', {{keys}});
-    IF TG_OP = 'INSERT' THEN
+{{head}}    IF TG_OP = 'INSERT' THEN
 {{insert}}
     ELSIF TG_OP = 'UPDATE' THEN
 {{update}}

@@ -160,6 +160,15 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
     let g = Generator { watch, shape, sender: quote_literal(&watch.table.to_string()) };
     let ops = watch.operations;
     let branch = |on: bool, body: String| if on { body } else { "        NULL;".to_owned() };
+    // What the events of one ledger row share; notify mode writes the same pairs into each note.
+    let head = match watch.mode {
+        Mode::Durable => format!(
+            "    v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin,\n                                \
+             'keys', {});\n",
+            g.keys()
+        ),
+        Mode::Notify => String::new(),
+    };
     let wake = match watch.mode {
         // A function call, not a query: PL/pgSQL evaluates it without starting an executor.
         Mode::Durable => {
@@ -173,7 +182,7 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
         .replace("{{function}}", &function_name(&watch.table))
         .replace("{{sender_comment}}", &watch.table.to_string().replace(['\n', '\r'], " "))
         .replace("{{options}}", &options_line(watch, shape))
-        .replace("{{keys}}", &g.keys())
+        .replace("{{head}}", &head)
         .replace("{{insert}}", &branch(ops.insert, g.branch(Op::Insert)))
         .replace("{{update}}", &branch(ops.update, g.branch(Op::Update)))
         .replace("{{delete}}", &branch(ops.delete, g.branch(Op::Delete)))
