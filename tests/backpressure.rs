@@ -197,10 +197,6 @@ fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-async fn query_i64(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 /// The resident set size of process `pid` in kB (`VmRSS` of `/proc/<pid>/status`); `None` once
 /// it is gone.
 async fn pending_now(client: &Client) -> i64 {
@@ -431,13 +427,13 @@ async fn a_handler_slower_than_the_writes_keeps_rss_under_100_mb_and_the_backlog
 
     // Every saved row was handled at least once, and only saved rows were.
     let rows = i64::try_from(written.rows).unwrap();
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM item").await, rows);
-    assert_eq!(query_i64(&db, "SELECT sum(n)::int8 FROM post_save.event").await, rows, "events in the ledger");
-    let distinct = query_i64(&db, "SELECT count(DISTINCT id) FROM seen").await;
+    assert_eq!(db.query_i64("SELECT count(*) FROM item").await, rows);
+    assert_eq!(db.query_i64("SELECT sum(n)::int8 FROM post_save.event").await, rows, "events in the ledger");
+    let distinct = db.query_i64("SELECT count(DISTINCT id) FROM seen").await;
     let strangers =
-        query_i64(&db, "SELECT count(*) FROM seen s WHERE NOT EXISTS (SELECT FROM item i WHERE i.id = s.id)").await;
-    let handled = query_i64(&db, "SELECT count(*) FROM seen").await;
-    let dead = query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await;
+        db.query_i64("SELECT count(*) FROM seen s WHERE NOT EXISTS (SELECT FROM item i WHERE i.id = s.id)").await;
+    let handled = db.query_i64("SELECT count(*) FROM seen").await;
+    let dead = db.query_i64("SELECT count(*) FROM post_save.dead_letter").await;
     eprintln!("{rows} rows saved; {distinct} handled, {} duplicates; {dead} dead letters", handled - distinct);
     assert_eq!(strangers, 0, "the handler saw ids that were never saved");
     assert_eq!(distinct, rows, "rows never handled: {}", rows - distinct);

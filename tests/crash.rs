@@ -163,10 +163,6 @@ fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-async fn query_i64(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 /// A small xorshift generator: random enough to pick rows, without another dependency.
 struct Rng(u64);
 
@@ -268,7 +264,7 @@ async fn sigkill_while_saves_stream_in_loses_nothing_and_keeps_row_order() {
     eprintln!("killed at {killed_at} saves, second daemon started at {second_started_at}");
 
     // Everything in the ledger gets handled and acknowledged.
-    assert_eq!(query_i64(&db, "SELECT sum(n) FROM post_save.event").await, i64::try_from(total).unwrap());
+    assert_eq!(db.query_i64("SELECT sum(n) FROM post_save.event").await, i64::try_from(total).unwrap());
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     let ledger: HashMap<i64, (i64, i64)> = db
         .client()
@@ -363,7 +359,7 @@ async fn sigkill_while_saves_stream_in_loses_nothing_and_keeps_row_order() {
             }
         }
     }
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
 }
 
 /// A database with `shop_order` and triggers, and a config file for an exec handler running
@@ -447,7 +443,7 @@ async fn sigterm_lets_a_running_handler_finish_and_exits_0() {
     // The handler finished within the grace period, and the acknowledgement was written
     // before the process exited.
     assert!(out.join("finished.1").exists(), "the handler was not allowed to finish");
-    assert_eq!(query_i64(&db, PENDING).await, 0, "the finished event is acknowledged");
+    assert_eq!(db.query_i64(PENDING).await, 0, "the finished event is acknowledged");
     assert_eq!(std::fs::read_to_string(out.join("runs")).unwrap().lines().count(), 1);
 }
 
@@ -470,8 +466,8 @@ async fn sigterm_after_the_grace_period_hands_the_event_back() {
     assert!(took < Duration::from_secs(5), "took {took:?} to stop");
     eprintln!("stopped {took:?} after SIGTERM");
     assert!(!out.join("finished.1").exists());
-    assert_eq!(query_i64(&db, PENDING).await, 1, "the event was handed back, not acknowledged");
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64(PENDING).await, 1, "the event was handed back, not acknowledged");
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
     // The abandoned program and its child were killed.
     let pids: Vec<i32> = std::fs::read_to_string(out.join("pids.1"))
         .expect("pids")

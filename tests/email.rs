@@ -156,10 +156,6 @@ async fn shop_with(handlers: &str) -> (TestDb, Running) {
     (db, daemon)
 }
 
-async fn query_i64(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_psql_insert_mails_the_address_in_the_row() {
     let dir = TempDir::new().expect("tempdir");
@@ -187,7 +183,7 @@ async fn a_psql_insert_mails_the_address_in_the_row() {
     // The SMTP DATA terminator adds a line end of its own.
     assert_eq!(body.trim_end(), "Order 1: espresso machine\nThanks!");
     daemon.stop().await;
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +260,7 @@ async fn a_server_that_is_down_at_first_gets_the_mail_once_it_is_up() {
     let mail = wait_for_mails(dir.path(), 1).await.remove(0);
     assert!(mail["data"].as_str().unwrap().contains("Subject: New order for kettle"));
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
     daemon.stop().await;
 }
 

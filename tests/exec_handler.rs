@@ -92,10 +92,6 @@ async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     eventually(&what, || Some(lines(path)).filter(|l| l.len() >= n)).await
 }
 
-async fn query_i64(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 /// Whether a process runs: `/proc/<pid>` exists and is not a zombie (a killed process whose
 /// parent has not reaped it yet is dead; in a container PID 1 may never reap orphans).
 fn alive(pid: i32) -> bool {
@@ -278,8 +274,8 @@ exit 0
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'eventually')");
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NOT NULL", 1).await;
     assert_eq!(lines(&out.join("attempts")), ["1", "2", "3"]);
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.event WHERE handled_at IS NULL").await, 0);
     let stats = daemon.stats.snapshot();
     assert_eq!(stats.retried, 2, "{stats:?}");
     assert_eq!(stats.failed_attempts, 2, "{stats:?}");
@@ -331,7 +327,7 @@ echo "$POST_SAVE_EVENT_ID $POST_SAVE_PK" >> "$OUT_DIR/ok.runs"
     let ok_runs = out.join("ok.runs");
 
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'doomed')");
-    let first: i64 = query_i64(&db, "SELECT min(id) FROM post_save.event").await;
+    let first: i64 = db.query_i64("SELECT min(id) FROM post_save.event").await;
     // The failing handler is stuck in its first attempt, and the other handler already ran.
     wait_for_lines(&failing_runs, 1).await;
     assert_eq!(wait_for_lines(&ok_runs, 1).await, [format!("{first} {{\"id\":1}}")]);
@@ -385,7 +381,7 @@ echo "$POST_SAVE_EVENT_ID $POST_SAVE_PK" >> "$OUT_DIR/ok.runs"
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     assert_eq!(runs_of_first(&lines(&failing_runs)), 3);
     assert_eq!(lines(&ok_runs).len(), 3, "{:?}", lines(&ok_runs));
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 1);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 1);
     assert_eq!(daemon.stats.snapshot().dead, 0);
     daemon.stop().await;
 }
@@ -511,7 +507,7 @@ exit 0
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'x')");
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NOT NULL", 1).await;
     let dead = db.psql_ok("SELECT attempts, last_error FROM post_save.dead_letter");
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0, "{dead}");
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0, "{dead}");
     assert!(started.elapsed() < Duration::from_secs(5), "done only after {:?}", started.elapsed());
     assert_eq!(lines(&out.join("runs")), ["1"]);
     daemon.stop().await;
@@ -540,7 +536,7 @@ sleep 1
     // The running program finishes (grace 10 s); the 4 queued events are handed back: their
     // statement's ledger row (all 5 events) stays pending, delivered again after a restart.
     assert_eq!(lines(&out.join("runs")).len(), 1, "programs started after stop: {:?}", lines(&out.join("runs")));
-    assert_eq!(query_i64(&db, "SELECT sum(n) FROM post_save.event WHERE handled_at IS NULL").await, 5);
+    assert_eq!(db.query_i64("SELECT sum(n) FROM post_save.event WHERE handled_at IS NULL").await, 5);
     assert!(took < Duration::from_secs(3), "stop took {took:?}");
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::error_chain;
+use common::{error_chain, query_i64};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
@@ -354,10 +354,6 @@ async fn connect(conninfo: &str) -> Client {
         let _ = connection.await;
     });
     client
-}
-
-async fn query_i64(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
 }
 
 /// Waits until `inserted` reaches `at`; panics when it stops moving for [`PATIENCE`].

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, query_i64};
 use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Receiver, Registry, db, triggers};
 use support::{PATIENCE, config, install, start, start_with, wait_for_sql};
@@ -24,10 +24,6 @@ const WATCH: &str = "[[watch]]\ntable = \"public.shop_order\"\n";
 
 /// The ledger's size on disk: every partition with its indexes and TOAST.
 const LEDGER_BYTES: &str = "SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('post_save.event')";
-
-async fn query_i64(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
 
 /// When the current partition took over the writes, as text (changes at every rotation).
 async fn rotated_at(client: &Client) -> String {

@@ -58,10 +58,6 @@ async fn run(db: &TestDb, text: &str) -> Running {
     start(db, config).await
 }
 
-async fn query_i64(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_order_increments_its_customer_exactly_once_and_the_writes_carry_the_origin() {
     let db = TestDb::new().await;
@@ -84,8 +80,8 @@ async fn each_order_increments_its_customer_exactly_once_and_the_writes_carry_th
     // 42 orders and the 42 customer updates they cause, each seen by the collector.
     let events = daemon.take(84).await;
     wait_for_sql(&db, SETTLED, 0).await;
-    assert_eq!(query_i64(&db, "SELECT order_count::int8 FROM shop_customer WHERE id = 1").await, 12);
-    assert_eq!(query_i64(&db, "SELECT order_count::int8 FROM shop_customer WHERE id = 2").await, 30);
+    assert_eq!(db.query_i64("SELECT order_count::int8 FROM shop_customer WHERE id = 1").await, 12);
+    assert_eq!(db.query_i64("SELECT order_count::int8 FROM shop_customer WHERE id = 2").await, 30);
 
     let (orders, customers): (Vec<&SaveEvent>, Vec<&SaveEvent>) =
         events.iter().partition(|e| e.sender == "public.shop_order");
@@ -128,7 +124,7 @@ async fn bump_chain(max_depth: Option<u32>) -> (i64, Vec<Option<String>>) {
     let collected: Vec<Option<String>> = seen.iter().map(|e| e.origin.clone()).collect();
     assert_eq!(collected, ledger, "the collector saw every ledger event, in order");
     daemon.assert_quiet(Duration::from_millis(200)).await;
-    let n = query_i64(&db, "SELECT n::int8 FROM counter WHERE id = 1").await;
+    let n = db.query_i64("SELECT n::int8 FROM counter WHERE id = 1").await;
     daemon.stop().await;
     (n, ledger)
 }
@@ -210,7 +206,7 @@ async fn failures_are_dead_letters_retried_only_when_retrying_can_help() {
     assert_eq!(*attempts, 3, "{error}");
     assert!(error.contains("cannot connect"), "{error}");
 
-    assert_eq!(query_i64(&db, "SELECT sum(order_count)::int8 FROM shop_customer").await, 0, "nothing was written");
+    assert_eq!(db.query_i64("SELECT sum(order_count)::int8 FROM shop_customer").await, 0, "nothing was written");
     daemon.stop().await;
 }
 
@@ -245,12 +241,12 @@ async fn every_supported_type_round_trips() {
     );
     daemon.take(2).await;
     wait_for_sql(&db, SETTLED, 0).await;
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM post_save.dead_letter").await, 0);
-    assert_eq!(query_i64(&db, "SELECT count(*) FROM sink").await, 2);
+    assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
+    assert_eq!(db.query_i64("SELECT count(*) FROM sink").await, 2);
     // Row for row, column for column (to_jsonb: `json` has no equality).
     let differ =
         "SELECT count(*) FROM src s FULL JOIN sink k USING (id) WHERE to_jsonb(s) IS DISTINCT FROM to_jsonb(k)";
-    assert_eq!(query_i64(&db, differ).await, 0, "{}", db.psql_ok("SELECT * FROM src; SELECT * FROM sink"));
+    assert_eq!(db.query_i64(differ).await, 0, "{}", db.psql_ok("SELECT * FROM src; SELECT * FROM sink"));
     daemon.stop().await;
 }
 

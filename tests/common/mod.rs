@@ -51,6 +51,11 @@ impl TestDb {
         connect(&self.conninfo).await
     }
 
+    /// The one bigint that `sql` returns, over a new connection; panics naming the statement.
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        query_i64(&self.client().await, sql).await
+    }
+
     /// Runs `psql -X -v ON_ERROR_STOP=1 -c <sql>` against this database.
     pub fn psql(&self, sql: &str) -> Output {
         self.psql_args(&["-c", sql])
@@ -90,6 +95,11 @@ impl Drop for TestDb {
             Err(_) => eprintln!("warning: dropping test database {name} panicked"),
         }
     }
+}
+
+/// The one bigint that `sql` returns on `client`; panics naming the statement.
+pub async fn query_i64(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
 }
 
 /// The connection string of the test server's admin database (`dbname=postgres` for the
