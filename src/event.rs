@@ -126,8 +126,6 @@ thread_local! {
 pub struct RowImage {
     /// The captured text while it is still what the image holds (dropped on mutable access).
     raw: Option<Box<RawValue>>,
-    /// `raw` has no number that [`exact_numbers`] would rewrite: it can be written as it is.
-    verbatim: bool,
     value: OnceLock<Value>,
 }
 
@@ -137,7 +135,7 @@ impl RowImage {
         if raw.get() == "null" {
             return RowImage::default();
         }
-        RowImage { verbatim: !may_hold_inexact_numbers(raw.get()), raw: Some(raw.to_owned()), value: OnceLock::new() }
+        RowImage { raw: Some(raw.to_owned()), value: OnceLock::new() }
     }
 
     fn decode(raw: Option<&RawValue>) -> Value {
@@ -151,7 +149,7 @@ impl RowImage {
 
 impl From<Value> for RowImage {
     fn from(value: Value) -> RowImage {
-        RowImage { raw: None, verbatim: false, value: OnceLock::from(value) }
+        RowImage { raw: None, value: OnceLock::from(value) }
     }
 }
 
@@ -170,7 +168,6 @@ impl DerefMut for RowImage {
             None => RowImage::decode(self.raw.as_deref()),
         };
         self.raw = None;
-        self.verbatim = false;
         self.value = OnceLock::from(value);
         self.value.get_mut().unwrap_or_else(|| unreachable!("the value was just set"))
     }
@@ -190,8 +187,9 @@ impl fmt::Debug for RowImage {
 
 impl Serialize for RowImage {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The scan runs only when the event is written, not for every event read.
         match (&self.raw, self.value.get()) {
-            (Some(raw), None) if self.verbatim && VERBATIM.get() => raw.serialize(s),
+            (Some(raw), None) if VERBATIM.get() && !may_hold_inexact_numbers(raw.get()) => raw.serialize(s),
             _ => (**self).serialize(s),
         }
     }

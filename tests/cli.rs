@@ -650,8 +650,8 @@ async fn triggers_check_reports_a_capture_of_another_post_save_version() {
     let config = files.write("shop.toml", WATCH_SHOP_ORDER);
     against(&db, &config, &["triggers", "install"]).code(0);
     db.psql_ok(
-        "DO $$ DECLARE f regprocedure; src text; BEGIN \
-           SELECT p.oid::regprocedure, pg_get_functiondef(p.oid) INTO f, src FROM pg_proc p \
+        "DO $$ DECLARE src text; BEGIN \
+           SELECT pg_get_functiondef(p.oid) INTO src FROM pg_proc p \
              JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'post_save' AND p.proname LIKE 'capture%'; \
            EXECUTE replace(src, ',\"format\":\"2\"}', '}'); END $$",
     );
