@@ -615,6 +615,21 @@ def postsave_available(env: "Env") -> Optional[str]:
     return env.postsave_skip_reason
 
 
+def postsave_wal_slot(ctx: Ctx) -> str:
+    # as post_save::wal::slot_name: the database's name in lower case, other characters as _
+    return "post_save_" + "".join(c.lower() if c.isascii() and c.isalnum() else "_" for c in ctx.db)[:53]
+
+
+def postsave_wal_drained(ctx: Ctx) -> bool:
+    # the daemon confirms a transaction to the slot once every handler is done with it
+    return ctx.psql(f"select coalesce(bool_and(confirmed_flush_lsn >= '{ctx.end_lsn}'::pg_lsn), false) "
+                    f"from pg_replication_slots where slot_name = '{postsave_wal_slot(ctx)}'") == "t"
+
+
+def postsave_wal_teardown(ctx: Ctx) -> None:
+    slot_teardown(postsave_wal_slot(ctx))(ctx)
+
+
 ARMS: list[Arm] = [
     Arm("plain", "no capture: the baseline of every ratio", triggers=False),
     Arm("naive_notify",
@@ -663,6 +678,11 @@ ARMS: list[Arm] = [
         setup=postsave_setup("durable", 'insert_capture = "row"'), background=postsave_run_argv,
         ready=postsave_ready, drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
+    Arm("postsave_wal",
+        "post-save, durable, capture = \"wal\": no trigger; the daemon streams a pgoutput slot",
+        setup=postsave_setup("durable", 'capture = "wal"'), background=postsave_run_argv,
+        ready=postsave_ready, drained=postsave_wal_drained, teardown=postsave_wal_teardown,
+        available=postsave_available, triggers=False),
 ]
 
 # --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------

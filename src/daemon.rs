@@ -219,12 +219,27 @@ impl Daemon {
             lease.clone(),
         ));
         let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
+        let permits = Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1)));
+        let wal = crate::wal::wanted(&self.config).then(|| {
+            tokio::spawn(
+                crate::wal::WalCapture {
+                    pg: self.pg.clone(),
+                    config: Arc::clone(&self.config),
+                    router: Some(router_rx.clone()),
+                    permits: Arc::clone(&permits),
+                    stats: Arc::clone(&self.stats),
+                    stop: stop.clone(),
+                    lease: lease.clone(),
+                }
+                .run(),
+            )
+        });
         let listener = Listener {
             pg: self.pg.clone(),
             config: Arc::clone(&self.config),
             router: router_rx,
             in_flight,
-            permits: Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1))),
+            permits,
             stats: Arc::clone(&self.stats),
             work_client: client_tx,
             outcomes: outcome_tx.clone(),
@@ -297,6 +312,9 @@ impl Daemon {
             give_up_later.cancel();
         });
         let _ = writer.await;
+        if let Some(wal) = wal {
+            let _ = wal.await;
+        }
         let _ = retention.await;
         self.state.send_replace(State::Stopped);
         tracing::info!("stopped");

@@ -15,6 +15,7 @@ use crate::lease::Lease;
 use crate::ledger::{self, DeadLetter, LedgerRow, Work};
 use crate::registry::Route;
 use crate::stats::{HandlerMetrics, Stats};
+use crate::wal::{SettleTo, Settled};
 
 /// What became of one event, for the ledger writer.
 #[derive(Debug)]
@@ -25,6 +26,9 @@ pub(crate) enum Outcome {
     HandedBack(i64),
     /// A delivery gave up.
     Dead(DeadLetter),
+    /// Every handler finished the events of a WAL transaction (or, when `true`, handed some
+    /// back): the WAL reader hears of it once the dead letters before it are written.
+    Wal(SettleTo, bool),
 }
 
 /// How one delivery ended.
@@ -206,17 +210,20 @@ pub(crate) async fn write_outcomes(
     let mut dead = Vec::new();
     let mut acks = Vec::new();
     let mut handed_back = Vec::new();
+    let mut wal = Vec::new();
     while let Some(first) = rx.recv().await {
-        sort(first, &mut dead, &mut acks, &mut handed_back);
+        sort(first, &mut dead, &mut acks, &mut handed_back, &mut wal);
         let deadline = tokio::time::Instant::now() + config.ack_interval;
-        while acks.len() + dead.len() < config.ack_batch {
+        while acks.len() + dead.len() + wal.len() < config.ack_batch {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(o)) => sort(o, &mut dead, &mut acks, &mut handed_back),
+                Ok(Some(o)) => sort(o, &mut dead, &mut acks, &mut handed_back, &mut wal),
                 Ok(None) | Err(_) => break,
             }
         }
+        let mut written = true;
         if !acks.is_empty() || !dead.is_empty() {
-            if !write_batch(&mut client, &dead, &acks, &give_up).await {
+            written = write_batch(&mut client, &dead, &acks, &give_up).await;
+            if !written {
                 tracing::warn!(
                     acks = acks.len(),
                     dead = dead.len(),
@@ -226,6 +233,12 @@ pub(crate) async fn write_outcomes(
                 stats.acked.fetch_add(acks.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        // A WAL transaction is confirmed only after its dead letters are written; when they
+        // could not be, it stays unconfirmed and the slot streams it again.
+        for (to, back) in wal.drain(..) {
+            let handed_back = back || !written;
+            let _ = to.to.send(Settled { end_lsn: to.end_lsn, handed_back });
+        }
         in_flight.settle(&acks, &handed_back);
         acks.clear();
         handed_back.clear();
@@ -233,11 +246,18 @@ pub(crate) async fn write_outcomes(
     }
 }
 
-fn sort(outcome: Outcome, dead: &mut Vec<DeadLetter>, acks: &mut Vec<i64>, back: &mut Vec<i64>) {
+fn sort(
+    outcome: Outcome,
+    dead: &mut Vec<DeadLetter>,
+    acks: &mut Vec<i64>,
+    back: &mut Vec<i64>,
+    wal: &mut Vec<(SettleTo, bool)>,
+) {
     match outcome {
         Outcome::Done(id) => acks.push(id),
         Outcome::HandedBack(id) => back.push(id),
         Outcome::Dead(d) => dead.push(d),
+        Outcome::Wal(to, handed_back) => wal.push((to, handed_back)),
     }
 }
 

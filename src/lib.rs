@@ -54,6 +54,7 @@ pub mod stats;
 pub mod systemd;
 pub mod template;
 pub mod triggers;
+pub mod wal;
 
 pub use config::{Config, ConfigError, Mode, Signal};
 pub use daemon::{Daemon, DaemonError, State};

@@ -18,6 +18,7 @@ use crate::lease::Lease;
 use crate::ledger::{self, RetryRequest, Work};
 use crate::registry::Registry;
 use crate::stats::{HandlerMetrics, Stats};
+use crate::wal::SettleTo;
 
 type LaneKey = (usize, String);
 
@@ -44,9 +45,29 @@ struct Lanes {
 struct Completion {
     remaining: AtomicUsize,
     handed_back: AtomicBool,
-    id: Option<i64>,
+    report: Report,
     outcomes: mpsc::UnboundedSender<Outcome>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Whom a completion tells.
+enum Report {
+    /// A notify-mode event: nobody.
+    Nothing,
+    /// The ledger row of this id.
+    Ledger(i64),
+    /// The WAL reader, for the transaction ending at this position.
+    Wal(SettleTo),
+}
+
+impl Report {
+    fn outcome(&self, handed_back: bool) -> Option<Outcome> {
+        match self {
+            Report::Nothing => None,
+            Report::Ledger(id) => Some(if handed_back { Outcome::HandedBack(*id) } else { Outcome::Done(*id) }),
+            Report::Wal(to) => Some(Outcome::Wal(to.clone(), handed_back)),
+        }
+    }
 }
 
 impl Completion {
@@ -55,10 +76,8 @@ impl Completion {
             self.handed_back.store(true, Ordering::Relaxed);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-            && let Some(id) = self.id
+            && let Some(outcome) = self.report.outcome(self.handed_back.load(Ordering::Relaxed))
         {
-            let outcome =
-                if self.handed_back.load(Ordering::Relaxed) { Outcome::HandedBack(id) } else { Outcome::Done(id) };
             let _ = self.outcomes.send(outcome);
         }
     }
@@ -115,6 +134,15 @@ impl Router {
         events: Vec<SaveEvent>,
         permit: OwnedSemaphorePermit,
     ) {
+        self.dispatch_reporting(ledger_id.map_or(Report::Nothing, Report::Ledger), events, permit);
+    }
+
+    /// Queues the events of one WAL transaction; `to` hears when all of them are done.
+    pub(crate) fn dispatch_wal(self: &Arc<Self>, to: SettleTo, events: Vec<SaveEvent>, permit: OwnedSemaphorePermit) {
+        self.dispatch_reporting(Report::Wal(to), events, permit);
+    }
+
+    fn dispatch_reporting(self: &Arc<Self>, report: Report, events: Vec<SaveEvent>, permit: OwnedSemaphorePermit) {
         let mut jobs = Vec::new();
         for event in events {
             Stats::bump(&self.stats.events);
@@ -127,15 +155,15 @@ impl Router {
             jobs.extend(routes.into_iter().map(|r| (r, Arc::clone(&event))));
         }
         if jobs.is_empty() {
-            if let Some(id) = ledger_id {
-                let _ = self.outcomes.send(Outcome::Done(id));
+            if let Some(outcome) = report.outcome(false) {
+                let _ = self.outcomes.send(outcome);
             }
             return;
         }
         let done = Arc::new(Completion {
             remaining: AtomicUsize::new(jobs.len()),
             handed_back: AtomicBool::new(false),
-            id: ledger_id,
+            report,
             outcomes: self.outcomes.clone(),
             _permit: permit,
         });

@@ -12,7 +12,7 @@ use std::fmt;
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{Config, InsertCapture, Mode, Watch};
+use crate::config::{Capture, Config, InsertCapture, Mode, Watch};
 use crate::name::{TableName, array_literal, quote_ident, quote_literal};
 
 /// The template of a table's capture function.
@@ -81,6 +81,12 @@ pub enum TriggerError {
         /// The config key naming it.
         key: &'static str,
     },
+    /// A table is captured from the WAL, and the server does not write logical WAL.
+    #[error(
+        "capture = \"wal\" needs wal_level = logical, and this server runs with wal_level = {0}: set \
+         `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)"
+    )]
+    WalLevel(String),
     /// A query failed.
     #[error("database query failed")]
     Query(#[from] tokio_postgres::Error),
@@ -216,6 +222,62 @@ pub fn trigger_ddl(watch: &Watch, shape: &TableShape) -> String {
         ));
     }
     sql
+}
+
+/// The DDL of a table captured from the WAL: no trigger; the old row in the WAL of an UPDATE or
+/// DELETE when either is captured (`update_fields`, `columns` and `include_old` need it). Its
+/// place in the publication is set by [`publication_ddl`].
+pub fn wal_ddl(watch: &Watch) -> String {
+    let mut sql =
+        format!("-- post-save capture for {}: read from the WAL (capture = \"wal\"); no trigger.\n", watch.table);
+    sql.push_str(&drop_ddl(&watch.table));
+    if watch.operations.update || watch.operations.delete {
+        sql.push_str(&format!("ALTER TABLE {} REPLICA IDENTITY FULL;\n", watch.table.quoted()));
+    }
+    sql
+}
+
+/// The DDL that makes the `post_save` publication list exactly the WAL-captured tables (and
+/// drops it when there are none and it exists).
+fn publication_ddl(config: &Config, exists: bool) -> String {
+    let tables: Vec<String> =
+        config.watches.iter().filter(|w| w.capture == Capture::Wal).map(|w| w.table.quoted()).collect();
+    let publication = quote_ident(crate::wal::PUBLICATION);
+    if tables.is_empty() {
+        return if exists { format!("DROP PUBLICATION IF EXISTS {publication};\n") } else { String::new() };
+    }
+    let mut sql = String::new();
+    if !exists {
+        sql.push_str(&format!("CREATE PUBLICATION {publication} WITH (publish = 'insert, update, delete');\n"));
+    }
+    sql.push_str(&format!("ALTER PUBLICATION {publication} SET TABLE {};\n", tables.join(", ")));
+    sql
+}
+
+/// The tables in the `post_save` publication, or `None` when it does not exist.
+async fn published(client: &impl GenericClient) -> Result<Option<BTreeSet<TableName>>, tokio_postgres::Error> {
+    let exists =
+        client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&crate::wal::PUBLICATION]).await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&crate::wal::PUBLICATION],
+        )
+        .await?;
+    Ok(Some(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect()))
+}
+
+/// Fails with [`TriggerError::WalLevel`] when a table is captured from the WAL and the server
+/// cannot stream it.
+async fn check_wal_level(client: &impl GenericClient, config: &Config) -> Result<(), TriggerError> {
+    if !crate::wal::wanted(config) {
+        return Ok(());
+    }
+    let level: String = client.query_one("SELECT current_setting('wal_level')", &[]).await?.get(0);
+    if level == "logical" { Ok(()) } else { Err(TriggerError::WalLevel(level)) }
 }
 
 /// The DDL that removes the capture of `table`.
@@ -440,22 +502,33 @@ pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String
     let mut sql = String::new();
     for watch in &config.watches {
         let shape = table_shape(client, watch).await?;
-        sql.push_str(&trigger_ddl(watch, &shape));
+        match watch.capture {
+            Capture::Trigger => sql.push_str(&trigger_ddl(watch, &shape)),
+            Capture::Wal => sql.push_str(&wal_ddl(watch)),
+        }
     }
     for table in installed(client).await?.into_keys() {
         if config.watch(&table).is_none() {
             sql.push_str(&drop_ddl(&table));
         }
     }
+    sql.push_str(&publication_ddl(config, published(client).await?.is_some()));
     Ok(sql)
 }
 
 /// Makes the database match the config, in one transaction. Returns the DDL run.
 pub async fn install(client: &mut Client, config: &Config) -> Result<String, TriggerError> {
+    check_wal_level(&*client, config).await?;
     let tx = client.transaction().await?;
     let sql = plan(&tx, config).await?;
     tx.batch_execute(&sql).await?;
     tx.commit().await?;
+    // The slot starts keeping saves from here on; a slot cannot be made in a transaction that
+    // wrote, so it comes after the commit.
+    if crate::wal::wanted(config) {
+        let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+        crate::wal::ensure_slot(client, &crate::wal::slot_name(&dbname)).await?;
+    }
     Ok(sql)
 }
 
@@ -474,8 +547,21 @@ pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError>
     for row in orphans {
         sql.push_str(&format!("DROP FUNCTION IF EXISTS {} CASCADE;\n", row.get::<_, String>(0)));
     }
+    let mut tables = tables;
+    if let Some(wal_tables) = published(&tx).await? {
+        tables.extend(wal_tables.into_iter().filter(|t| !tables.contains(t)).collect::<Vec<_>>());
+        sql.push_str(&format!("DROP PUBLICATION IF EXISTS {};\n", quote_ident(crate::wal::PUBLICATION)));
+    }
     tx.batch_execute(&sql).await?;
     tx.commit().await?;
+    // The slot would keep WAL forever once nothing reads it.
+    let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&crate::wal::slot_name(&dbname)],
+        )
+        .await?;
     Ok(tables)
 }
 
@@ -483,6 +569,15 @@ pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError>
 pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<Drift>, TriggerError> {
     let mut found = installed(client).await?;
     let mut drift = Vec::new();
+    let mut published = published(client).await?.unwrap_or_default();
+    let slot = if crate::wal::wanted(config) {
+        let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+        let slot = crate::wal::slot_name(&dbname);
+        let exists = client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+        Some((slot, exists.is_some()))
+    } else {
+        None
+    };
     for watch in &config.watches {
         let shape = match table_shape(client, watch).await {
             Ok(shape) => shape,
@@ -496,6 +591,34 @@ pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<D
                 continue;
             }
         };
+        if watch.capture == Capture::Wal {
+            let mut what = Vec::new();
+            if found.remove(&watch.table).is_some() {
+                what.push("capture = \"wal\" but a capture trigger is installed".to_owned());
+            }
+            if !published.remove(&watch.table) {
+                what.push(format!("not in the `{}` publication", crate::wal::PUBLICATION));
+            }
+            if watch.operations.update || watch.operations.delete {
+                let full: bool = client
+                    .query_one(
+                        "SELECT relreplident = 'f' FROM pg_class WHERE oid = to_regclass($1)",
+                        &[&watch.table.quoted()],
+                    )
+                    .await?
+                    .get(0);
+                if !full {
+                    what.push("REPLICA IDENTITY is not FULL".to_owned());
+                }
+            }
+            if let Some((slot, false)) = &slot {
+                what.push(format!("no replication slot `{slot}`"));
+            }
+            if !what.is_empty() {
+                drift.push(Drift::Changed { table: watch.table.clone(), what: what.join("; ") });
+            }
+            continue;
+        }
         let Some(have) = found.remove(&watch.table) else {
             drift.push(Drift::Missing(watch.table.clone()));
             continue;
@@ -505,6 +628,7 @@ pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<D
         }
     }
     drift.extend(found.into_keys().map(Drift::Unwatched));
+    drift.extend(published.into_iter().map(Drift::Unwatched));
     Ok(drift)
 }
 

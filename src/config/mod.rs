@@ -204,6 +204,28 @@ impl InsertCapture {
     }
 }
 
+/// Where a durable watch's saves are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capture {
+    /// A trigger writes each save to the ledger in the writer's transaction (the default).
+    Trigger,
+    /// No trigger: the daemon reads committed saves from the write-ahead log through a logical
+    /// replication slot (needs `wal_level = logical`). The writer pays nothing extra; the event
+    /// carries no actor, unless the transaction emits one (see [`crate::wal`]).
+    Wal,
+}
+
+impl Capture {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Trigger => "trigger",
+            Capture::Wal => "wal",
+        }
+    }
+}
+
 /// Which statements a watch captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Operations {
@@ -234,6 +256,8 @@ pub struct Watch {
     pub pk: Option<Vec<String>>,
     /// How INSERTs are captured.
     pub insert_capture: InsertCapture,
+    /// Where the saves are read from: a trigger, or the write-ahead log.
+    pub capture: Capture,
 }
 
 /// `post_save` or `post_delete`.
@@ -384,6 +408,8 @@ struct RawWatch {
     pk: Option<Vec<String>>,
     #[serde(default)]
     insert_capture: Option<InsertCapture>,
+    #[serde(default)]
+    capture: Option<Capture>,
 }
 
 impl RawWatch {
@@ -414,9 +440,30 @@ impl RawWatch {
                 return Err(err("redact", &format!("primary-key column `{c}` cannot be redacted")));
             }
         }
+        let capture = self.capture.unwrap_or(Capture::Trigger);
+        if capture == Capture::Wal {
+            if self.mode == Some(Mode::Notify) {
+                return Err(err(
+                    "capture",
+                    "capture = \"wal\" is durable by nature (the slot keeps every save until the daemon confirms it); \
+                     drop `mode = \"notify\"` or use the trigger capture",
+                ));
+            }
+            if !self.redact.is_empty() {
+                return Err(err(
+                    "redact",
+                    "redacted columns cannot be kept in the database with capture = \"wal\": the replication \
+                     stream carries the whole row; use the trigger capture for this table",
+                ));
+            }
+            if self.insert_capture.is_some() {
+                return Err(err("insert_capture", "insert_capture applies to the trigger capture only"));
+            }
+        }
         Ok(Watch {
             table,
             operations,
+            capture,
             mode: self.mode.unwrap_or(Mode::Durable),
             columns: self.columns,
             redact: self.redact,

@@ -46,6 +46,18 @@ impl TestDb {
         TestDb { conninfo: conninfo_with_dbname(&admin, Some(&name)), name, admin }
     }
 
+    /// Creates a new, empty database on a private cluster that writes logical WAL
+    /// (`wal_level = logical`), for `capture = "wal"`: a server named by
+    /// `POST_SAVE_TEST_DATABASE_URL` is used only if it already does.
+    pub async fn new_logical() -> TestDb {
+        let admin =
+            tokio::task::spawn_blocking(logical_server_conninfo).await.expect("starting the test server panicked");
+        let name = unique_name();
+        let client = connect(&admin).await;
+        create_database(&client, &name).await;
+        TestDb { conninfo: conninfo_with_dbname(&admin, Some(&name)), name, admin }
+    }
+
     /// A new connection to this database (its connection task spawned on the current runtime).
     pub async fn client(&self) -> Client {
         connect(&self.conninfo).await
@@ -89,7 +101,14 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let (admin, name) = (self.admin.clone(), self.name.clone());
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name));
-        match std::thread::spawn(move || execute_blocking(&admin, &sql)).join() {
+        // A database with a replication slot cannot be dropped.
+        let slots = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = {} AND NOT active",
+            quote_literal(&name)
+        );
+        match std::thread::spawn(move || execute_blocking(&admin, &slots).and_then(|()| execute_blocking(&admin, &sql)))
+            .join()
+        {
             Ok(Ok(())) => {}
             Ok(Err(error)) => eprintln!("warning: could not drop test database {name}: {error}"),
             Err(_) => eprintln!("warning: dropping test database {name} panicked"),
@@ -110,6 +129,45 @@ pub fn server_conninfo() -> String {
         .get_or_init(|| match std::env::var(DATABASE_URL_ENV) {
             Ok(url) if !url.trim().is_empty() => conninfo_with_dbname(&url, None),
             _ => private_cluster(),
+        })
+        .clone()
+}
+
+/// The admin connection string of a server with `wal_level = logical`: the one named by
+/// `POST_SAVE_TEST_DATABASE_URL` when it writes logical WAL, else a second private cluster
+/// (`post-save-test-logical-<uid>`, kept running like the first).
+pub fn logical_server_conninfo() -> String {
+    static ADMIN: OnceLock<String> = OnceLock::new();
+    ADMIN
+        .get_or_init(|| {
+            let shared = server_conninfo();
+            let level = block_on(async {
+                let (client, connection) = tokio_postgres::connect(&shared, NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client.query_one("SELECT current_setting('wal_level')", &[]).await.ok().map(|r| r.get::<_, String>(0))
+            });
+            if level.as_deref() == Some("logical") {
+                return shared;
+            }
+            let uid = nix::unistd::geteuid();
+            let dir = std::env::temp_dir().join(format!("post-save-test-logical-{uid}"));
+            let opts = ClusterOptions {
+                settings: [
+                    ("max_connections", "200"),
+                    ("wal_level", "logical"),
+                    ("max_replication_slots", "100"),
+                    ("max_wal_senders", "100"),
+                ]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+                ..ClusterOptions::default()
+            };
+            let cluster = TempCluster::start_persistent(&dir, opts)
+                .unwrap_or_else(|e| panic!("could not start the logical test cluster: {}", error_chain(&e)));
+            let admin = cluster.conninfo("postgres");
+            drop_abandoned_databases(&admin);
+            admin
         })
         .clone()
 }
@@ -148,7 +206,10 @@ fn drop_abandoned_databases(admin: &str) {
             for name in rows.iter().map(|row| row.get::<_, String>(0)) {
                 if creator_pid(&name).is_some_and(|pid| !process_exists(pid)) {
                     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name));
+                    let slots = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                                 WHERE database = $1 AND NOT active";
                     // Another process may be dropping it too.
+                    let _ = client.execute(slots, &[&name]).await;
                     let _ = client.batch_execute(&sql).await;
                 }
             }
@@ -277,6 +338,11 @@ fn quote_conninfo(value: &str) -> String {
         return value.to_owned();
     }
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Quotes an SQL identifier.

@@ -1,0 +1,529 @@
+//! `capture = "wal"`: saves read from the write-ahead log instead of a trigger.
+//!
+//! A watched table with this capture has no trigger at all: the writer's transaction does no
+//! more work than without post-save. `triggers install` puts the table in the `post_save`
+//! publication (with `REPLICA IDENTITY FULL` when UPDATE or DELETE is captured, so the stream
+//! carries the row before the change) and creates the database's logical replication slot. The
+//! daemon streams the slot with `pgoutput`, turns each committed change into a [`SaveEvent`],
+//! dispatches a transaction's events together, and confirms a transaction to the slot once every
+//! handler is done with its events (dead letters written first). The slot keeps the WAL of
+//! anything not yet confirmed, so a save made while the daemon is down, or one whose delivery
+//! was cut short by a stop or a crash, is streamed again: at least once, as in durable mode.
+//!
+//! What the WAL does not carry: who made the save. `actor` has an empty role and pid 0, unless
+//! the transaction names its actor with `pg_logical_emit_message(true, 'post_save.actor', …)`;
+//! `at` is the commit time; the event `id` is the change's WAL position, unique and the same on
+//! every redelivery. The SQL handler marks its writes for the chain-depth guard the same way,
+//! with a `post_save.origin` message.
+
+pub mod pgoutput;
+pub mod stream;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Capture, Config, Watch};
+use crate::event::{Actor, Op, SaveEvent};
+use crate::lease::Lease;
+use crate::name::TableName;
+use crate::router::Router;
+use crate::stats::Stats;
+use pgoutput::{Datum, Message, Relation};
+use stream::{Copied, Replication, StreamError};
+
+/// The publication that lists the tables captured from the WAL.
+pub const PUBLICATION: &str = "post_save";
+
+/// The logical replication slot of the post-save install in database `dbname`: slots are
+/// cluster-wide, so the name carries the database's (letters, digits and `_` only).
+pub fn slot_name(dbname: &str) -> String {
+    let mut name = String::from("post_save_");
+    name.extend(dbname.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }));
+    name.truncate(63);
+    name
+}
+
+/// Whether any watched table is captured from the WAL.
+pub fn wanted(config: &Config) -> bool {
+    config.watches.iter().any(|w| w.capture == Capture::Wal)
+}
+
+/// A transaction confirmed by every handler (or handed back by a stopping daemon).
+#[derive(Debug)]
+pub(crate) struct Settled {
+    pub(crate) end_lsn: u64,
+    pub(crate) handed_back: bool,
+}
+
+/// Where a WAL transaction's outcome goes once its deliveries end.
+#[derive(Debug, Clone)]
+pub(crate) struct SettleTo {
+    pub(crate) end_lsn: u64,
+    pub(crate) to: mpsc::UnboundedSender<Settled>,
+}
+
+/// The WAL reader of a running daemon.
+pub(crate) struct WalCapture {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) config: Arc<Config>,
+    /// Dropped when stopping: the router it holds must go for the outcome writer to finish.
+    pub(crate) router: Option<watch::Receiver<Arc<Router>>>,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) lease: Option<Arc<Lease>>,
+}
+
+/// A watched table as the stream names it.
+struct Table {
+    watch: Watch,
+    sender: String,
+    pk: Vec<String>,
+}
+
+/// What is known of the stream's tables: the relation messages, by OID.
+struct Relations {
+    by_oid: HashMap<u32, (Relation, Option<usize>)>,
+    tables: Vec<Table>,
+}
+
+impl Relations {
+    fn learn(&mut self, rel: Relation) {
+        let name = TableName::new(rel.schema.clone(), rel.name.clone());
+        let table = self.tables.iter().position(|t| t.watch.table == name);
+        self.by_oid.insert(rel.id, (rel, table));
+    }
+}
+
+/// The transaction being read.
+#[derive(Default)]
+struct Open {
+    xid: u32,
+    commit_time: i64,
+    origin: Option<String>,
+    actor: Option<String>,
+    events: Vec<SaveEvent>,
+}
+
+/// Transactions dispatched and not yet confirmed, in commit order.
+#[derive(Default)]
+struct Confirmations {
+    queue: VecDeque<(u64, bool)>,
+    /// Everything up to here is consumed.
+    confirmed: u64,
+    /// A transaction was handed back: nothing after it may be confirmed in this session.
+    stuck: bool,
+    dirty: bool,
+}
+
+impl Confirmations {
+    fn push(&mut self, end_lsn: u64, done: bool) {
+        self.queue.push_back((end_lsn, done));
+        self.advance();
+    }
+
+    fn settle(&mut self, s: Settled) {
+        if s.handed_back {
+            self.stuck = true;
+        }
+        if let Some(entry) = self.queue.iter_mut().find(|(lsn, _)| *lsn == s.end_lsn) {
+            entry.1 = true;
+        }
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        if self.stuck {
+            return;
+        }
+        while let Some(&(lsn, true)) = self.queue.front() {
+            self.queue.pop_front();
+            if lsn > self.confirmed {
+                self.confirmed = lsn;
+                self.dirty = true;
+            }
+        }
+    }
+}
+
+/// Why the stream stopped.
+enum Ended {
+    Stopping,
+    Lost(String),
+}
+
+/// How often confirmations are sent while events settle.
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+/// How often the server hears from a reader that waits for in-flight permits.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+impl WalCapture {
+    /// Streams until `stop`; reconnects with backoff when the connection is lost.
+    pub(crate) async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            if self.lease.as_ref().is_some_and(|l| !l.held()) {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    () = self.stop.cancelled() => return,
+                }
+            }
+            match self.session().await {
+                Ok(Ended::Stopping) => return,
+                Ok(Ended::Lost(why)) | Err(why) => {
+                    attempt = attempt.saturating_add(1);
+                    Stats::bump(&self.stats.reconnects);
+                    let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(5)));
+                    tracing::warn!(error = %why, retry_in = ?wait, "WAL capture: stream lost; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One replication session: from the slot's confirmed position until the stream ends.
+    async fn session(&mut self) -> Result<Ended, String> {
+        let (client, task) = crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?;
+        let using: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(|e| format!("reading the database name: {e}"))?
+            .get(0);
+        let slot = slot_name(&using);
+        ensure_slot(&client, &slot).await.map_err(|e| e.to_string())?;
+        let mut tables = Vec::new();
+        for watch in self.config.watches.iter().filter(|w| w.capture == Capture::Wal) {
+            let shape = crate::triggers::table_shape(&client, watch).await.map_err(|e| e.to_string())?;
+            tables.push(Table { watch: watch.clone(), sender: watch.table.to_string(), pk: shape.pk });
+        }
+        drop(client);
+        task.abort();
+
+        let mut conn = Replication::connect(&self.pg).await.map_err(|e| e.to_string())?;
+        match conn.start(&slot, PUBLICATION, 0).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("55006") => return Err(format!("{e} (another daemon streams it)")),
+            Err(e) => return Err(e.to_string()),
+        }
+        tracing::info!(slot = %slot, tables = tables.len(), "WAL capture streaming");
+        let mut relations = Relations { by_oid: HashMap::new(), tables };
+        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
+        let mut confirms = Confirmations::default();
+        let mut open: Option<Open> = None;
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = loop {
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break Ended::Stopping,
+                Some(s) = settle_rx.recv() => confirms.settle(s),
+                _ = tick.tick() => {
+                    if confirms.dirty {
+                        confirms.dirty = false;
+                        if let Err(e) = conn.confirm(confirms.confirmed).await {
+                            break Ended::Lost(e.to_string());
+                        }
+                    }
+                }
+                next = conn.next() => match next {
+                    Err(e) => break Ended::Lost(e.to_string()),
+                    Ok(Copied::Keepalive { wal_end, reply }) => {
+                        if open.is_none() && confirms.queue.is_empty() && !confirms.stuck && wal_end > confirms.confirmed {
+                            confirms.confirmed = wal_end;
+                            confirms.dirty = true;
+                        }
+                        if reply {
+                            confirms.dirty = false;
+                            if let Err(e) = conn.confirm(confirms.confirmed).await {
+                                break Ended::Lost(e.to_string());
+                            }
+                        }
+                    }
+                    Ok(Copied::Data { start, payload }) => {
+                        let message = match pgoutput::decode(&payload) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                Stats::bump(&self.stats.invalid);
+                                tracing::error!(error = %e, lsn = %stream::format_lsn(start), "WAL capture: skipped a message it cannot read");
+                                continue;
+                            }
+                        };
+                        match message {
+                            Message::Begin { commit_time, xid } => {
+                                open = Some(Open { xid, commit_time, ..Open::default() });
+                            }
+                            Message::Commit { end_lsn } => {
+                                let Some(tx) = open.take() else { continue };
+                                if let Err(e) = self.dispatch(tx, end_lsn, &using, &settle_tx, &mut confirms, &mut conn).await {
+                                    break e;
+                                }
+                            }
+                            Message::Origin(name) => {
+                                if let Some(tx) = open.as_mut() {
+                                    tx.origin.get_or_insert(name);
+                                }
+                            }
+                            Message::Note { prefix, content } => {
+                                if let Some(tx) = open.as_mut() {
+                                    let text = String::from_utf8_lossy(&content).into_owned();
+                                    match prefix.as_str() {
+                                        "post_save.actor" => tx.actor = Some(text),
+                                        "post_save.origin" => tx.origin = Some(text),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            Message::Relation(rel) => relations.learn(rel),
+                            change => {
+                                if let Some(tx) = open.as_mut() {
+                                    change_event(&relations, change, start, tx, &self.stats);
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        if matches!(ended, Ended::Stopping) {
+            self.router = None;
+            // Deliveries still running end within the grace period; their confirmations
+            // arrive once the outcome writer has written their dead letters.
+            drop(settle_tx);
+            let grace = self.config.daemon.shutdown_grace + Duration::from_secs(6);
+            let _ = tokio::time::timeout(grace, async {
+                while let Some(s) = settle_rx.recv().await {
+                    confirms.settle(s);
+                }
+            })
+            .await;
+            if confirms.dirty {
+                let _ = conn.confirm(confirms.confirmed).await;
+            }
+            tracing::info!(confirmed = %stream::format_lsn(confirms.confirmed), "WAL capture stopped");
+        }
+        Ok(ended)
+    }
+
+    /// Hands a committed transaction's events to the router; its confirmation comes back on
+    /// `settle_tx` when they are all done.
+    async fn dispatch(
+        &self,
+        tx: Open,
+        end_lsn: u64,
+        using: &str,
+        settle_tx: &mpsc::UnboundedSender<Settled>,
+        confirms: &mut Confirmations,
+        conn: &mut Replication,
+    ) -> Result<(), Ended> {
+        if tx.events.is_empty() {
+            confirms.push(end_lsn, true);
+            return Ok(());
+        }
+        let n = u32::try_from(tx.events.len()).unwrap_or(u32::MAX);
+        let wanted = n.min(u32::try_from(self.config.daemon.max_in_flight.max(1)).unwrap_or(u32::MAX));
+        let permit = loop {
+            tokio::select! {
+                p = Arc::clone(&self.permits).acquire_many_owned(wanted) => break p.map_err(|_| Ended::Stopping)?,
+                () = self.stop.cancelled() => return Err(Ended::Stopping),
+                () = tokio::time::sleep(STATUS_EVERY) => {
+                    conn.confirm(confirms.confirmed).await.map_err(|e: StreamError| Ended::Lost(e.to_string()))?;
+                }
+            }
+        };
+        let at = pg_time(tx.commit_time);
+        let actor = Actor { role: String::new(), application_name: None, client_addr: None, pid: 0, actor: tx.actor };
+        let events: Vec<SaveEvent> = tx
+            .events
+            .into_iter()
+            .map(|mut e| {
+                e.using = using.to_owned();
+                e.txid = i64::from(tx.xid);
+                e.at.clone_from(&at);
+                e.actor = actor.clone();
+                e.origin.clone_from(&tx.origin);
+                e
+            })
+            .collect();
+        confirms.push(end_lsn, false);
+        let Some(router) = self.router.as_ref().map(|r| r.borrow().clone()) else { return Err(Ended::Stopping) };
+        router.dispatch_wal(SettleTo { end_lsn, to: settle_tx.clone() }, events, permit);
+        Ok(())
+    }
+}
+
+/// Creates the logical replication slot when it is missing.
+pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
+    let exists = client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?.is_some();
+    if !exists {
+        client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+        tracing::info!(slot = %slot, "logical replication slot created");
+    }
+    Ok(!exists)
+}
+
+/// PostgreSQL time (µs since 2000-01-01 UTC) as RFC 3339.
+fn pg_time(us: i64) -> String {
+    const EPOCH_2000: i64 = 946_684_800;
+    let secs = us.div_euclid(1_000_000) + EPOCH_2000;
+    let micros = us.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let mut out = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
+    if micros != 0 {
+        let frac = format!("{micros:06}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    out.push_str("+00:00");
+    out
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Adds the event of one change to the open transaction, when its table is watched for it.
+fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open, stats: &Stats) {
+    let (rel_id, op) = match &change {
+        Message::Insert { rel, .. } => (*rel, Op::Insert),
+        Message::Update { rel, .. } => (*rel, Op::Update),
+        Message::Delete { rel, .. } => (*rel, Op::Delete),
+        _ => return,
+    };
+    let Some((rel, Some(table))) = relations.by_oid.get(&rel_id) else {
+        if !relations.by_oid.contains_key(&rel_id) {
+            Stats::bump(&stats.invalid);
+            tracing::error!(relation = rel_id, "WAL capture: a change of a table the stream never described; skipped");
+        }
+        return;
+    };
+    let table = &relations.tables[*table];
+    let watch = &table.watch;
+    let ops = watch.operations;
+    let (instance, old, update_fields) = match change {
+        Message::Insert { new, .. } if ops.insert => (pgoutput::row_json(rel, &new, None), None, None),
+        Message::Update { old, new, .. } if ops.update => {
+            let changed = old.as_deref().map(|old| changed_columns(rel, old, &new));
+            if let Some(changed) = &changed {
+                let watched = watch.columns.is_empty() || changed.iter().any(|c| watch.columns.contains(c));
+                if changed.is_empty() || !watched {
+                    return;
+                }
+            }
+            let instance = pgoutput::row_json(rel, &new, old.as_deref());
+            let old = old.filter(|_| watch.include_old).map(|o| pgoutput::row_json(rel, &o, None));
+            (instance, old, changed)
+        }
+        Message::Delete { old, .. } if ops.delete => (pgoutput::row_json(rel, &old, None), None, None),
+        _ => return,
+    };
+    let mut pk = Map::with_capacity(table.pk.len());
+    for key in &table.pk {
+        match instance.get(key) {
+            Some(v) => {
+                pk.insert(key.clone(), v.clone());
+            }
+            None => {
+                Stats::bump(&stats.invalid);
+                tracing::error!(sender = %table.sender, column = %key, "WAL capture: a change without its primary key; skipped");
+                return;
+            }
+        }
+    }
+    pk.values_mut().for_each(crate::event::exact_numbers);
+    let mut instance = Value::Object(instance);
+    crate::event::exact_numbers(&mut instance);
+    let mut old = old.map_or(Value::Null, Value::Object);
+    crate::event::exact_numbers(&mut old);
+    tx.events.push(SaveEvent {
+        id: i64::try_from(lsn).ok(),
+        signal: if op == Op::Delete { crate::config::Signal::PostDelete } else { crate::config::Signal::PostSave },
+        sender: table.sender.clone(),
+        op,
+        created: op == Op::Insert,
+        pk,
+        instance: instance.into(),
+        old: old.into(),
+        update_fields,
+        raw: false,
+        using: String::new(),
+        txid: 0,
+        at: String::new(),
+        actor: Actor { role: String::new(), application_name: None, client_addr: None, pid: 0, actor: None },
+        origin: None,
+        reread: false,
+    });
+}
+
+/// The columns whose values differ between the old and the new row (an unchanged out-of-line
+/// value is not a change).
+fn changed_columns(rel: &Relation, old: &[Datum], new: &[Datum]) -> Vec<String> {
+    rel.columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| match (old.get(*i), new.get(*i)) {
+            (_, Some(Datum::Unchanged)) | (None, _) => false,
+            (Some(a), Some(b)) => a != b,
+            (Some(_), None) => false,
+        })
+        .map(|(_, c)| c.name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_carry_the_database() {
+        assert_eq!(slot_name("shop"), "post_save_shop");
+        assert_eq!(slot_name("My-DB.1"), "post_save_my_db_1");
+        assert!(slot_name(&"x".repeat(100)).len() <= 63);
+    }
+
+    #[test]
+    fn commit_times_read_as_rfc3339() {
+        assert_eq!(pg_time(0), "2000-01-01T00:00:00+00:00");
+        // 2026-12-02 10:14:20.5 UTC
+        let us = (1_796_206_460 - 946_684_800) * 1_000_000 + 500_000;
+        assert_eq!(pg_time(us), "2026-12-02T10:14:20.5+00:00");
+    }
+
+    #[test]
+    fn only_a_fully_settled_prefix_is_confirmed() {
+        let mut c = Confirmations::default();
+        c.push(10, false);
+        c.push(20, false);
+        c.push(30, true);
+        c.settle(Settled { end_lsn: 20, handed_back: false });
+        assert_eq!(c.confirmed, 0);
+        c.settle(Settled { end_lsn: 10, handed_back: false });
+        assert_eq!(c.confirmed, 30);
+        c.push(40, false);
+        c.settle(Settled { end_lsn: 40, handed_back: true });
+        c.push(50, true);
+        assert_eq!(c.confirmed, 30, "a handed-back transaction stops confirmation");
+    }
+}
