@@ -306,3 +306,30 @@ params = ["sender"]
     );
     assert!(!stdout.contains("s3cret"), "a password leaked: {stdout}");
 }
+
+/// With `capture = "wal"` the handler's origin reaches the daemon through the WAL (a
+/// `post_save.origin` message in the handler's transaction): still no loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_writing_its_own_wal_captured_table_runs_once() {
+    let db = TestDb::new_logical().await;
+    db.psql_ok("CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, note text); INSERT INTO counter (id) VALUES (1)");
+    let handler = sql_handler(
+        &db,
+        "bump",
+        "UPDATE counter SET n = n + 1 WHERE id = $1",
+        &["instance.id"],
+        "sender = \"public.counter\"\ncreated = false",
+    );
+    let text = format!(
+        "[database]\nurl = {}\n\n[daemon]\nsweep_interval = \"1h\"\n\n[[watch]]\ntable = \"public.counter\"\ncapture = \"wal\"\n\n{handler}",
+        toml_str(&db.conninfo)
+    );
+    let mut daemon = run(&db, &text).await;
+    db.psql_ok("UPDATE counter SET note = 'go' WHERE id = 1");
+    let seen = daemon.take(2).await;
+    let origins: Vec<Option<String>> = seen.iter().map(|e| e.origin.clone()).collect();
+    assert_eq!(origins, [None, Some("bump@1".to_owned())]);
+    daemon.assert_quiet(Duration::from_millis(800)).await;
+    assert_eq!(db.query_i64("SELECT n::int8 FROM counter WHERE id = 1").await, 1);
+    daemon.stop().await;
+}

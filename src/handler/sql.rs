@@ -78,7 +78,12 @@ use crate::expr::{EventContext, Expr};
 const DEFAULT_POOL_SIZE: usize = 4;
 
 /// Marks the saves of the handler's transaction with its origin.
-const SET_ORIGIN: &str = "SELECT set_config('post_save.origin', $1, true)";
+/// On a server that writes logical WAL, the origin also goes into the WAL as a transactional
+/// message, which is how `capture = "wal"` learns it.
+const SET_ORIGIN: &str = "SELECT set_config('post_save.origin', $1::text, true), \
+     CASE WHEN current_setting('wal_level') = 'logical' \
+           AND has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'execute') \
+          THEN pg_logical_emit_message(true, 'post_save.origin', $1::text) END";
 
 /// Options of an `sql` handler.
 #[derive(Debug, Clone)]
