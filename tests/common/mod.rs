@@ -149,25 +149,10 @@ pub fn logical_server_conninfo() -> String {
             if level.as_deref() == Some("logical") {
                 return shared;
             }
-            let uid = nix::unistd::geteuid();
-            let dir = std::env::temp_dir().join(format!("post-save-test-logical-{uid}"));
-            let opts = ClusterOptions {
-                settings: [
-                    ("max_connections", "200"),
-                    ("wal_level", "logical"),
-                    ("max_replication_slots", "100"),
-                    ("max_wal_senders", "100"),
-                ]
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-                ..ClusterOptions::default()
-            };
-            let cluster = TempCluster::start_persistent(&dir, opts)
-                .unwrap_or_else(|e| panic!("could not start the logical test cluster: {}", error_chain(&e)));
-            let admin = cluster.conninfo("postgres");
-            drop_abandoned_databases(&admin);
-            admin
+            private_cluster_named(
+                "post-save-test-logical",
+                &[("wal_level", "logical"), ("max_replication_slots", "100"), ("max_wal_senders", "100")],
+            )
         })
         .clone()
 }
@@ -182,14 +167,25 @@ pub fn logical_server_conninfo() -> String {
 /// `pg_ctl stop -D $TMPDIR/post-save-test-cluster-<uid>/data` (as the `postgres` user when
 /// root), or just remove the directory after stopping it.
 fn private_cluster() -> String {
+    private_cluster_named("post-save-test-cluster", &[])
+}
+
+/// Starts (or reuses) the shared private cluster in `$TMPDIR/<name>-<uid>` with `settings` on
+/// top of the common ones, sweeps abandoned test databases, and returns its admin connection
+/// string.
+fn private_cluster_named(name: &str, settings: &[(&str, &str)]) -> String {
     let uid = nix::unistd::geteuid();
-    let dir = std::env::temp_dir().join(format!("post-save-test-cluster-{uid}"));
+    let dir = std::env::temp_dir().join(format!("{name}-{uid}"));
     let opts = ClusterOptions {
-        settings: vec![("max_connections".to_owned(), "200".to_owned())],
+        settings: [("max_connections", "200")]
+            .iter()
+            .chain(settings)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         ..ClusterOptions::default()
     };
     let cluster = TempCluster::start_persistent(&dir, opts)
-        .unwrap_or_else(|e| panic!("could not start the test cluster: {}", error_chain(&e)));
+        .unwrap_or_else(|e| panic!("could not start the test cluster {name}: {}", error_chain(&e)));
     let admin = cluster.conninfo("postgres");
     drop_abandoned_databases(&admin);
     admin
