@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -535,10 +536,15 @@ POSTSAVE_SETUP_COMMANDS = [["migrate"], ["triggers", "install"]]
 POSTSAVE_RUN_COMMAND = ["run"]
 
 
+# the [[watch]] key of a durable watch read from the WAL (a pgoutput slot) instead of a trigger
+POSTSAVE_WAL_WATCH = 'capture = "wal"'
+
+
 def postsave_config(url: str, mode: str, handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER,
-                    watch_extra: str = "") -> str:
+                    watch_extra: str = "", daemon_extra: str = "") -> str:
     # BENCH_POSTSAVE_DAEMON: extra `[daemon]` keys for experiments, e.g. 'busy_poll = "10ms"'
-    extra = os.environ.get("BENCH_POSTSAVE_DAEMON", "").strip()
+    extra = "\n".join(x for x in (os.environ.get("BENCH_POSTSAVE_DAEMON", "").strip(),
+                                  daemon_extra) if x)
     daemon = f"[daemon]\n{extra}\n" if extra else ""
     return POSTSAVE_CONFIG.format(url=url, mode=mode, daemon=daemon, handler_name=handler[0],
                                   handler_options=handler[1], watch_extra=watch_extra)
@@ -552,10 +558,11 @@ def postsave_argv(ctx: Ctx, sub: list[str], json_log: bool = False) -> list[str]
 
 def postsave_install(ctx: Ctx, mode: str,
                      handler: tuple[str, str] = POSTSAVE_NOOP_HANDLER,
-                     watch_extra: str = "") -> None:
-    """Write the config, then `migrate` and `triggers install`."""
+                     watch_extra: str = "", daemon_extra: str = "") -> None:
+    """Write the config, then `migrate` and `triggers install` (which, for a watch with
+    POSTSAVE_WAL_WATCH, creates the publication and the slot)."""
     (ctx.dir / "post-save.toml").write_text(postsave_config(ctx.cluster.url(ctx.db), mode,
-                                                            handler, watch_extra))
+                                                            handler, watch_extra, daemon_extra))
     for sub in POSTSAVE_SETUP_COMMANDS:
         argv = postsave_argv(ctx, sub)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
@@ -583,7 +590,9 @@ def postsave_run_argv(ctx: Ctx) -> list[str]:
 
 
 # The daemon arms the doorbell (setval 1) once it has LISTENed and caught up with the ledger,
-# in both modes; it silences it (0) when it stops. The sequence starts at 0.
+# in both modes; it silences it (0) when it stops. The sequence starts at 0. With capture =
+# "wal" the ledger listener runs (and arms it) too, so it says nothing of the WAL stream: see
+# postsave_wal_ready_sql.
 POSTSAVE_READY_SQL = "select last_value from post_save.doorbell"
 
 
@@ -620,10 +629,28 @@ def postsave_wal_slot(ctx: Ctx) -> str:
     return "post_save_" + "".join(c.lower() if c.isascii() and c.isalnum() else "_" for c in ctx.db)[:53]
 
 
+def postsave_wal_ready_sql(ctx: Ctx) -> str:
+    # "1" once the daemon streams the slot (a walsender holds it): `triggers install` created
+    # the slot, so rows saved before that are not lost, but their events would wait for the
+    # stream and the measurement would start on a daemon still starting up
+    return (f"select count(*) from pg_replication_slots "
+            f"where slot_name = '{postsave_wal_slot(ctx)}' and active")
+
+
+def postsave_wal_ready(ctx: Ctx) -> bool:
+    return ctx.psql(postsave_wal_ready_sql(ctx)) == "1"
+
+
+def postsave_wal_confirmed_sql(ctx: Ctx, lsn: str) -> str:
+    # "t" once the slot is confirmed up to `lsn`: the daemon confirms a transaction once every
+    # handler is done with it, and, idle, up to the server's WAL end on its keepalives (so a
+    # position read after the last commit is reached too)
+    return (f"select coalesce(bool_and(confirmed_flush_lsn >= '{lsn}'::pg_lsn), false) "
+            f"from pg_replication_slots where slot_name = '{postsave_wal_slot(ctx)}'")
+
+
 def postsave_wal_drained(ctx: Ctx) -> bool:
-    # the daemon confirms a transaction to the slot once every handler is done with it
-    return ctx.psql(f"select coalesce(bool_and(confirmed_flush_lsn >= '{ctx.end_lsn}'::pg_lsn), false) "
-                    f"from pg_replication_slots where slot_name = '{postsave_wal_slot(ctx)}'") == "t"
+    return ctx.psql(postsave_wal_confirmed_sql(ctx, ctx.end_lsn)) == "t"
 
 
 def postsave_wal_teardown(ctx: Ctx) -> None:
@@ -680,8 +707,8 @@ ARMS: list[Arm] = [
         available=postsave_available),
     Arm("postsave_wal",
         "post-save, durable, capture = \"wal\": no trigger; the daemon streams a pgoutput slot",
-        setup=postsave_setup("durable", 'capture = "wal"'), background=postsave_run_argv,
-        ready=postsave_ready, drained=postsave_wal_drained, teardown=postsave_wal_teardown,
+        setup=postsave_setup("durable", POSTSAVE_WAL_WATCH), background=postsave_run_argv,
+        ready=postsave_wal_ready, drained=postsave_wal_drained, teardown=postsave_wal_teardown,
         available=postsave_available, triggers=False),
 ]
 
@@ -1391,19 +1418,52 @@ def wait_drained(ctx: Ctx, arm: Arm, timeout: float) -> Optional[float]:
 # Pipeline phase: post-save's daemon end to end (latency, backlog drain, CPU, memory)
 # ---------------------------------------------------------------------------------------------
 
-PIPELINE_MODES = ["durable", "notify"]
+@dataclasses.dataclass(frozen=True)
+class PipelineMode:
+    """One way post-save captures the saves, as the pipeline phase runs it.
+
+    name   its key in the JSON (modes.<name>) and in database and directory names
+    label  how the report and the targets name it
+    watch  the [[watch]]'s `mode`
+    wal    capture = "wal": durable, read from a logical slot; no trigger and no ledger
+    arm    the capture-phase arm measuring the same capture (its ratios are targets)
+    """
+
+    name: str
+    label: str
+    watch: str
+    wal: bool = False
+    arm: Optional[str] = None
+
+    @property
+    def watch_extra(self) -> str:
+        return POSTSAVE_WAL_WATCH if self.wal else ""
+
+    @property
+    def durable(self) -> bool:
+        """At least once: every row is handled exactly once here, and a backlog drains."""
+        return self.watch == "durable"
+
+
+PIPELINE_MODES = [
+    PipelineMode("durable", "durable (trigger)", "durable", arm="postsave_durable"),
+    PipelineMode("wal", "durable (wal)", "durable", wal=True, arm="postsave_wal"),
+    PipelineMode("notify", "notify", "notify"),
+]
 PIPELINE_RATE = 1000  # offered events/s (pgbench -R, over all clients) for the latency run
 PIPELINE_CLIENTS = 2
 # The drain backlog is written by pgbench with the daemon stopped, in two cases (one database
 # each): "single", one single-row INSERT per transaction (one ledger row per event: the hard
 # case, and the one the targets are checked on), and "batch", INSERT … SELECT of 100 rows per
-# statement (one ledger row per 100 events).
+# statement (one ledger row per 100 events). With capture = "wal" there is no ledger; the slot
+# streams one transaction per statement, of 1 or 100 changes.
 BACKLOG_CLIENTS = 8
 BACKLOG_JOBS = 2
 DRAIN_CASES = [("single", 1), ("batch", 100)]  # (case, rows per statement/transaction)
-# where each case's figures go in the JSON (modes.durable.<key>); the targets use "drain"
+# where each case's figures go in the JSON (modes.<durable mode>.<key>); the drain rate and
+# CPU targets use "drain", the RSS target both
 DRAIN_KEYS = {"single": "drain", "batch": "drain_batch"}
-IDLE_S = 2.0  # how long the daemon runs on an empty ledger before its idle RSS is read
+IDLE_S = 2.0  # how long the daemon runs with nothing to handle before its idle RSS is read
 POLL_S = 0.05
 SCHEDULE_LAG_RE = re.compile(r"^rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms", re.M)
 
@@ -1546,9 +1606,26 @@ def parse_latency_log(path: Path) -> tuple[list[float], list, int]:
     return lat, ids, bad
 
 
-def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
-    """Trigger → handler latency at PIPELINE_RATE events/s; also the daemon's idle RSS."""
+def pipeline_ready_sql(ctx: Ctx, pm: PipelineMode) -> str:
+    """A query answering "1" once the daemon is ready for the mode's events."""
+    return postsave_wal_ready_sql(ctx) if pm.wal else POSTSAVE_READY_SQL
+
+
+def pipeline_teardown(ctx: Ctx, pm: PipelineMode, rec: dict) -> None:
+    """Drop the step's database (a wal mode's slot first: a database with a slot cannot be
+    dropped, and the slot would keep the cluster's WAL)."""
+    steps = [postsave_wal_teardown] if pm.wal else []
+    for step in steps + [lambda c: c.cluster.drop_db(c.db)]:
+        try:
+            step(ctx)
+        except BenchError as e:
+            rec.setdefault("cleanup_error", str(e))
+
+
+def pipeline_latency(env: Env, pm: PipelineMode, seconds: int, scratch: Path) -> dict:
+    """Save → handler latency at PIPELINE_RATE events/s; also the daemon's idle RSS."""
     cluster = env.cluster
+    mode = pm.name
     db = f"pipeline_latency_{mode}"
     ctx = Ctx(cluster, db, scratch / f"latency-{mode}", env.postsave_bin)
     ctx.dir.mkdir(parents=True, exist_ok=True)
@@ -1560,15 +1637,17 @@ def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
     try:
         cluster.create_db(db)
         ctx.psql(TABLE_SQL)
-        postsave_install(ctx, mode, POSTSAVE_LATENCY_HANDLER)
+        postsave_install(ctx, pm.watch, POSTSAVE_LATENCY_HANDLER, pm.watch_extra)
         ctx.psql("checkpoint")
         proc = start_daemon(ctx, log_path, json_log=True)
         conn = PgConn(cluster, db)
         t_start = time.monotonic()
-        wait_for(lambda: conn.scalar(POSTSAVE_READY_SQL) == "1", 30,
-                 f"pipeline {mode}: daemon readiness (doorbell armed)", proc)
+        ready_sql = pipeline_ready_sql(ctx, pm)
+        wait_for(lambda: conn.scalar(ready_sql) == "1", 30,
+                 f"pipeline {mode}: daemon readiness "
+                 f"({'slot streamed' if pm.wal else 'doorbell armed'})", proc)
         rec["ready_s"] = round(time.monotonic() - t_start, 3)
-        # idle: the daemon has been up IDLE_S on an empty ledger
+        # idle: the daemon has been up IDLE_S with nothing to do
         time.sleep(max(0.0, IDLE_S - (time.monotonic() - t_start)))
         rec["rss_idle_mb"] = proc_status_mb(proc.pid, "VmRSS")
         rec["cpu_idle_s"] = round(proc_cpu(proc.pid), 3)
@@ -1598,7 +1677,12 @@ def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
                    schedule_lag_max_ms=float(lag.group(2)) if lag else None)
         # let the daemon finish what was written, then take its figures before it stops
         t_end = time.monotonic()
-        if mode == "durable":
+        if pm.wal:  # every row's commit ends before the WAL position of now
+            confirmed_sql = postsave_wal_confirmed_sql(ctx, conn.scalar(
+                "select pg_current_wal_lsn()"))
+            wait_for(lambda: conn.scalar(confirmed_sql) == "t", DRAIN_TIMEOUT,
+                     f"pipeline {mode}: slot confirmed after the run", proc)
+        elif pm.durable:
             wait_for(lambda: conn.scalar(POSTSAVE_ANY_PENDING_SQL) == "f", DRAIN_TIMEOUT,
                      f"pipeline {mode}: ledger drained after the run", proc)
         else:  # at most once: wait for every row or for the log to stop growing for 1 s
@@ -1630,7 +1714,7 @@ def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
             raise BenchError(f"{bad} `save event` log line(s) without a parsable timestamp, "
                              f"event.at (see {log_path})")
         rec["handled"] = len(lat)
-        if mode == "durable":
+        if pm.durable:  # wal: the id is the change's LSN, distinct per row too
             distinct = len(set(ids))
             if len(lat) != rows or distinct != rows:
                 raise BenchError(f"handled {len(lat)} events ({distinct} distinct ids) for "
@@ -1660,10 +1744,7 @@ def pipeline_latency(env: Env, mode: str, seconds: int, scratch: Path) -> dict:
             conn.close()
         if proc is not None:
             stop_process(proc)
-        try:
-            cluster.drop_db(db)
-        except BenchError as e:
-            rec.setdefault("cleanup_error", str(e))
+        pipeline_teardown(ctx, pm, rec)
     if rec["ok"]:
         shutil.rmtree(ctx.dir, ignore_errors=True)
     return rec
@@ -1716,16 +1797,44 @@ def write_backlog(ctx: Ctx, rows: int, per_stmt: int) -> dict:
             "backlog_clients": clients or 1}
 
 
-def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: int) -> dict:
-    """Drain rate of a backlog written while the daemon was stopped (durable mode), the
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (the daemon binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_counters(port: int, names: list[str]) -> dict[str, int]:
+    """Counters of the daemon's Prometheus endpoint (`GET /metrics`, `[daemon] metrics`), by
+    name (the exposition adds `_total` to a counter's name)."""
+    # a loopback endpoint: no proxy, whatever the environment's http_proxy says
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError as e:  # urllib.error.URLError included
+        raise BenchError(f"GET http://127.0.0.1:{port}/metrics: {e}") from None
+    out = {}
+    for name in names:
+        m = re.search(rf"^{name}(?:_total)? (\d+)$", text, re.M)
+        if not m:
+            raise BenchError(f"no counter {name} in the daemon's /metrics")
+        out[name] = int(m.group(1))
+    return out
+
+
+def pipeline_drain(env: Env, pm: PipelineMode, events: int, scratch: Path, case: str,
+                   per_stmt: int) -> dict:
+    """Drain rate of a backlog written while the daemon was stopped (a durable mode), the
     daemon's CPU per 10,000 events and its peak RSS while draining. `case` "single" writes
     the backlog as single-row INSERT transactions, "batch" as INSERT … SELECT of `per_stmt`
     rows per statement."""
     cluster = env.cluster
-    db = f"pipeline_drain_{case}"
-    ctx = Ctx(cluster, db, scratch / f"drain-{case}", env.postsave_bin)
+    mode = pm.name
+    db = f"pipeline_drain_{mode}_{case}"
+    ctx = Ctx(cluster, db, scratch / f"drain-{mode}-{case}", env.postsave_bin)
     ctx.dir.mkdir(parents=True, exist_ok=True)
-    rec: dict = {"mode": "durable", "case": case, "events": events,
+    rec: dict = {"mode": mode, "case": case, "events": events,
                  "rows_per_statement": per_stmt}
     proc: Optional[subprocess.Popen] = None
     conn: Optional[PgConn] = None
@@ -1733,20 +1842,40 @@ def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: in
     try:
         cluster.create_db(db)
         ctx.psql(TABLE_SQL)
-        postsave_install(ctx, "durable")  # the no-op handler: routed, prints nothing
-        # no daemon runs: the doorbell stays at 0, so the writers NOTIFY nobody
+        # wal: no ledger row tells what was handled, so the daemon's own counters do (its
+        # Prometheus endpoint, read once the drain is timed)
+        port = free_port() if pm.wal else None
+        # the no-op handler: routed, prints nothing
+        postsave_install(ctx, pm.watch, watch_extra=pm.watch_extra,
+                         daemon_extra=f'metrics = "127.0.0.1:{port}"' if port else "")
+        # no daemon runs: the doorbell stays at 0, so the writers NOTIFY nobody (wal: the slot
+        # made by the install keeps the backlog's WAL)
         rec.update(write_backlog(ctx, events, per_stmt))
-        ledger_rows, pending, written = (int(x) for x in ctx.psql(
-            "select count(*), coalesce(sum(n), 0), (select count(*) from shop_order) "
-            "from post_save.event where handled_at is null").split("|"))
-        rec.update(ledger_rows=ledger_rows, events_per_ledger_row=round(pending / ledger_rows, 2)
-                   if ledger_rows else None)
-        if written != events or pending != events:
-            raise BenchError(f"backlog: {pending} pending events in {ledger_rows} ledger rows, "
-                             f"{written} rows in shop_order, for {events} rows written")
-        # the same starting state every time (hint bits, visibility map, statistics), and no
-        # checkpoint of the backlog's WAL in the middle of the drain
-        ctx.psql("vacuum analyze post_save.event")
+        if pm.wal:
+            written, ledger_rows = (int(x) for x in ctx.psql(
+                "select (select count(*) from shop_order), (select count(*) from post_save.event)"
+            ).split("|"))
+            if written != events or ledger_rows:
+                raise BenchError(f"backlog: {written} rows in shop_order, {ledger_rows} ledger "
+                                 f"rows, for {events} rows written")
+            # every commit of the backlog ends before this: drained once the slot is confirmed
+            # up to it
+            drained_sql, drained = postsave_wal_confirmed_sql(
+                ctx, ctx.psql("select pg_current_wal_lsn()")), "t"
+        else:
+            ledger_rows, pending, written = (int(x) for x in ctx.psql(
+                "select count(*), coalesce(sum(n), 0), (select count(*) from shop_order) "
+                "from post_save.event where handled_at is null").split("|"))
+            rec.update(ledger_rows=ledger_rows,
+                       events_per_ledger_row=round(pending / ledger_rows, 2)
+                       if ledger_rows else None)
+            if written != events or pending != events:
+                raise BenchError(f"backlog: {pending} pending events in {ledger_rows} ledger "
+                                 f"rows, {written} rows in shop_order, for {events} rows written")
+            # the same starting state every time (hint bits, visibility map, statistics)
+            ctx.psql("vacuum analyze post_save.event")
+            drained_sql, drained = POSTSAVE_ANY_PENDING_SQL, "f"
+        # no checkpoint of the backlog's WAL in the middle of the drain
         ctx.psql("checkpoint")
         conn = PgConn(cluster, db)
         cpu0 = cpu_snapshot(cluster, [])
@@ -1758,7 +1887,7 @@ def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: in
             if proc.poll() is not None:
                 raise BenchError(f"the daemon exited while draining (exit {proc.returncode})")
             polls += 1
-            if conn.scalar(POSTSAVE_ANY_PENDING_SQL) == "f":
+            if conn.scalar(drained_sql) == drained:
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"backlog not drained after {deadline - t0:.0f} s")
@@ -1768,10 +1897,11 @@ def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: in
         daemon_cpu = proc_cpu(proc.pid)
         rec["rss_draining_mb"] = proc_status_mb(proc.pid, "VmHWM")
         cpu1 = cpu_snapshot(cluster, [proc.pid])
+        counters = scrape_counters(port, ["post_save_deliveries_handled",
+                                          "post_save_deliveries_dead"]) if port else {}
         stop_process(proc)
         rec.update(drain_s=round(drain_s, 3), polls=polls,
                    events_per_s=round(events / drain_s, 1),
-                   ledger_rows_per_s=round(ledger_rows / drain_s, 1),
                    daemon_cpu_s=round(daemon_cpu, 3),
                    daemon_cpu_s_per_10k=round(daemon_cpu / events * 10_000, 4),
                    daemon_cores=round(daemon_cpu / drain_s, 3),
@@ -1779,13 +1909,25 @@ def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: in
                    cpu_own_s=round(cpu1[1] - cpu0[1], 2),
                    cpu_other_s=round(max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])), 2),
                    wall_s=round(drain_s, 2))
-        handled_rows, handled, dead = (int(x) for x in conn.query(
-            "select count(*), coalesce(sum(n), 0), (select count(*) from post_save.dead_letter) "
-            "from post_save.event where handled_at is not null")[0])
-        if handled_rows != ledger_rows or handled != events or dead:
-            raise BenchError(f"after the drain: {handled} events in {handled_rows} ledger rows "
-                             f"handled, {dead} dead letters, for {events} events in "
-                             f"{ledger_rows} ledger rows written")
+        if pm.wal:
+            handled, dead_deliveries = (counters["post_save_deliveries_handled"],
+                                        counters["post_save_deliveries_dead"])
+            dead = int(conn.scalar("select count(*) from post_save.dead_letter"))
+            rec.update(handled=handled, dead=dead_deliveries)
+            if handled != events or dead_deliveries or dead:
+                raise BenchError(f"after the drain: {handled} deliveries handled and "
+                                 f"{dead_deliveries} dead (daemon's /metrics), {dead} dead "
+                                 f"letters, for {events} events written")
+        else:
+            rec["ledger_rows_per_s"] = round(ledger_rows / drain_s, 1)
+            handled_rows, handled, dead = (int(x) for x in conn.query(
+                "select count(*), coalesce(sum(n), 0), "
+                "(select count(*) from post_save.dead_letter) "
+                "from post_save.event where handled_at is not null")[0])
+            if handled_rows != ledger_rows or handled != events or dead:
+                raise BenchError(f"after the drain: {handled} events in {handled_rows} ledger "
+                                 f"rows handled, {dead} dead letters, for {events} events in "
+                                 f"{ledger_rows} ledger rows written")
         rec["ok"] = True
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
         rec["ok"] = False
@@ -1800,13 +1942,17 @@ def pipeline_drain(env: Env, events: int, scratch: Path, case: str, per_stmt: in
             conn.close()
         if proc is not None:
             stop_process(proc)
-        try:
-            cluster.drop_db(db)
-        except BenchError as e:
-            rec.setdefault("cleanup_error", str(e))
+        pipeline_teardown(ctx, pm, rec)
     if rec["ok"]:
         shutil.rmtree(ctx.dir, ignore_errors=True)
     return rec
+
+
+def drain_units(d: dict) -> str:
+    """What a drain read: ledger rows (trigger capture) or the slot's transactions (wal)."""
+    if "ledger_rows" in d:
+        return f"{d['ledger_rows']:,} ledger rows"
+    return f"{d['statements']:,} transactions of the slot"
 
 
 def run_pipeline(env: Env, args: argparse.Namespace, scratch: Path) -> dict:
@@ -1817,9 +1963,10 @@ def run_pipeline(env: Env, args: argparse.Namespace, scratch: Path) -> dict:
         out["skipped"] = env.postsave_skip_reason or "no post-save binary"
         log(f"skipping the pipeline phase: {out['skipped']}")
         return out
-    for mode in PIPELINE_MODES:
+    for pm in PIPELINE_MODES:
+        mode = pm.name
         m: dict = {}
-        lat = pipeline_latency(env, mode, args.latency_seconds, scratch)
+        lat = pipeline_latency(env, pm, args.latency_seconds, scratch)
         m["latency"] = lat
         if lat["ok"]:
             log(f"pipeline {mode:<8} latency p50 {lat['p50_ms']:.2f} / p99 {lat['p99_ms']:.2f} "
@@ -1828,13 +1975,13 @@ def run_pipeline(env: Env, args: argparse.Namespace, scratch: Path) -> dict:
         else:
             log(f"pipeline {mode:<8} latency FAILED: {lat['error']}")
             out["failures"].append({"step": f"{mode} latency", "error": lat["error"]})
-        if mode == "durable":
+        if pm.durable:  # notify keeps nothing while the daemon is down: no backlog to drain
             for case, per_stmt in DRAIN_CASES:
-                drain = pipeline_drain(env, args.backlog, scratch, case, per_stmt)
+                drain = pipeline_drain(env, pm, args.backlog, scratch, case, per_stmt)
                 m[DRAIN_KEYS[case]] = drain
                 if drain["ok"]:
                     log(f"pipeline {mode:<8} drain ({case}) {drain['events_per_s']:,.0f} ev/s "
-                        f"({drain['events']:,} events in {drain['ledger_rows']:,} ledger rows, "
+                        f"({drain['events']:,} events in {drain_units(drain)}, "
                         f"{drain['drain_s']:.2f} s; written in {drain['backlog_write_s']} s), "
                         f"{drain['daemon_cpu_s_per_10k']:.3f} CPU s/10k ev "
                         f"({drain['daemon_cores']:.2f} cores), peak RSS "
@@ -1898,7 +2045,8 @@ RSS_DRAINING_MAX_MB = 60.0
 
 def evaluate_targets(result: dict) -> list[dict]:
     """Every target of the issue with the measured figure and met (True/False) or None when
-    not measured in this run."""
+    not measured in this run; per capture, so the two durable ones (trigger and wal) each
+    get every durable target."""
     out = []
 
     def add(figure: str, target: str, measured: Optional[float], ok: Callable[[float], bool],
@@ -1910,42 +2058,44 @@ def evaluate_targets(result: dict) -> list[dict]:
     agg = {(a["workload"], a["arm"]): a for a in result.get("aggregates", [])}
     titles = {w["key"]: w["title"] for w in result.get("workloads", [])}
     wl_titles = {w.key: w.title for w in WORKLOADS}
-    for key, target in CAPTURE_TARGETS:
-        a = agg.get((key, "postsave_durable"))
-        threshold = float(target.split()[1])
-        add(f"durable ratio to plain, {key}: {titles.get(key, wl_titles[key])}", target,
-            a["ratio_mean"] if a else None, lambda x, t=threshold: x >= t, lambda x: f"{x:.2f}")
     modes = result.get("pipeline", {}).get("modes", {})
-    for mode in PIPELINE_MODES:
-        lat = modes.get(mode, {}).get("latency", {})
+    for pm in PIPELINE_MODES:
+        if pm.arm:
+            for key, target in CAPTURE_TARGETS:
+                a = agg.get((key, pm.arm))
+                threshold = float(target.split()[1])
+                add(f"{pm.label}: `{pm.arm}` ratio to plain, {key}: "
+                    f"{titles.get(key, wl_titles[key])}", target,
+                    a["ratio_mean"] if a else None, lambda x, t=threshold: x >= t,
+                    lambda x: f"{x:.2f}")
+        lat = modes.get(pm.name, {}).get("latency", {})
         ok = lat.get("ok")
-        add(f"{mode}: latency p50", f"≤ {LATENCY_P50_MAX_MS:g} ms",
+        add(f"{pm.label}: latency p50", f"≤ {LATENCY_P50_MAX_MS:g} ms",
             lat.get("p50_ms") if ok else None, lambda x: x <= LATENCY_P50_MAX_MS,
             lambda x: f"{x:.2f} ms")
-        add(f"{mode}: latency p99", f"≤ {LATENCY_P99_MAX_MS:g} ms",
+        add(f"{pm.label}: latency p99", f"≤ {LATENCY_P99_MAX_MS:g} ms",
             lat.get("p99_ms") if ok else None, lambda x: x <= LATENCY_P99_MAX_MS,
             lambda x: f"{x:.2f} ms")
-    drain = modes.get("durable", {}).get("drain", {})
-    ok = drain.get("ok")
-    add("durable: drain rate (single-row backlog)", f"≥ {DRAIN_MIN_EV_S:,} ev/s",
-        drain.get("events_per_s") if ok else None, lambda x: x >= DRAIN_MIN_EV_S,
-        lambda x: f"{x:,.0f} ev/s")
-    add("durable: daemon CPU while draining (single-row backlog)", f"≤ {DRAIN_MAX_CORES:g} core",
-        drain.get("daemon_cores") if ok else None, lambda x: x <= DRAIN_MAX_CORES,
-        lambda x: f"{x:.2f} cores")
-    for mode in PIPELINE_MODES:
-        lat = modes.get(mode, {}).get("latency", {})
-        add(f"{mode}: RSS idle", f"≤ {RSS_IDLE_MAX_MB:g} MB",
-            lat.get("rss_idle_mb") if lat.get("ok") else None, lambda x: x <= RSS_IDLE_MAX_MB,
+        add(f"{pm.label}: RSS idle", f"≤ {RSS_IDLE_MAX_MB:g} MB",
+            lat.get("rss_idle_mb") if ok else None, lambda x: x <= RSS_IDLE_MAX_MB,
             lambda x: f"{x:.1f} MB")
-    add("durable: RSS draining (peak, single-row backlog)", f"≤ {RSS_DRAINING_MAX_MB:g} MB",
-        drain.get("rss_draining_mb") if ok else None, lambda x: x <= RSS_DRAINING_MAX_MB,
-        lambda x: f"{x:.1f} MB")
-    # memory is the one figure the batch backlog makes harder (100 events per ledger row read)
-    batch = modes.get("durable", {}).get(DRAIN_KEYS["batch"], {})
-    add("durable: RSS draining (peak, 100-row-statement backlog)", f"≤ {RSS_DRAINING_MAX_MB:g} MB",
-        batch.get("rss_draining_mb") if batch.get("ok") else None,
-        lambda x: x <= RSS_DRAINING_MAX_MB, lambda x: f"{x:.1f} MB")
+        if not pm.durable:
+            continue
+        drain = modes.get(pm.name, {}).get(DRAIN_KEYS["single"], {})
+        ok = drain.get("ok")
+        add(f"{pm.label}: drain rate (single-row backlog)", f"≥ {DRAIN_MIN_EV_S:,} ev/s",
+            drain.get("events_per_s") if ok else None, lambda x: x >= DRAIN_MIN_EV_S,
+            lambda x: f"{x:,.0f} ev/s")
+        add(f"{pm.label}: daemon CPU while draining (single-row backlog)",
+            f"≤ {DRAIN_MAX_CORES:g} core", drain.get("daemon_cores") if ok else None,
+            lambda x: x <= DRAIN_MAX_CORES, lambda x: f"{x:.2f} cores")
+        # memory is the one figure the batch backlog makes harder (100 events per ledger row
+        # or slot transaction read)
+        for case, what in (("single", "single-row"), ("batch", "100-row-statement")):
+            d = modes.get(pm.name, {}).get(DRAIN_KEYS[case], {})
+            add(f"{pm.label}: RSS draining (peak, {what} backlog)",
+                f"≤ {RSS_DRAINING_MAX_MB:g} MB", d.get("rss_draining_mb") if d.get("ok") else None,
+                lambda x: x <= RSS_DRAINING_MAX_MB, lambda x: f"{x:.1f} MB")
     return out
 
 
@@ -1957,16 +2107,17 @@ def render_pipeline(result: dict) -> list[str]:
     if pl.get("skipped"):
         return lines + [f"Skipped: {pl['skipped']}"]
     lines += [
-        f"Latency: trigger `at` (clock_timestamp(), before the commit) → the handler's log line, "
-        f"at {pl['rate']:,} events/s offered by pgbench (`-R {pl['rate']} -c {pl['clients']}`, "
-        f"single-row INSERTs, {pl['latency_seconds']} s); it includes the commit's WAL flush. "
-        f"RSS idle: after {IDLE_S:g} s on an empty ledger.",
+        f"Latency: the event's `at` → the handler's log line, at {pl['rate']:,} events/s "
+        f"offered by pgbench (`-R {pl['rate']} -c {pl['clients']}`, single-row INSERTs, "
+        f"{pl['latency_seconds']} s). `at` is the trigger's clock_timestamp() (trigger "
+        f"captures) or the commit time (wal), both before the commit's WAL flush, which the "
+        f"latency includes. RSS idle: after {IDLE_S:g} s with nothing to handle.",
         "",
         "| mode | latency p50 / p99 / p99.9 ms | events | RSS idle MB |",
         "|---|---|---|---|",
     ]
-    for mode in PIPELINE_MODES:
-        m = pl["modes"].get(mode)
+    for pm in PIPELINE_MODES:
+        m = pl["modes"].get(pm.name)
         if m is None:
             continue
         lat = m.get("latency", {})
@@ -1978,43 +2129,45 @@ def render_pipeline(result: dict) -> list[str]:
             idle = f"{lat['rss_idle_mb']:.1f}" if lat.get("rss_idle_mb") is not None else "—"
         else:
             lat_cell, n_cell, idle = "failed", "—", "—"
-        lines.append(f"| {mode} | {lat_cell} | {n_cell} | {idle} |")
-    durable = pl["modes"].get("durable", {})
-    drains = [(case, per, durable.get(DRAIN_KEYS[case])) for case, per in DRAIN_CASES]
-    if any(d is not None for _, _, d in drains):
+        lines.append(f"| {pm.label} | {lat_cell} | {n_cell} | {idle} |")
+    drains = [(pm, case, per, pl["modes"].get(pm.name, {}).get(DRAIN_KEYS[case]))
+              for pm in PIPELINE_MODES if pm.durable for case, per in DRAIN_CASES]
+    if any(d is not None for *_, d in drains):
         lines += [
             "",
-            f"Drain (durable only: notify keeps nothing while the daemon is down): "
+            f"Drain (durable modes only: notify keeps nothing while the daemon is down): "
             f"{pl['backlog_events']:,} rows written by pgbench (`-c {BACKLOG_CLIENTS} "
             f"-j {BACKLOG_JOBS}`) while the daemon was stopped, timed from the daemon's start "
-            f"until no ledger row is pending. The ledger holds one row per captured statement, "
-            f"so single-row transactions leave one ledger row per event (the hard case, the one "
-            f"checked against the targets) and 100-row statements one per 100 events. Events = "
-            f"rows saved. CPU: the daemon's own (utime + stime); RSS: its peak (VmHWM).",
+            f"until no ledger row is pending (trigger) or the slot is confirmed up to the WAL "
+            f"position read after the backlog (wal). The ledger holds one row per captured "
+            f"statement, so single-row transactions leave one ledger row per event (the hard "
+            f"case, the one checked against the targets) and 100-row statements one per 100 "
+            f"events; wal has no ledger, the slot streams every transaction with its changes. "
+            f"Events = rows saved. CPU: the daemon's own (utime + stime); RSS: its peak (VmHWM).",
             "",
-            "| backlog written as | events | ledger rows | written in s | drain s | drain ev/s "
-            "| CPU s / 10k ev | RSS draining MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| mode | backlog written as | events | read as | written in s | drain s "
+            "| drain ev/s | CPU s / 10k ev | RSS draining MB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for case, per, d in drains:
+        for pm, case, per, d in drains:
             if d is None:
                 continue
             what = "single-row INSERT transactions" if per == 1 else \
                 f"INSERT … SELECT, {per} rows per statement"
             if d.get("ok"):
                 lines.append(
-                    f"| {what} | {d['events']:,} | {d['ledger_rows']:,} | "
+                    f"| {pm.label} | {what} | {d['events']:,} | {drain_units(d)} | "
                     f"{d['backlog_write_s']:.1f} | {d['drain_s']:.2f} | "
                     f"{d['events_per_s']:,.0f} | {d['daemon_cpu_s_per_10k']:.3f} "
                     f"({d['daemon_cores']:.2f} cores) | {d['rss_draining_mb']:.1f} |")
             else:
-                lines.append(f"| {what} | {d['events']:,} | failed | | | | | |")
+                lines.append(f"| {pm.label} | {what} | {d['events']:,} | failed | | | | | |")
     extra = []
-    for mode in PIPELINE_MODES:
-        lat = pl["modes"].get(mode, {}).get("latency", {})
+    for pm in PIPELINE_MODES:
+        lat = pl["modes"].get(pm.name, {}).get("latency", {})
         if lat.get("ok"):
             extra.append(
-                f"* {mode}, latency run: max {lat['max_ms']:.1f} ms, {lat['over_10ms']} of "
+                f"* {pm.label}, latency run: max {lat['max_ms']:.1f} ms, {lat['over_10ms']} of "
                 f"{lat['handled']:,} events over 10 ms; pgbench achieved {lat['tps']:,.0f} TPS "
                 f"(schedule lag avg {lat['schedule_lag_avg_ms'] or 0:.1f} ms, max "
                 f"{lat['schedule_lag_max_ms'] or 0:.1f} ms); daemon CPU "
@@ -2027,13 +2180,17 @@ def render_pipeline(result: dict) -> list[str]:
                     f"offered**: its {pl['clients']} clients each wait for their commit's WAL "
                     f"flush (and, on a busy machine, for CPU) and fell behind the schedule, then "
                     f"ran flat out to catch up: the load was not the fixed rate asked for.")
-    for case, per, d in drains:
+    for pm, case, per, d in drains:
         if d and d.get("ok"):
+            read = (f"drained {d['ledger_rows_per_s']:,.0f} ledger rows/s"
+                    if "ledger_rows_per_s" in d else
+                    f"the daemon's /metrics counted {d['handled']:,} deliveries handled, "
+                    f"{d['dead']} dead")
             extra.append(
-                f"* durable, drain ({case}): {d['statements']:,} "
+                f"* {pm.label}, drain ({case}): {d['statements']:,} "
                 f"{'single-row transactions' if per == 1 else f'transactions of {per} rows'} "
                 f"written at {d['backlog_write_tps']:,.0f} TPS "
-                f"({d['backlog_write_rows_per_s']:,.0f} rows/s) with no daemon; drained {d['ledger_rows_per_s']:,.0f} ledger rows/s; "
+                f"({d['backlog_write_rows_per_s']:,.0f} rows/s) with no daemon; {read}; "
                 f"the whole machine was busy {d['machine_busy_cpu_s']} CPU s during the "
                 f"{d['drain_s']:.2f} s drain (PostgreSQL included), other processes "
                 f"{d['cpu_other_s']} CPU s.")
