@@ -128,6 +128,53 @@ async fn saves_made_while_the_daemon_is_down_arrive_once_after_it_starts() {
     assert_ne!(slot_position(&db).await, confirmed, "the slot moved on");
 }
 
+/// The slot's walsender for the test's database, ended from outside as a failover or an
+/// administrator would end it; returns how many were ended.
+async fn end_walsender(db: &TestDb) -> i64 {
+    db.query_i64(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE backend_type = 'walsender' AND datname = '{}'",
+        db.name
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_lost_stream_resumes_from_the_slot_without_losing_or_repeating_a_save() {
+    // with no read pause: each segment is handed over as it comes
+    let db = TestDb::new_logical().await;
+    db.psql_ok(SHOP);
+    let config = config(
+        "[daemon]\nsweep_interval = \"1h\"\nwal_read_pause = \"0s\"\n\
+         [[watch]]\ntable = \"public.shop_order\"\ncapture = \"wal\"\n",
+    );
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'before')");
+    assert_eq!(daemon.next().await.instance["product"], "before");
+    // Confirmed before the connection goes, so the resumed stream starts after it.
+    let lsn_now: String =
+        db.client().await.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let slot = post_save::wal::slot_name(&db.name);
+    wait_for_sql(
+        &db,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' \
+             AND confirmed_flush_lsn >= '{lsn_now}'::pg_lsn"
+        ),
+        1,
+    )
+    .await;
+    assert_eq!(end_walsender(&db).await, 1, "one walsender streams the slot");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'while reconnecting')");
+    let e = daemon.next().await;
+    assert_eq!(e.instance["product"], "while reconnecting", "the save made while the stream was down, once");
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'after')");
+    assert_eq!(daemon.next().await.instance["product"], "after");
+    daemon.assert_quiet(Duration::from_millis(500)).await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_delivery_is_kept_as_a_dead_letter_and_the_stream_moves_on() {
     let (db, config) = shop("").await;

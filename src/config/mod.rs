@@ -125,6 +125,28 @@ pub struct DaemonConfig {
     /// wait and take over once it has not been renewed for this long. Unset: a single daemon.
     #[serde(with = "humantime_serde")]
     pub lease: Option<Duration>,
+    /// With `capture = "wal"`: how long the WAL reader lets a quiet stream gather after its
+    /// first bytes before it takes them. The server sends each transaction's begin, changes and
+    /// commit separately; taken together (and with the transactions behind them) they cost one
+    /// wake-up instead of one each, for at most this much more latency. `0s`: take every
+    /// segment as it comes.
+    #[serde(deserialize_with = "read_pause")]
+    pub wal_read_pause: Duration,
+}
+
+/// The longest `wal_read_pause`: past it, the pause is latency and nothing else.
+const MAX_READ_PAUSE: Duration = Duration::from_millis(100);
+
+fn read_pause<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let pause: Duration = humantime_serde::deserialize(d)?;
+    if pause > MAX_READ_PAUSE {
+        return Err(serde::de::Error::custom(format!(
+            "{} is longer than the {} the reader may wait for a quiet stream to gather",
+            humantime::format_duration(pause),
+            humantime::format_duration(MAX_READ_PAUSE)
+        )));
+    }
+    Ok(pause)
 }
 
 /// A socket address on a loopback interface.
@@ -160,6 +182,7 @@ impl Default for DaemonConfig {
             liveness: Duration::from_secs(10),
             metrics: None,
             lease: None,
+            wal_read_pause: Duration::from_micros(500),
         }
     }
 }
@@ -596,6 +619,16 @@ kind = "log"
         assert!(c.watches[0].operations.insert && !c.watches[0].operations.delete);
         assert_eq!(c.handlers[0].created, Some(true));
         assert_eq!(c.handlers[0].retry, RetryPolicy::default());
+    }
+
+    #[test]
+    fn a_read_pause_past_its_bound_names_line_and_key() {
+        let e = Config::parse("[daemon]\nwal_read_pause = \"1s\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("daemon.wal_read_pause"));
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("longer than the 100ms"), "{}", e.message);
+        assert_eq!(Config::parse("[daemon]\nwal_read_pause = \"0s\"\n").unwrap().daemon.wal_read_pause, Duration::ZERO);
+        assert_eq!(Config::parse("").unwrap().daemon.wal_read_pause, Duration::from_micros(500));
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl WalCapture {
         task.abort();
 
         let mut conn = Replication::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        match conn.start(&slot, PUBLICATION, 0).await {
+        match conn.start(&slot, PUBLICATION, 0, self.config.daemon.wal_read_pause).await {
             Ok(()) => {}
             Err(e) if e.code() == Some("55006") => return Err(format!("{e} (another daemon streams it)")),
             Err(e) => return Err(e.to_string()),

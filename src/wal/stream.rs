@@ -5,7 +5,9 @@
 //! tokio-postgres cannot run the copy-both sub-protocol, so this speaks the few messages it
 //! needs itself, with the framing and authentication helpers of `postgres-protocol`.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -13,6 +15,7 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 
 /// Why the stream failed.
@@ -46,8 +49,139 @@ impl StreamError {
     }
 }
 
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The socket with the runtime's hands off it, in blocking mode.
+    fn into_blocking(self: Box<Self>) -> io::Result<Blocking>;
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn into_blocking(self: Box<Self>) -> io::Result<Blocking> {
+        let s = (*self).into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Blocking::Tcp(s))
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    fn into_blocking(self: Box<Self>) -> io::Result<Blocking> {
+        let s = (*self).into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(Blocking::Unix(s))
+    }
+}
+
+/// A replication socket read by its own thread once the stream has started.
+enum Blocking {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Blocking {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Blocking::Tcp(s) => (&*s).read(buf),
+            Blocking::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    /// What has arrived, without waiting: `WouldBlock` when nothing has.
+    fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = match self {
+            Blocking::Tcp(s) => s.as_raw_fd(),
+            Blocking::Unix(s) => s.as_raw_fd(),
+        };
+        nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    }
+
+    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Blocking::Tcp(s) => (&*s).write_all(buf),
+            Blocking::Unix(s) => (&*s).write_all(buf),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Blocking::Tcp(s) => s.set_write_timeout(t),
+            Blocking::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Blocking::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Blocking::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// The streaming half of a started connection: a thread reads the socket and hands over what
+/// it read in chunks; status updates are written from the blocking pool.
+struct Streaming {
+    socket: Arc<Blocking>,
+    chunks: mpsc::Receiver<io::Result<BytesMut>>,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // wakes the reading thread out of its read: it sees the end and exits
+        self.socket.shutdown();
+    }
+}
+
+/// The largest read the streaming thread makes at once.
+const CHUNK: usize = 256 * 1024;
+/// Chunks read ahead of the consumer before the thread waits (and the server with it).
+const CHUNKS_AHEAD: usize = 8;
+/// How long a status update may wait for room in the socket before the stream counts as lost.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The streaming thread: reads until the socket ends or the consumer goes. After the first
+/// bytes of a quiet stream it waits `pause`, then takes whatever arrived meanwhile in the same
+/// chunk: the server writes a transaction's begin, changes and commit as separate messages, and
+/// one wake-up (here and in the consumer) then covers all of them and the transactions behind.
+fn pump(socket: &Blocking, chunks: &mpsc::Sender<io::Result<BytesMut>>, pause: Duration) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut n = match socket.read(&mut buf) {
+            Ok(0) => {
+                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection");
+                let _ = chunks.blocking_send(Err(eof));
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = chunks.blocking_send(Err(e));
+                return;
+            }
+        };
+        let mut failed = None;
+        if n < CHUNK && !pause.is_zero() {
+            std::thread::sleep(pause);
+            while n < CHUNK {
+                match socket.read_ready(&mut buf[n..]) {
+                    // the end: the next blocking read reports it
+                    Ok(0) => break,
+                    Ok(m) => n += m,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if chunks.blocking_send(Ok(BytesMut::from(&buf[..n]))).is_err() {
+            return;
+        }
+        if let Some(e) = failed {
+            let _ = chunks.blocking_send(Err(e));
+            return;
+        }
+    }
+}
 
 /// One backend message: its type byte and body.
 struct Frame {
@@ -57,7 +191,9 @@ struct Frame {
 
 /// A replication connection.
 pub struct Replication {
-    socket: Box<dyn Socket>,
+    /// Until the stream starts; then `streaming`.
+    socket: Option<Box<dyn Socket>>,
+    streaming: Option<Streaming>,
     read: BytesMut,
     write: BytesMut,
 }
@@ -100,8 +236,12 @@ impl Replication {
             };
             match socket {
                 Ok(socket) => {
-                    let mut conn =
-                        Replication { socket, read: BytesMut::with_capacity(64 * 1024), write: BytesMut::new() };
+                    let mut conn = Replication {
+                        socket: Some(socket),
+                        streaming: None,
+                        read: BytesMut::with_capacity(64 * 1024),
+                        write: BytesMut::new(),
+                    };
                     conn.start_up(config).await?;
                     return Ok(conn);
                 }
@@ -214,8 +354,16 @@ impl Replication {
     }
 
     /// Starts streaming `slot` from `from` with pgoutput for `publication`; after this, only
-    /// [`Replication::next`] and [`Replication::confirm`] may be used.
-    pub async fn start(&mut self, slot: &str, publication: &str, from: u64) -> Result<(), StreamError> {
+    /// [`Replication::next`] and [`Replication::confirm`] may be used. From here a thread of its
+    /// own reads the socket; `pause` is how long it lets a quiet stream gather after its first
+    /// bytes (zero: hand over each read as it comes).
+    pub async fn start(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        from: u64,
+        pause: Duration,
+    ) -> Result<(), StreamError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
             crate::name::quote_ident(slot),
@@ -227,7 +375,7 @@ impl Replication {
         loop {
             let frame = self.frame_or_error().await?;
             match frame.tag {
-                b'W' => return Ok(()),
+                b'W' => return self.hand_to_thread(pause),
                 b'N' | b'S' => {}
                 other => {
                     return Err(StreamError::Protocol(format!(
@@ -237,6 +385,17 @@ impl Replication {
                 }
             }
         }
+    }
+
+    fn hand_to_thread(&mut self, pause: Duration) -> Result<(), StreamError> {
+        let socket = self.socket.take().ok_or_else(|| StreamError::Protocol("the stream is already started".into()))?;
+        let socket = Arc::new(socket.into_blocking()?);
+        socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let (tx, chunks) = mpsc::channel(CHUNKS_AHEAD);
+        let reading = Arc::clone(&socket);
+        std::thread::Builder::new().name("post-save-wal".into()).spawn(move || pump(&reading, &tx, pause))?;
+        self.streaming = Some(Streaming { socket, chunks });
+        Ok(())
     }
 
     /// The next message of the stream.
@@ -294,9 +453,15 @@ impl Replication {
     }
 
     async fn flush(&mut self) -> io::Result<()> {
-        self.socket.write_all(&self.write).await?;
-        self.write.clear();
-        self.socket.flush().await
+        if let Some(socket) = self.socket.as_mut() {
+            socket.write_all(&self.write).await?;
+            self.write.clear();
+            return socket.flush().await;
+        }
+        let streaming = self.streaming.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        let socket = Arc::clone(&streaming.socket);
+        let bytes = std::mem::take(&mut self.write);
+        tokio::task::spawn_blocking(move || socket.write_all(&bytes)).await.map_err(io::Error::other)?
     }
 
     /// The next message; an `ErrorResponse` becomes an error.
@@ -320,10 +485,22 @@ impl Replication {
                 }
                 self.read.reserve(len + 1 - self.read.len());
             }
+            if let Some(streaming) = self.streaming.as_mut() {
+                match streaming.chunks.recv().await {
+                    Some(Ok(chunk)) if self.read.is_empty() => self.read = chunk,
+                    Some(Ok(chunk)) => self.read.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Err(StreamError::Io(e)),
+                    None => return Err(StreamError::Io(io::Error::other("the stream's reading thread ended"))),
+                }
+                continue;
+            }
+            let Some(socket) = self.socket.as_mut() else {
+                return Err(StreamError::Io(io::Error::from(io::ErrorKind::NotConnected)));
+            };
             if self.read.capacity() - self.read.len() < 8192 {
                 self.read.reserve(64 * 1024);
             }
-            if self.socket.read_buf(&mut self.read).await? == 0 {
+            if socket.read_buf(&mut self.read).await? == 0 {
                 return Err(StreamError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the server closed the connection",
