@@ -464,9 +464,14 @@ fn fits_double(text: &str) -> bool {
             Err(_) => false,
         };
     }
-    let digits: String = format!("{int_part}{frac_part}");
-    let significant = digits.trim_start_matches('0').trim_end_matches('0');
-    significant.len() <= 15 && exponent.unsigned_abs() < 300
+    // the digits of int_part and frac_part written together, less leading and trailing zeros
+    let lead = |s: &str| s.len() - s.trim_start_matches('0').len();
+    let trail = |s: &str| s.len() - s.trim_end_matches('0').len();
+    let leading = if lead(int_part) == int_part.len() { int_part.len() + lead(frac_part) } else { lead(int_part) };
+    let trailing =
+        if trail(frac_part) == frac_part.len() { frac_part.len() + trail(int_part) } else { trail(frac_part) };
+    let significant = (int_part.len() + frac_part.len()).saturating_sub(leading + trailing);
+    significant <= 15 && exponent.unsigned_abs() < 300
 }
 
 #[cfg(test)]
@@ -527,6 +532,20 @@ mod tests {
         assert_eq!(e.instance["small"], -5);
         assert!(fits_double("9007199254740992"));
         assert!(!fits_double("1e400"));
+        // significant digits counted across the point, zeros at either end not counted
+        for fits in [
+            "0",
+            "0.000",
+            "-0.5",
+            "100000000000000000000e-5",
+            "0.000000000000000000123456789012345",
+            "1234567.12345678",
+        ] {
+            assert!(fits_double(fits), "{fits}");
+        }
+        for inexact in ["1234567.123456789", "0.1234567890123456", "-12345678901234.56", "1000000000000001.0"] {
+            assert!(!fits_double(inexact), "{inexact}");
+        }
     }
 
     #[test]

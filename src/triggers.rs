@@ -39,6 +39,8 @@ pub enum Drift {
     Missing(TableName),
     /// A table not in the config still has a capture trigger.
     Unwatched(TableName),
+    /// A table not in the config is still in the publication a `capture = "wal"` slot streams.
+    UnwatchedPublished(TableName),
     /// The capture exists but differs from what the config (and the table's columns) call for.
     Changed {
         /// The table.
@@ -55,6 +57,11 @@ impl fmt::Display for Drift {
         match self {
             Drift::Missing(t) => write!(f, "{t}: watched but has no capture trigger"),
             Drift::Unwatched(t) => write!(f, "{t}: has a capture trigger but is not watched"),
+            Drift::UnwatchedPublished(t) => write!(
+                f,
+                "{t}: is in the `{}` publication but is not watched (the slot still streams its saves)",
+                crate::wal::PUBLICATION
+            ),
             Drift::Changed { table, what } => write!(f, "{table}: capture differs from the config ({what})"),
             Drift::NoTable(t) => write!(f, "{t}: watched table does not exist"),
         }
@@ -628,7 +635,7 @@ pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<D
         }
     }
     drift.extend(found.into_keys().map(Drift::Unwatched));
-    drift.extend(published.into_iter().map(Drift::Unwatched));
+    drift.extend(published.into_iter().map(Drift::UnwatchedPublished));
     Ok(drift)
 }
 

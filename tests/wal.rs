@@ -227,6 +227,62 @@ async fn install_refuses_a_server_without_logical_wal_and_says_what_to_change() 
     assert_eq!(db.query_i64("SELECT count(*) FROM pg_publication").await, 0, "nothing was changed");
 }
 
+/// The table's only row as `row_to_json` writes it.
+async fn row_to_json(db: &TestDb, table: &str) -> serde_json::Value {
+    let text: String = db
+        .client()
+        .await
+        .query_one(&format!("SELECT row_to_json(t)::text FROM {table} t"), &[])
+        .await
+        .expect("row_to_json")
+        .get(0);
+    serde_json::from_str(&text).expect("json")
+}
+
+#[tokio::test]
+async fn domain_values_arrive_as_row_to_json_writes_them_also_for_a_domain_made_while_streaming() {
+    let db = TestDb::new_logical().await;
+    db.psql_ok(
+        "CREATE DOMAIN positive_int AS integer CHECK (VALUE > 0); \
+         CREATE DOMAIN small_positive AS positive_int CHECK (VALUE < 100); \
+         CREATE DOMAIN price AS numeric(10,2); \
+         CREATE TYPE mood AS ENUM ('happy', 'sad'); \
+         CREATE TABLE gauge (id bigserial PRIMARY KEY, n positive_int, s small_positive, p price, \
+                             ns positive_int[], m mood)",
+    );
+    let config = config("[daemon]\nsweep_interval = \"1h\"\n[[watch]]\ntable = \"public.gauge\"\ncapture = \"wal\"\n");
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO gauge (n, s, p, ns, m) VALUES (5, 7, 2.50, '{1,2}', 'happy')");
+    let e = daemon.next().await;
+    assert_eq!(e.instance["n"], 5);
+    assert_eq!(e.instance["ns"], serde_json::json!([1, 2]));
+    assert_eq!(*e.instance, row_to_json(&db, "gauge").await);
+
+    // A domain made after the stream started: the table's new relation message names it.
+    db.psql_ok(
+        "CREATE DOMAIN flag AS boolean; ALTER TABLE gauge ADD COLUMN f flag; \
+         UPDATE gauge SET f = true, n = 6",
+    );
+    let e = daemon.next().await;
+    assert_eq!(e.instance["f"], true);
+    assert_eq!(*e.instance, row_to_json(&db, "gauge").await);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn check_names_a_published_table_the_config_no_longer_watches() {
+    let (db, _config) = shop("").await;
+    let client = db.client().await;
+    let unwatched = config("[daemon]\nsweep_interval = \"1h\"\n");
+    let drift: Vec<String> =
+        post_save::triggers::check(&client, &unwatched).await.expect("check").iter().map(ToString::to_string).collect();
+    assert_eq!(
+        drift,
+        ["public.shop_order: is in the `post_save` publication but is not watched (the slot still streams its saves)"]
+    );
+}
+
 #[tokio::test]
 async fn remove_drops_the_publication_and_the_slot() {
     let (db, _config) = shop("").await;

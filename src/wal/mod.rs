@@ -19,7 +19,7 @@
 pub mod pgoutput;
 pub mod stream;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,13 +90,74 @@ struct Table {
 struct Relations {
     by_oid: HashMap<u32, (Relation, Option<usize>)>,
     tables: Vec<Table>,
+    types: UserTypes,
 }
 
 impl Relations {
-    fn learn(&mut self, rel: Relation) {
+    fn learn(&mut self, mut rel: Relation) {
         let name = TableName::new(rel.schema.clone(), rel.name.clone());
         let table = self.tables.iter().position(|t| t.watch.table == name);
+        for column in &mut rel.columns {
+            column.type_oid = self.types.base(column.type_oid);
+        }
         self.by_oid.insert(rel.id, (rel, table));
+    }
+}
+
+/// The first OID of objects made after `initdb`: every type below it is built in.
+const FIRST_NORMAL_OID: u32 = 16_384;
+
+/// The database's own types as far as values are concerned: a domain's values are written as
+/// its base type's (as `row_to_json` does), an array of a domain's as an array of the base type.
+#[derive(Default)]
+struct UserTypes {
+    /// Domain (or array of a domain) → the built-in or other non-domain type it stands for.
+    base: HashMap<u32, u32>,
+    /// Types made after `initdb` that are not domains (enums, composites, ranges…): their text.
+    other: HashSet<u32>,
+}
+
+impl UserTypes {
+    fn base(&self, oid: u32) -> u32 {
+        self.base.get(&oid).copied().unwrap_or(oid)
+    }
+
+    /// Whether `rel` has a column of a type made after the types were read.
+    fn unknown_in(&self, rel: &Relation) -> bool {
+        rel.columns.iter().any(|c| {
+            c.type_oid >= FIRST_NORMAL_OID && !self.base.contains_key(&c.type_oid) && !self.other.contains(&c.type_oid)
+        })
+    }
+
+    /// Reads every domain's base type (through domains over domains) and every other type made
+    /// after `initdb`.
+    async fn load(client: &tokio_postgres::Client) -> Result<UserTypes, tokio_postgres::Error> {
+        let rows = client
+            .query(
+                "WITH RECURSIVE chain (domain, base) AS ( \
+                     SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd' \
+                     UNION ALL \
+                     SELECT c.domain, t.typbasetype FROM chain c JOIN pg_type t ON t.oid = c.base \
+                     WHERE t.typtype = 'd') \
+                 SELECT c.domain::int8, c.base::int8 FROM chain c JOIN pg_type b ON b.oid = c.base \
+                 WHERE b.typtype <> 'd' \
+                 UNION ALL \
+                 SELECT d.typarray::int8, b.typarray::int8 FROM chain c \
+                 JOIN pg_type b ON b.oid = c.base AND b.typtype <> 'd' JOIN pg_type d ON d.oid = c.domain \
+                 WHERE d.typarray <> 0 AND b.typarray <> 0",
+                &[],
+            )
+            .await?;
+        let oid = |v: i64| u32::try_from(v).unwrap_or(0);
+        let base: HashMap<u32, u32> = rows.iter().map(|r| (oid(r.get(0)), oid(r.get(1)))).collect();
+        let other = client
+            .query("SELECT oid::int8 FROM pg_type WHERE oid >= 16384 AND typtype <> 'd'", &[])
+            .await?
+            .iter()
+            .map(|r| oid(r.get(0)))
+            .filter(|o| !base.contains_key(o))
+            .collect();
+        Ok(UserTypes { base, other })
     }
 }
 
@@ -207,6 +268,7 @@ impl WalCapture {
             let shape = crate::triggers::table_shape(&client, watch).await.map_err(|e| e.to_string())?;
             tables.push(Table { watch: watch.clone(), sender: watch.table.to_string(), pk: shape.pk });
         }
+        let types = UserTypes::load(&client).await.map_err(|e| format!("reading the database's types: {e}"))?;
         drop(client);
         task.abort();
 
@@ -217,7 +279,7 @@ impl WalCapture {
             Err(e) => return Err(e.to_string()),
         }
         tracing::info!(slot = %slot, tables = tables.len(), "WAL capture streaming");
-        let mut relations = Relations { by_oid: HashMap::new(), tables };
+        let mut relations = Relations { by_oid: HashMap::new(), tables, types };
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut confirms = Confirmations::default();
         let mut open: Option<Open> = None;
@@ -284,7 +346,16 @@ impl WalCapture {
                                     }
                                 }
                             }
-                            Message::Relation(rel) => relations.learn(rel),
+                            Message::Relation(rel) => {
+                                if relations.types.unknown_in(&rel) {
+                                    // a type made since the stream started (new DDL): read them again
+                                    match self.read_types().await {
+                                        Ok(types) => relations.types = types,
+                                        Err(e) => tracing::warn!(error = %e, table = %rel.name, "WAL capture: could not read the database's types; values of new types arrive as text"),
+                                    }
+                                }
+                                relations.learn(rel);
+                            }
                             change => {
                                 if let Some(tx) = open.as_mut() {
                                     change_event(&relations, change, start, tx, &self.stats);
@@ -313,6 +384,14 @@ impl WalCapture {
             tracing::info!(confirmed = %stream::format_lsn(confirms.confirmed), "WAL capture stopped");
         }
         Ok(ended)
+    }
+
+    async fn read_types(&self) -> Result<UserTypes, String> {
+        let (client, task) = crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?;
+        let types = UserTypes::load(&client).await.map_err(|e| e.to_string());
+        drop(client);
+        task.abort();
+        types
     }
 
     /// Hands a committed transaction's events to the router; its confirmation comes back on

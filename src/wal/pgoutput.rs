@@ -316,16 +316,35 @@ pub fn to_json(type_oid: u32, text: &str) -> Value {
 /// `2026-12-02 10:14:20.5+00` → `2026-12-02T10:14:20.5+00:00`; `infinity` stays.
 fn iso_timestamp(text: &str) -> String {
     match text.split_once(' ') {
-        Some((date, time)) if !time.ends_with("BC") => format!("{date}T{}", with_colon_offset(time)),
+        Some((date, time)) if !time.ends_with("BC") => {
+            let mut iso = String::with_capacity(text.len() + 3);
+            iso.push_str(date);
+            iso.push('T');
+            iso.push_str(time);
+            if hours_only_offset(time) {
+                iso.push_str(":00");
+            }
+            iso
+        }
         _ => text.to_owned(),
     }
 }
 
 /// A time's `+HH` offset written as `+HH:MM`, as JSON (XSD) wants it.
 fn with_colon_offset(time: &str) -> String {
-    let Some(sign) = time.rfind(['+', '-']) else { return time.to_owned() };
+    let mut iso = String::with_capacity(time.len() + 3);
+    iso.push_str(time);
+    if hours_only_offset(time) {
+        iso.push_str(":00");
+    }
+    iso
+}
+
+/// Whether the time ends in an offset of whole hours written without minutes (`+05`).
+fn hours_only_offset(time: &str) -> bool {
+    let Some(sign) = time.rfind(['+', '-']) else { return false };
     let offset = &time[sign + 1..];
-    if offset.len() == 2 && offset.bytes().all(|b| b.is_ascii_digit()) { format!("{time}:00") } else { time.to_owned() }
+    offset.len() == 2 && offset.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A PostgreSQL array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `{"a b",c}`) of `element` values;
