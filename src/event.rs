@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::{self, DeserializeSeed};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -126,16 +126,35 @@ thread_local! {
 pub struct RowImage {
     /// The captured text while it is still what the image holds (dropped on mutable access).
     raw: Option<Box<RawValue>>,
+    /// Or what builds the value from the values as captured (the WAL's), the same way.
+    build: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     value: OnceLock<Value>,
 }
 
 impl RowImage {
+    /// An image that `build` makes the first time something reads it (numbers made exact).
+    pub(crate) fn lazy(build: impl Fn() -> Value + Send + Sync + 'static) -> RowImage {
+        RowImage { raw: None, build: Some(Arc::new(build)), value: OnceLock::new() }
+    }
+
+    fn make(&self) -> Value {
+        match (&self.raw, &self.build) {
+            (Some(raw), _) => RowImage::decode(Some(&**raw)),
+            (None, Some(build)) => {
+                let mut value = build();
+                exact_numbers(&mut value);
+                value
+            }
+            (None, None) => Value::Null,
+        }
+    }
+
     /// An image of captured JSON text (already checked to be JSON).
     fn captured(raw: &RawValue) -> RowImage {
         if raw.get() == "null" {
             return RowImage::default();
         }
-        RowImage { raw: Some(raw.to_owned()), value: OnceLock::new() }
+        RowImage { raw: Some(raw.to_owned()), build: None, value: OnceLock::new() }
     }
 
     fn decode(raw: Option<&RawValue>) -> Value {
@@ -149,7 +168,7 @@ impl RowImage {
 
 impl From<Value> for RowImage {
     fn from(value: Value) -> RowImage {
-        RowImage { raw: None, value: OnceLock::from(value) }
+        RowImage { raw: None, build: None, value: OnceLock::from(value) }
     }
 }
 
@@ -157,7 +176,7 @@ impl Deref for RowImage {
     type Target = Value;
 
     fn deref(&self) -> &Value {
-        self.value.get_or_init(|| RowImage::decode(self.raw.as_deref()))
+        self.value.get_or_init(|| self.make())
     }
 }
 
@@ -165,9 +184,10 @@ impl DerefMut for RowImage {
     fn deref_mut(&mut self) -> &mut Value {
         let value = match self.value.take() {
             Some(value) => value,
-            None => RowImage::decode(self.raw.as_deref()),
+            None => self.make(),
         };
         self.raw = None;
+        self.build = None;
         self.value = OnceLock::from(value);
         self.value.get_mut().unwrap_or_else(|| unreachable!("the value was just set"))
     }
@@ -546,6 +566,25 @@ mod tests {
         for inexact in ["1234567.123456789", "0.1234567890123456", "-12345678901234.56", "1000000000000001.0"] {
             assert!(!fits_double(inexact), "{inexact}");
         }
+    }
+
+    #[test]
+    fn a_lazy_image_is_built_once_when_first_read_with_exact_numbers() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&builds);
+        let image = RowImage::lazy(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            serde_json::json!({"id": 1, "big": 9_007_199_254_740_993u64})
+        });
+        let copy = image.clone();
+        assert_eq!(builds.load(Ordering::SeqCst), 0, "nothing read yet");
+        assert_eq!(image["big"], "9007199254740993");
+        assert_eq!(image["id"], 1);
+        assert!(serde_json::to_string(&image).unwrap().contains("\"9007199254740993\""));
+        assert_eq!(builds.load(Ordering::SeqCst), 1, "built once");
+        assert_eq!(*copy, *image);
+        assert_eq!(builds.load(Ordering::SeqCst), 2, "a clone read before it was built builds its own");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Capture, Config, Watch};
-use crate::event::{Actor, Op, SaveEvent};
+use crate::event::{Actor, Op, RowImage, SaveEvent};
 use crate::lease::Lease;
 use crate::name::TableName;
 use crate::router::Router;
@@ -88,7 +88,7 @@ struct Table {
 
 /// What is known of the stream's tables: the relation messages, by OID.
 struct Relations {
-    by_oid: HashMap<u32, (Relation, Option<usize>)>,
+    by_oid: HashMap<u32, (Arc<Relation>, Option<usize>)>,
     tables: Vec<Table>,
     types: UserTypes,
 }
@@ -100,7 +100,7 @@ impl Relations {
         for column in &mut rel.columns {
             column.type_oid = self.types.base(column.type_oid);
         }
-        self.by_oid.insert(rel.id, (rel, table));
+        self.by_oid.insert(rel.id, (Arc::new(rel), table));
     }
 }
 
@@ -501,9 +501,9 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
     let table = &relations.tables[*table];
     let watch = &table.watch;
     let ops = watch.operations;
-    let (instance, old, update_fields) = match change {
-        Message::Insert { new, .. } if ops.insert => (pgoutput::row_json(rel, &new, None), None, None),
-        Message::Update { old, new, .. } if ops.update => {
+    let (new, old, update_fields) = match change {
+        Message::Insert { new, .. } if ops.insert => (new, None, None),
+        Message::Update { old, mut new, .. } if ops.update => {
             let changed = old.as_deref().map(|old| changed_columns(rel, old, &new));
             if let Some(changed) = &changed {
                 let watched = watch.columns.is_empty() || changed.iter().any(|c| watch.columns.contains(c));
@@ -511,31 +511,42 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
                     return;
                 }
             }
-            let instance = pgoutput::row_json(rel, &new, old.as_deref());
-            let old = old.filter(|_| watch.include_old).map(|o| pgoutput::row_json(rel, &o, None));
-            (instance, old, changed)
+            // a value the stream left out (unchanged, out of line) is the old row's
+            if let Some(old) = old.as_deref() {
+                for (value, was) in new.iter_mut().zip(old) {
+                    if *value == Datum::Unchanged {
+                        value.clone_from(was);
+                    }
+                }
+            }
+            (new, old.filter(|_| watch.include_old), changed)
         }
-        Message::Delete { old, .. } if ops.delete => (pgoutput::row_json(rel, &old, None), None, None),
+        Message::Delete { old, .. } if ops.delete => (old, None, None),
         _ => return,
     };
     let mut pk = Map::with_capacity(table.pk.len());
     for key in &table.pk {
-        match instance.get(key) {
-            Some(v) => {
-                pk.insert(key.clone(), v.clone());
-            }
-            None => {
-                Stats::bump(&stats.invalid);
-                tracing::error!(sender = %table.sender, column = %key, "WAL capture: a change without its primary key; skipped");
-                return;
-            }
-        }
+        let value = rel.columns.iter().position(|c| &c.name == key).and_then(|i| match new.get(i) {
+            Some(Datum::Text(text)) => Some(pgoutput::to_json(rel.columns[i].type_oid, text)),
+            Some(Datum::Null) => Some(Value::Null),
+            Some(Datum::Unchanged) | None => None,
+        });
+        let Some(value) = value else {
+            Stats::bump(&stats.invalid);
+            tracing::error!(sender = %table.sender, column = %key, "WAL capture: a change without its primary key; skipped");
+            return;
+        };
+        pk.insert(key.clone(), value);
     }
     pk.values_mut().for_each(crate::event::exact_numbers);
-    let mut instance = Value::Object(instance);
-    crate::event::exact_numbers(&mut instance);
-    let mut old = old.map_or(Value::Null, Value::Object);
-    crate::event::exact_numbers(&mut old);
+    // The row images are built into JSON when something reads them: a handler that only needs
+    // the key, or a filter on other fields, never pays for it.
+    let image = |tuple: Vec<Datum>| {
+        let rel = Arc::clone(rel);
+        RowImage::lazy(move || Value::Object(pgoutput::row_json(&rel, &tuple, None)))
+    };
+    let instance = image(new);
+    let old = old.map(image).unwrap_or_default();
     tx.events.push(SaveEvent {
         id: i64::try_from(lsn).ok(),
         signal: if op == Op::Delete { crate::config::Signal::PostDelete } else { crate::config::Signal::PostSave },
@@ -543,8 +554,8 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
         op,
         created: op == Op::Insert,
         pk,
-        instance: instance.into(),
-        old: old.into(),
+        instance,
+        old,
         update_fields,
         raw: false,
         using: String::new(),
