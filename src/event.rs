@@ -139,7 +139,7 @@ impl RowImage {
 
     fn make(&self) -> Value {
         match (&self.raw, &self.build) {
-            (Some(raw), _) => RowImage::decode(Some(&**raw)),
+            (Some(raw), _) => RowImage::decode(raw),
             (None, Some(build)) => {
                 let mut value = build();
                 exact_numbers(&mut value);
@@ -157,8 +157,7 @@ impl RowImage {
         RowImage { raw: Some(raw.to_owned()), build: None, value: OnceLock::new() }
     }
 
-    fn decode(raw: Option<&RawValue>) -> Value {
-        let Some(raw) = raw else { return Value::Null };
+    fn decode(raw: &RawValue) -> Value {
         // `raw` was checked when it was read; a failure here cannot happen, and null is safe
         let mut value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
         exact_numbers(&mut value);

@@ -88,19 +88,30 @@ struct Table {
 
 /// What is known of the stream's tables: the relation messages, by OID.
 struct Relations {
-    by_oid: HashMap<u32, (Arc<Relation>, Option<usize>)>,
+    by_oid: HashMap<u32, Described>,
     tables: Vec<Table>,
     types: UserTypes,
+}
+
+/// A table as its last relation message describes it.
+struct Described {
+    rel: Arc<Relation>,
+    /// Its index in `Relations::tables` when it is watched, and where each key column is in
+    /// its rows (`None`: the stream does not have that column).
+    watched: Option<(usize, Vec<Option<usize>>)>,
 }
 
 impl Relations {
     fn learn(&mut self, mut rel: Relation) {
         let name = TableName::new(rel.schema.clone(), rel.name.clone());
-        let table = self.tables.iter().position(|t| t.watch.table == name);
         for column in &mut rel.columns {
             column.type_oid = self.types.base(column.type_oid);
         }
-        self.by_oid.insert(rel.id, (Arc::new(rel), table));
+        let watched = self.tables.iter().position(|t| t.watch.table == name).map(|i| {
+            let at = self.tables[i].pk.iter().map(|key| rel.columns.iter().position(|c| &c.name == key)).collect();
+            (i, at)
+        });
+        self.by_oid.insert(rel.id, Described { rel: Arc::new(rel), watched });
     }
 }
 
@@ -491,7 +502,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
         Message::Delete { rel, .. } => (*rel, Op::Delete),
         _ => return,
     };
-    let Some((rel, Some(table))) = relations.by_oid.get(&rel_id) else {
+    let Some(Described { rel, watched: Some((table, key_at)) }) = relations.by_oid.get(&rel_id) else {
         if !relations.by_oid.contains_key(&rel_id) {
             Stats::bump(&stats.invalid);
             tracing::error!(relation = rel_id, "WAL capture: a change of a table the stream never described; skipped");
@@ -511,13 +522,8 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
                     return;
                 }
             }
-            // a value the stream left out (unchanged, out of line) is the old row's
             if let Some(old) = old.as_deref() {
-                for (value, was) in new.iter_mut().zip(old) {
-                    if *value == Datum::Unchanged {
-                        value.clone_from(was);
-                    }
-                }
+                pgoutput::fill_unchanged(&mut new, old);
             }
             (new, old.filter(|_| watch.include_old), changed)
         }
@@ -525,8 +531,8 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
         _ => return,
     };
     let mut pk = Map::with_capacity(table.pk.len());
-    for key in &table.pk {
-        let value = rel.columns.iter().position(|c| &c.name == key).and_then(|i| match new.get(i) {
+    for (key, at) in table.pk.iter().zip(key_at) {
+        let value = at.and_then(|i| match new.get(i) {
             Some(Datum::Text(text)) => Some(pgoutput::to_json(rel.columns[i].type_oid, text)),
             Some(Datum::Null) => Some(Value::Null),
             Some(Datum::Unchanged) | None => None,
@@ -543,7 +549,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
     // the key, or a filter on other fields, never pays for it.
     let image = |tuple: Vec<Datum>| {
         let rel = Arc::clone(rel);
-        RowImage::lazy(move || Value::Object(pgoutput::row_json(&rel, &tuple, None)))
+        RowImage::lazy(move || Value::Object(pgoutput::row_json(&rel, &tuple)))
     };
     let instance = image(new);
     let old = old.map(image).unwrap_or_default();

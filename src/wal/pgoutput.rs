@@ -320,10 +320,7 @@ fn iso_timestamp(text: &str) -> String {
             let mut iso = String::with_capacity(text.len() + 3);
             iso.push_str(date);
             iso.push('T');
-            iso.push_str(time);
-            if hours_only_offset(time) {
-                iso.push_str(":00");
-            }
+            push_time(&mut iso, time);
             iso
         }
         _ => text.to_owned(),
@@ -333,11 +330,15 @@ fn iso_timestamp(text: &str) -> String {
 /// A time's `+HH` offset written as `+HH:MM`, as JSON (XSD) wants it.
 fn with_colon_offset(time: &str) -> String {
     let mut iso = String::with_capacity(time.len() + 3);
-    iso.push_str(time);
-    if hours_only_offset(time) {
-        iso.push_str(":00");
-    }
+    push_time(&mut iso, time);
     iso
+}
+
+fn push_time(out: &mut String, time: &str) {
+    out.push_str(time);
+    if hours_only_offset(time) {
+        out.push_str(":00");
+    }
 }
 
 /// Whether the time ends in an offset of whole hours written without minutes (`+05`).
@@ -401,19 +402,25 @@ fn parse_level(text: &str, chars: &mut std::iter::Peekable<std::str::CharIndices
     }
 }
 
+/// Takes each value the stream left out of `new` ([`Datum::Unchanged`]: an out-of-line value
+/// the statement did not change) from `old`, the row before the change.
+pub fn fill_unchanged(new: &mut [Datum], old: &[Datum]) {
+    for (value, was) in new.iter_mut().zip(old) {
+        if *value == Datum::Unchanged {
+            value.clone_from(was);
+        }
+    }
+}
+
 /// A row as a JSON object: each column's value converted by [`to_json`]; a value the stream left
-/// out ([`Datum::Unchanged`]) is taken from `fallback` (the old row), else left out.
-pub fn row_json(rel: &Relation, tuple: &[Datum], fallback: Option<&[Datum]>) -> Map<String, Value> {
+/// out ([`Datum::Unchanged`], see [`fill_unchanged`]) is left out.
+pub fn row_json(rel: &Relation, tuple: &[Datum]) -> Map<String, Value> {
     let mut map = Map::with_capacity(rel.columns.len());
-    for (i, column) in rel.columns.iter().enumerate() {
-        let datum = match tuple.get(i) {
-            Some(Datum::Unchanged) => fallback.and_then(|f| f.get(i)),
-            other => other,
-        };
+    for (column, datum) in rel.columns.iter().zip(tuple) {
         let value = match datum {
-            Some(Datum::Text(t)) => to_json(column.type_oid, t),
-            Some(Datum::Null) => Value::Null,
-            Some(Datum::Unchanged) | None => continue,
+            Datum::Text(t) => to_json(column.type_oid, t),
+            Datum::Null => Value::Null,
+            Datum::Unchanged => continue,
         };
         map.insert(column.name.clone(), value);
     }
@@ -476,8 +483,10 @@ mod tests {
         insert.push(b'u');
         let Message::Insert { rel: 16384, new } = decode(&insert).unwrap() else { panic!("not an insert") };
         let old = vec![Datum::Text("7".into()), Datum::Text("kept".into())];
-        assert_eq!(Value::Object(row_json(&rel, &new, Some(&old))), json!({"id": 7, "note": "kept"}));
-        assert_eq!(Value::Object(row_json(&rel, &new, None)), json!({"id": 7}));
+        let mut filled = new.clone();
+        fill_unchanged(&mut filled, &old);
+        assert_eq!(Value::Object(row_json(&rel, &filled)), json!({"id": 7, "note": "kept"}));
+        assert_eq!(Value::Object(row_json(&rel, &new)), json!({"id": 7}));
         for cut in 1..insert.len() {
             assert!(decode(&insert[..cut]).is_err(), "cut at {cut} decoded");
         }

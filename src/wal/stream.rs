@@ -51,81 +51,42 @@ impl StreamError {
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
     /// The socket with the runtime's hands off it, in blocking mode.
-    fn into_blocking(self: Box<Self>) -> io::Result<Blocking>;
+    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket>;
 }
 
 impl Socket for tokio::net::TcpStream {
-    fn into_blocking(self: Box<Self>) -> io::Result<Blocking> {
-        let s = (*self).into_std()?;
-        s.set_nonblocking(false)?;
-        Ok(Blocking::Tcp(s))
+    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket> {
+        blocking((*self).into_std()?.into())
     }
 }
 
 impl Socket for tokio::net::UnixStream {
-    fn into_blocking(self: Box<Self>) -> io::Result<Blocking> {
-        let s = (*self).into_std()?;
-        s.set_nonblocking(false)?;
-        Ok(Blocking::Unix(s))
+    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket> {
+        blocking((*self).into_std()?.into())
     }
 }
 
-/// A replication socket read by its own thread once the stream has started.
-enum Blocking {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
+fn blocking(socket: socket2::Socket) -> io::Result<socket2::Socket> {
+    socket.set_nonblocking(false)?;
+    Ok(socket)
 }
 
-impl Blocking {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Blocking::Tcp(s) => (&*s).read(buf),
-            Blocking::Unix(s) => (&*s).read(buf),
-        }
-    }
-
-    /// What has arrived, without waiting: `WouldBlock` when nothing has.
-    fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let fd = match self {
-            Blocking::Tcp(s) => s.as_raw_fd(),
-            Blocking::Unix(s) => s.as_raw_fd(),
-        };
-        nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
-    }
-
-    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Blocking::Tcp(s) => (&*s).write_all(buf),
-            Blocking::Unix(s) => (&*s).write_all(buf),
-        }
-    }
-
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Blocking::Tcp(s) => s.set_write_timeout(t),
-            Blocking::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Blocking::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Blocking::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
+/// What has arrived on `socket`, without waiting: `WouldBlock` when nothing has.
+fn read_ready(socket: &socket2::Socket, buf: &mut [u8]) -> io::Result<usize> {
+    nix::sys::socket::recv(socket.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
 /// The streaming half of a started connection: a thread reads the socket and hands over what
 /// it read in chunks; status updates are written from the blocking pool.
 struct Streaming {
-    socket: Arc<Blocking>,
+    socket: Arc<socket2::Socket>,
     chunks: mpsc::Receiver<io::Result<BytesMut>>,
 }
 
 impl Drop for Streaming {
     fn drop(&mut self) {
         // wakes the reading thread out of its read: it sees the end and exits
-        self.socket.shutdown();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -140,10 +101,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// bytes of a quiet stream it waits `pause`, then takes whatever arrived meanwhile in the same
 /// chunk: the server writes a transaction's begin, changes and commit as separate messages, and
 /// one wake-up (here and in the consumer) then covers all of them and the transactions behind.
-fn pump(socket: &Blocking, chunks: &mpsc::Sender<io::Result<BytesMut>>, pause: Duration) {
+fn pump(socket: &socket2::Socket, chunks: &mpsc::Sender<io::Result<BytesMut>>, pause: Duration) {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let mut n = match socket.read(&mut buf) {
+        let mut n = match (&*socket).read(&mut buf) {
             Ok(0) => {
                 let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection");
                 let _ = chunks.blocking_send(Err(eof));
@@ -160,7 +121,7 @@ fn pump(socket: &Blocking, chunks: &mpsc::Sender<io::Result<BytesMut>>, pause: D
         if n < CHUNK && !pause.is_zero() {
             std::thread::sleep(pause);
             while n < CHUNK {
-                match socket.read_ready(&mut buf[n..]) {
+                match read_ready(socket, &mut buf[n..]) {
                     // the end: the next blocking read reports it
                     Ok(0) => break,
                     Ok(m) => n += m,
@@ -461,7 +422,7 @@ impl Replication {
         let streaming = self.streaming.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
         let socket = Arc::clone(&streaming.socket);
         let bytes = std::mem::take(&mut self.write);
-        tokio::task::spawn_blocking(move || socket.write_all(&bytes)).await.map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || (&*socket).write_all(&bytes)).await.map_err(io::Error::other)?
     }
 
     /// The next message; an `ErrorResponse` becomes an error.
