@@ -45,6 +45,11 @@ pub struct Global {
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POST_SAVE_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Runtime threads. One (the default) runs every task on one thread: the least CPU per
+    /// event, since no event is handed between threads. More spread handlers' own work (JSON,
+    /// templates, TLS) over that many.
+    #[arg(long, global = true, default_value_t = 1, env = "POST_SAVE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
 }
 
 /// Log line format.
@@ -236,7 +241,7 @@ async fn reload_on_hangup(
     reloader: Reloader,
     state: tokio::sync::watch::Receiver<State>,
 ) {
-    let global = Global { config: path, database_url: None, log_format: LogFormat::Text };
+    let global = Global { config: path, database_url: None, log_format: LogFormat::Text, threads: 1 };
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP received: reloading the configuration");
         systemd::reloading();

@@ -14,16 +14,27 @@ use tracing_subscriber::EnvFilter;
 use cli::{Cli, LogFormat};
 
 // mimalloc instead of glibc's malloc: draining the ledger allocates and frees a few dozen small
-// blocks per event (JSON values, strings, one task per row lane), spread over the runtime's
-// threads. Profiles of a 400,000-event drain had a third of the daemon's CPU in glibc's malloc
-// and free (`malloc_consolidate`, `_int_free`); bench/experiments.md has the before and after.
+// blocks per event (JSON values, strings, one task per row lane). Profiles of a 400,000-event
+// drain had a third of the daemon's CPU in glibc's malloc and free (`malloc_consolidate`,
+// `_int_free`); bench/experiments.md has the before and after.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread unless asked for more: a save read from the WAL or the ledger passes from the
+    // reader to the router, a handler's task and the outcome writer, and on a multi-thread
+    // runtime each hand-off may wake another thread. bench/experiments.md ("One runtime
+    // thread") has the daemon's CPU per event both ways.
+    let mut builder = if cli.global.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(cli.global.threads));
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

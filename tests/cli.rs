@@ -41,6 +41,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "PGCONNECT_TIMEOUT",
     "RUST_LOG",
     "JOURNAL_STREAM",
+    "POST_SAVE_THREADS",
 ];
 
 /// What a finished command left behind.
@@ -331,6 +332,19 @@ fn the_config_file_can_come_from_post_save_config() {
     Run::from_output("POST_SAVE_CONFIG=bad config check".into(), out)
         .code(78)
         .stderr_has(&format!("{}:9: key `handler[0].colour`", bad.display()));
+}
+
+#[test]
+fn the_runtime_runs_on_the_threads_asked_for_and_refuses_none() {
+    let files = Files::new();
+    let good = files.write("good.toml", BASE);
+    let path = good.to_str().expect("UTF-8 temp path");
+    with_config(&good, &["--threads", "4", "config", "check"]).code(0);
+    let out = command(&["--config", path, "config", "check"]).env("POST_SAVE_THREADS", "3").output().unwrap();
+    Run::from_output("POST_SAVE_THREADS=3 config check".into(), out).code(0);
+    post_save(&["--threads", "0", "config", "check"]).code(2).stderr_has("--threads");
+    let out = command(&["config", "check"]).env("POST_SAVE_THREADS", "many").output().unwrap();
+    Run::from_output("POST_SAVE_THREADS=many config check".into(), out).code(2).stderr_has("--threads");
 }
 
 // ---------------------------------------------------------------------------------------------
