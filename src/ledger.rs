@@ -132,6 +132,25 @@ pub(crate) async fn last_id(client: &Client) -> Result<i64, tokio_postgres::Erro
     Ok(row.get(0))
 }
 
+/// Of the `window` ledger ids up to and including `last` (ids step by `step`), those no row
+/// holds: ids that a transaction took before `last` was read and has not committed yet (or that
+/// were rolled back, or whose rows are gone). Ids are positive.
+pub(crate) async fn absent_ids(
+    client: &Client,
+    last: i64,
+    window: i64,
+    step: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT g FROM (SELECT $1::int8 - k * $3::int8 AS g FROM generate_series(0, $2::int8 - 1) k) ids \
+              WHERE g > 0 AND NOT EXISTS (SELECT FROM post_save.event e WHERE e.id = ids.g) ORDER BY g",
+            &[&last, &window, &step],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Backends of this database waiting for the lock every notifying commit takes: commits are
 /// queueing behind NOTIFY.
 pub(crate) async fn notify_lock_waiters(client: &Client) -> Result<i64, tokio_postgres::Error> {

@@ -40,12 +40,18 @@ const GAP_TIMEOUT: Duration = Duration::from_secs(10);
 /// More remembered gaps than this are left to the sweep.
 const MAX_GAPS: usize = 10_000;
 
+/// At the start of a session, this many ledger ids up to the sequence's last value that no row
+/// holds are remembered as gaps: a writer may have taken one just before the sequence was read
+/// and commit after the catch-up has looked.
+const START_GAPS: i64 = 1_000;
+
 /// Where the live fetch stands: the highest ledger id seen, and the ids below it not seen yet.
 struct Cursor {
     after: i64,
     /// The last ledger id handed out when the session began (one step below the first id of a
     /// fresh ledger). Ids up to it that the catch-up does not see are history (handled, or left
-    /// to the sweep); ids above it that are not seen are gaps, from the first fetch on. `None`
+    /// to the sweep), except the last `START_GAPS` of them that no row holds, which start as
+    /// gaps; ids above it that are not seen are gaps, from the first fetch on. `None`
     /// when the sequence could not be read: then the first id seen is the boundary.
     floor: Option<i64>,
     gaps: BTreeMap<i64, Instant>,
@@ -77,6 +83,13 @@ impl Cursor {
             }
         }
         self.after = id;
+    }
+
+    /// Remembers `ids` (below the floor, not seen) as gaps.
+    fn remember(&mut self, ids: Vec<i64>) {
+        let now = Instant::now();
+        let room = MAX_GAPS.saturating_sub(self.gaps.len());
+        self.gaps.extend(ids.into_iter().take(room).map(|id| (id, now)));
     }
 
     fn expire(&mut self) {
@@ -318,6 +331,10 @@ impl Listener {
             }
         };
         let mut cursor = Cursor { after: 0, floor, gaps: BTreeMap::new(), using, per_row: 1 };
+        if let Some(floor) = floor {
+            let absent = ledger::absent_ids(&work.client, floor, START_GAPS, CHUNK).await.map_err(DbError::Query)?;
+            cursor.remember(absent);
+        }
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
             tracing::info!(events = caught_up, "caught up on pending ledger events");
