@@ -11,20 +11,19 @@
 //! server's settings.
 #![cfg(feature = "sql")]
 
+mod child;
 mod common;
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use child::Daemon;
 use common::TestDb;
 use futures_util::future::try_join_all;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use support::{PATIENCE, config, install};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -80,73 +79,6 @@ fn parse_line(text: &str) -> Line {
     match json["level"].as_str() {
         Some("WARN" | "ERROR") => Line::Problem(text.to_owned()),
         _ => Line::Other(text.to_owned()),
-    }
-}
-
-/// A `post-save run` process whose stderr is read on a thread of its own into a channel.
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn spawn(config: &Path, db: &TestDb, lines: mpsc::UnboundedSender<Line>) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", &db.conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save");
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for text in BufReader::new(stderr).lines() {
-                let Ok(text) = text else { return };
-                if lines.send(parse_line(&text)).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon { child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        kill(pid, signal).unwrap_or_else(|e| panic!("kill {signal}: {e}"));
-    }
-
-    /// Whether the process has exited (and how), without waiting.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    /// Waits (polling) for the process to exit, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "post-save did not exit within {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    /// Never leaves a daemon behind, even when the test fails.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -330,9 +262,9 @@ async fn a_handler_slower_than_the_writes_keeps_rss_under_100_mb_and_the_backlog
 
     let (tx, mut lines) = mpsc::unbounded_channel();
     let mut log = Log::default();
-    let mut daemon = Daemon::spawn(&config_path, &db, tx);
+    let mut daemon = Daemon::spawn(&config_path, &db.conninfo, tx, parse_line);
     log.wait_listening(&mut lines).await;
-    let pid = daemon.pid();
+    let pid = u32::try_from(daemon.pid().as_raw()).expect("pid");
     let rss_at_start = rss_kb(pid).expect("the daemon's VmRSS");
     eprintln!("daemon pid {pid} listening; RSS {:.1} MB", mb(rss_at_start));
     let rss = RssSampler::start(pid);

@@ -2,21 +2,20 @@
 //! loses nothing (at least once, in commit order per row), and SIGTERM stops promptly with
 //! exit 0, letting a running handler finish within the grace period or handing its event back.
 
+mod child;
 mod common;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use child::Daemon;
 use common::TestDb;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use support::{PATIENCE, config, install, wait_for_sql};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -36,68 +35,6 @@ enum Line {
     Handled { id: i64, row: i64, quantity: i64 },
     /// Anything else, kept for failure messages.
     Other(String),
-}
-
-/// A `post-save run` process whose stderr is read on a thread of its own into a channel.
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    /// Starts `post-save run`; its lines arrive on `lines` tagged with `index`.
-    fn spawn(index: usize, config: &Path, db: &TestDb, lines: mpsc::UnboundedSender<(usize, Line)>) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", &db.conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save");
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for text in BufReader::new(stderr).lines() {
-                let Ok(text) = text else { return };
-                if lines.send((index, parse_line(&text))).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon { child }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(self.pid(), signal).unwrap_or_else(|e| panic!("kill {signal}: {e}"));
-    }
-
-    /// Waits (polling) for the process to exit, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "post-save did not exit within {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    /// Never leaves a daemon behind, even when a test fails.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn parse_line(text: &str) -> Line {
@@ -193,7 +130,7 @@ async fn sigkill_while_saves_stream_in_loses_nothing_and_keeps_row_order() {
 
     let (tx, mut lines) = mpsc::unbounded_channel();
     let mut seen = Vec::new();
-    let mut first = Daemon::spawn(0, &config_path, &db, tx.clone());
+    let mut first = Daemon::spawn(&config_path, &db.conninfo, tx.clone(), |text| (0, parse_line(text)));
     wait_listening(&mut lines, 0, &mut seen).await;
 
     // The writers: 500 inserts, then 4,500 single-row updates from concurrent clients, each
@@ -257,7 +194,7 @@ async fn sigkill_while_saves_stream_in_loses_nothing_and_keeps_row_order() {
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{status:?}");
     let killed_at = progress.load(Ordering::Relaxed);
     wait_progress(total * 6 / 10).await;
-    let mut second = Daemon::spawn(1, &config_path, &db, tx.clone());
+    let mut second = Daemon::spawn(&config_path, &db.conninfo, tx.clone(), |text| (1, parse_line(text)));
     drop(tx);
     let second_started_at = progress.load(Ordering::Relaxed);
     writers.await.expect("writers panicked");
@@ -429,7 +366,7 @@ async fn sigterm_lets_a_running_handler_finish_and_exits_0() {
     let out = dir.path();
     let (tx, mut lines) = mpsc::unbounded_channel();
     let mut seen = Vec::new();
-    let mut daemon = Daemon::spawn(0, &config_path, &db, tx);
+    let mut daemon = Daemon::spawn(&config_path, &db.conninfo, tx, |text| (0, parse_line(text)));
     wait_listening(&mut lines, 0, &mut seen).await;
 
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'slow')");
@@ -453,7 +390,7 @@ async fn sigterm_after_the_grace_period_hands_the_event_back() {
     let out = dir.path();
     let (tx, mut lines) = mpsc::unbounded_channel();
     let mut seen = Vec::new();
-    let mut daemon = Daemon::spawn(0, &config_path, &db, tx.clone());
+    let mut daemon = Daemon::spawn(&config_path, &db.conninfo, tx.clone(), |text| (0, parse_line(text)));
     wait_listening(&mut lines, 0, &mut seen).await;
 
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'slow')");
@@ -481,7 +418,7 @@ async fn sigterm_after_the_grace_period_hands_the_event_back() {
     }
 
     // The next daemon delivers it.
-    let mut again = Daemon::spawn(1, &config_path, &db, tx);
+    let mut again = Daemon::spawn(&config_path, &db.conninfo, tx, |text| (1, parse_line(text)));
     wait_listening(&mut lines, 1, &mut seen).await;
     wait_for_file(&out.join("finished.2")).await;
     wait_for_sql(&db, PENDING, 0).await;

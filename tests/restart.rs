@@ -9,20 +9,18 @@
 //! row back through its client-generated key before it is retried. "Committed" is what the
 //! table holds after recovery.
 
+mod child;
 mod common;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use child::Daemon;
 use common::{error_chain, query_i64};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
 use support::{PATIENCE, config};
 use tempfile::TempDir;
@@ -88,64 +86,6 @@ fn parse_line(text: &str) -> Line {
             })
         }
         _ => Line::Other(text.to_owned()),
-    }
-}
-
-/// A `post-save run` process whose stderr is read on a thread of its own into a channel.
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn spawn(config: &Path, conninfo: &str, lines: mpsc::UnboundedSender<Line>) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save");
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for text in BufReader::new(stderr).lines() {
-                let Ok(text) = text else { return };
-                if lines.send(parse_line(&text)).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon { child }
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        kill(pid, signal).unwrap_or_else(|e| panic!("kill {signal}: {e}"));
-    }
-
-    /// Waits (polling) for the process to exit, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "post-save did not exit within {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    /// Never leaves a daemon behind, even when the test fails.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -400,7 +340,7 @@ async fn an_immediate_postgres_restart_mid_stream_loses_no_committed_event() {
 
     let (tx, mut lines) = mpsc::unbounded_channel();
     let mut log = Log::default();
-    let mut daemon = Daemon::spawn(&config_path, &conninfo, tx);
+    let mut daemon = Daemon::spawn(&config_path, &conninfo, tx, parse_line);
     log.wait_listening(&mut lines, 1).await;
 
     let inserted = Arc::new(AtomicUsize::new(0));
