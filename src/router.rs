@@ -20,7 +20,11 @@ use crate::registry::Registry;
 use crate::stats::{HandlerMetrics, Stats};
 use crate::wal::SettleTo;
 
-type LaneKey = (usize, String);
+/// A route and the digest of a row's key ([`SaveEvent::row_digest`]). Two rows whose digests
+/// collide share a lane: their events run one after another, each row's still in order.
+type LaneKey = (usize, u64);
+
+type LaneMap = HashMap<LaneKey, VecDeque<Job>, foldhash::fast::RandomState>;
 
 struct Job {
     event: Arc<SaveEvent>,
@@ -33,9 +37,9 @@ struct Job {
 /// parallel, and a 100-row statement starts as many workers as the handler may use (not a task
 /// per row).
 struct Lanes {
-    queues: HashMap<LaneKey, VecDeque<Job>>,
+    queues: LaneMap,
     /// Per route: rows of lanes waiting for a worker.
-    ready: Vec<VecDeque<String>>,
+    ready: Vec<VecDeque<u64>>,
     /// Per route: workers running.
     workers: Vec<usize>,
 }
@@ -111,7 +115,7 @@ impl Router {
         Arc::new(Router {
             registry,
             lanes: Mutex::new(Lanes {
-                queues: HashMap::new(),
+                queues: LaneMap::default(),
                 ready: vec![VecDeque::new(); routes],
                 workers: vec![0; routes],
             }),
@@ -171,13 +175,13 @@ impl Router {
         {
             let Ok(mut lanes) = self.lanes.lock() else { return };
             for (route, event) in jobs {
-                let key = (route, event.row_key());
+                let key = (route, event.row_digest());
                 let job = Job { event, done: Arc::clone(&done) };
                 match lanes.queues.get_mut(&key) {
                     Some(queue) => insert_in_order(queue, job),
                     None => {
                         let (route, row) = key;
-                        lanes.queues.insert((route, row.clone()), VecDeque::from([job]));
+                        lanes.queues.insert((route, row), VecDeque::from([job]));
                         lanes.ready[route].push_back(row);
                         if lanes.workers[route] < self.registry.routes()[route].concurrency {
                             lanes.workers[route] += 1;

@@ -172,6 +172,9 @@ impl UserTypes {
     }
 }
 
+/// Most events a new transaction reserves room for, from the size of the last one.
+const MAX_EVENTS_RESERVED: usize = 1024;
+
 /// The transaction being read.
 #[derive(Default)]
 struct Open {
@@ -294,6 +297,7 @@ impl WalCapture {
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut confirms = Confirmations::default();
         let mut open: Option<Open> = None;
+        let mut last_events = 0usize;
         let mut tick = tokio::time::interval(CONFIRM_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
@@ -334,10 +338,15 @@ impl WalCapture {
                         };
                         match message {
                             Message::Begin { commit_time, xid } => {
-                                open = Some(Open { xid, commit_time, ..Open::default() });
+                                // room for as many events as the last transaction had: growing
+                                // a vector of events one doubling at a time moved each 100-row
+                                // transaction's events about twice more
+                                let events = Vec::with_capacity(last_events.min(MAX_EVENTS_RESERVED));
+                                open = Some(Open { xid, commit_time, events, ..Open::default() });
                             }
                             Message::Commit { end_lsn } => {
                                 let Some(tx) = open.take() else { continue };
+                                last_events = tx.events.len();
                                 if let Err(e) = self.dispatch(tx, end_lsn, &using, &settle_tx, &mut confirms, &mut conn).await {
                                     break e;
                                 }
