@@ -374,6 +374,32 @@ impl<'de> de::Visitor<'de> for KeyOf<'_> {
     }
 }
 
+/// The key of a row image (checked JSON) whose first member is its only key column and holds
+/// an integer of at most 15 digits, as `row_to_json` writes a table keyed by its first column
+/// (`{"id":42,…}`): read without a parser, the same value [`KeyOf`] reads. `None` for any
+/// other shape, which the parser reads.
+fn leading_integer_key(keys: &[String], text: &str) -> Option<Map<String, Value>> {
+    let [key] = keys else { return None };
+    if key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    let rest = text.strip_prefix("{\"")?.strip_prefix(key.as_str())?.strip_prefix("\":")?;
+    let digits = &rest[..rest.find([',', '}'])?];
+    let unsigned = digits.strip_prefix('-').unwrap_or(digits);
+    // canonical (no `-0`, no leading zero) and exact as a double: nothing for `exact_numbers`
+    let canonical = match unsigned.as_bytes() {
+        [b'0'] => digits.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !canonical || unsigned.len() > 15 {
+        return None;
+    }
+    let mut pk = Map::new();
+    pk.insert(key.clone(), Value::from(digits.parse::<i64>().ok()?));
+    Some(pk)
+}
+
 /// Where a column name stands among the key columns, without allocating it.
 struct KeyPosition<'k>(&'k [String]);
 
@@ -416,22 +442,30 @@ pub fn decode_ledger_row(
     let mut events = Vec::with_capacity(items.len());
     for (pos, item) in items.into_iter().enumerate() {
         let text = item.get();
-        let (mut pk, instance, old, update_fields) = if text.starts_with('{') {
+        let (pk, instance, old, update_fields) = if text.starts_with('{') {
             let keys = head.keys.as_deref().filter(|k| !k.is_empty());
             let keys = keys.ok_or_else(|| DecodeError::NotAnEvent("a row without `keys` in the head".into()))?;
-            let pk = KeyOf(keys)
-                .deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+            let pk = match leading_integer_key(keys, text) {
+                Some(pk) => pk,
+                None => {
+                    let mut pk = KeyOf(keys)
+                        .deserialize(&mut serde_json::Deserializer::from_str(text))
+                        .map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+                    pk.values_mut().for_each(exact_numbers);
+                    pk
+                }
+            };
             (pk, RowImage::captured(item), RowImage::default(), None)
         } else {
             let (pk, instance, old, update_fields): Item =
                 serde_json::from_str(text).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+            let mut pk: Map<String, Value> = pk;
+            pk.values_mut().for_each(exact_numbers);
             (pk, RowImage::captured(instance), RowImage::captured(old), update_fields)
         };
         if pk.is_empty() {
             return Err(DecodeError::NotAnEvent("empty pk".into()));
         }
-        pk.values_mut().for_each(exact_numbers);
         events.push(SaveEvent {
             id: Some(id + i64::try_from(pos).unwrap_or(i64::MAX - id)),
             signal,
@@ -493,6 +527,11 @@ pub fn exact_numbers(value: &mut Value) {
 }
 
 fn fits_double(text: &str) -> bool {
+    // the usual case first: an integer of at most 15 digits
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    if !unsigned.is_empty() && unsigned.len() <= 15 && unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
     let (mantissa, exponent) = match text.find(['e', 'E']) {
         Some(i) => (&text[..i], text[i + 1..].parse::<i32>().unwrap_or(i32::MAX)),
         None => (text, 0),
@@ -687,6 +726,32 @@ mod tests {
         let mixed = r#"[{"a":1,"b":"x"}, [{"id":3},{"id":3},null,null]]"#;
         let events = decode_ledger_row(1, "public.t", "insert", head, mixed, "shop").unwrap();
         assert_eq!(events[1].pk["id"], 3);
+    }
+
+    #[test]
+    fn a_leading_integer_key_is_read_as_the_parser_reads_it() {
+        let keys = ["id".to_owned()];
+        let parsed = |text: &str| KeyOf(&keys).deserialize(&mut serde_json::Deserializer::from_str(text)).unwrap();
+        for text in [r#"{"id":42,"a":"b"}"#, r#"{"id":-7}"#, r#"{"id":0,"x":[1]}"#, r#"{"id":999999999999999,"y":1}"#] {
+            let fast = leading_integer_key(&keys, text).unwrap_or_else(|| panic!("{text} not read"));
+            assert_eq!(fast, parsed(text), "{text}");
+            assert_eq!(serde_json::to_string(&fast).unwrap(), serde_json::to_string(&parsed(text)).unwrap());
+        }
+        // any other shape is left to the parser
+        for text in [
+            r#"{"a":1,"id":42}"#,
+            r#"{"id" : 42}"#,
+            r#"{"id":"42"}"#,
+            r#"{"id":4.5}"#,
+            r#"{"id":1e3}"#,
+            r#"{"id":-0}"#,
+            r#"{"id":1234567890123456}"#,
+            r#"{"idx":1,"id":2}"#,
+            r#"{"id":null}"#,
+        ] {
+            assert_eq!(leading_integer_key(&keys, text), None, "{text}");
+        }
+        assert_eq!(leading_integer_key(&["a".to_owned(), "b".to_owned()], r#"{"a":1,"b":2}"#), None);
     }
 
     #[test]

@@ -298,6 +298,8 @@ pub fn to_json(type_oid: u32, text: &str) -> Value {
             "f" => Value::Bool(false),
             _ => Value::String(text.to_owned()),
         },
+        // the usual key: an integer read as one, without the number parser
+        INT2 | INT4 | INT8 | OID if let Ok(n) = text.parse::<i64>() => Value::from(n),
         INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | NUMERIC => match text.parse::<Number>() {
             // NaN and Infinity are not JSON numbers: row_to_json writes them as strings
             Ok(n) => Value::Number(n),
