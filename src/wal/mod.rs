@@ -442,18 +442,15 @@ impl WalCapture {
         };
         let at = pg_time(tx.commit_time);
         let actor = Actor { role: String::new(), application_name: None, client_addr: None, pid: 0, actor: tx.actor };
-        let events: Vec<SaveEvent> = tx
-            .events
-            .into_iter()
-            .map(|mut e| {
-                e.using = using.to_owned();
-                e.txid = i64::from(tx.xid);
-                e.at.clone_from(&at);
-                e.actor = actor.clone();
-                e.origin.clone_from(&tx.origin);
-                e
-            })
-            .collect();
+        // in place: an event is 552 bytes, and moving each out and back cost more than this
+        let mut events = tx.events;
+        for e in &mut events {
+            e.using = using.to_owned();
+            e.txid = i64::from(tx.xid);
+            e.at.clone_from(&at);
+            e.actor = actor.clone();
+            e.origin.clone_from(&tx.origin);
+        }
         confirms.push(end_lsn, false);
         let Some(router) = self.router.as_ref().map(|r| r.borrow().clone()) else { return Err(Ended::Stopping) };
         router.dispatch_wal(SettleTo { end_lsn, to: settle_tx.clone() }, events, permit);
