@@ -123,11 +123,17 @@ pub(crate) async fn deliver(
         if stop.is_cancelled() {
             return Delivered::HandedBack;
         }
+        // `biased`, the permit and the attempt first: when they are ready at once, as they are
+        // for most events, the cancellation futures are never polled and never register a waker
         let permit = tokio::select! {
+            biased;
             p = route.permits.acquire() => p,
             () = stop.cancelled() => return Delivered::HandedBack,
         };
         let Ok(_permit) = permit else { return Delivered::HandedBack };
+        if stop.is_cancelled() {
+            return Delivered::HandedBack;
+        }
         // With several daemons, only the lease holder starts an attempt, and an attempt still
         // running when the lease runs out is dropped: no two daemons dispatch at once.
         if lease.is_some_and(|l| !l.held()) {
@@ -142,6 +148,7 @@ pub(crate) async fn deliver(
         let delivery = Delivery { handler: receiver.name().to_owned(), attempt, max_attempts: policy.attempts };
         let started = std::time::Instant::now();
         let result = tokio::select! {
+            biased;
             r = attempt_once(route, event, &delivery) => r,
             () = abort.cancelled() => return Delivered::HandedBack,
             () = lease_lost => return Delivered::HandedBack,
