@@ -4,12 +4,13 @@
 //! handled. Who delivered what, and when, comes from the daemons' JSON log lines, read as they
 //! are written.
 
+mod child;
 mod common;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -45,17 +46,7 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(index: usize, config: &std::path::Path, db: &TestDb, tx: mpsc::Sender<(usize, Instant, Seen)>) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", &db.conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save");
+        let mut child = child::command(config, &db.conninfo).spawn().expect("start post-save");
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for text in BufReader::new(stderr).lines().map_while(Result::ok) {

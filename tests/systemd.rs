@@ -1,13 +1,14 @@
 //! systemd integration, with the real binary: the unit file's hardening score, `READY=1` after
 //! LISTEN, watchdog pings only while the database answers, and SIGHUP reloads.
 
+mod child;
 mod common;
 mod support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -101,18 +102,10 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(config: &Path, db: &TestDb, manager: &Manager) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", &db.conninfo, "--log-format", "json", "run"])
+        let mut child = child::command(config, &db.conninfo)
             .env("NOTIFY_SOCKET", &manager.path)
             .env("WATCHDOG_USEC", "1000000")
             .env_remove("WATCHDOG_PID")
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("start post-save");
         let stderr = child.stderr.take().expect("stderr");

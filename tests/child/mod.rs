@@ -13,6 +13,23 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+/// `post-save --config <config> --database-url <conninfo> --log-format json run` with `RUST_LOG`
+/// and `JOURNAL_STREAM` removed, stdin and stdout null and stderr piped: the child every
+/// process-level test starts (some add environment of their own).
+pub fn command(config: &Path, conninfo: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_post-save"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(["--database-url", conninfo, "--log-format", "json", "run"])
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A running `post-save run`; killed when dropped, so a failing test leaves none behind.
 pub struct Daemon {
     child: Child,
@@ -28,17 +45,7 @@ impl Daemon {
         lines: mpsc::UnboundedSender<T>,
         parse: impl Fn(&str) -> T + Send + 'static,
     ) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save");
+        let mut child = command(config, conninfo).spawn().expect("start post-save");
         let stderr = child.stderr.take().expect("stderr");
         std::thread::spawn(move || {
             for text in BufReader::new(stderr).lines() {
