@@ -11,7 +11,6 @@ AS $capture$
 -- UPDATE and DELETE: one call per row, with NEW and OLD (cheaper than joining transition tables).
 DECLARE
     v_raw    boolean := current_setting('session_replication_role') = 'replica';
-    v_db     text := current_database();
     v_txid   bigint := txid_current();
     v_at     timestamptz := clock_timestamp();
     v_role   text := current_setting('role');
@@ -20,7 +19,7 @@ DECLARE
     v_head   json;
     v_rows   bigint := 0;
     v_changed text[];
-    v_note   text;
+    v_note   text;{{declare}}
 BEGIN
     v_actor := json_build_object(
         'role', CASE WHEN v_role = 'none' THEN session_user::text ELSE v_role END,

@@ -370,7 +370,7 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
-                    let (wake, sweep) = self.handle_notices(&work, batch).await?;
+                    let (wake, sweep) = self.handle_notices(&work, batch, &cursor.using).await?;
                     if sweep {
                         next_sweep = tokio::time::Instant::now();
                     }
@@ -394,14 +394,20 @@ impl Listener {
     }
 
     /// Handles a batch of notifications: (one asked to read the ledger, one asked for a sweep).
-    async fn handle_notices(&self, work: &Work, payloads: Vec<String>) -> Result<(bool, bool), SessionError> {
+    async fn handle_notices(
+        &self,
+        work: &Work,
+        payloads: Vec<String>,
+        using: &str,
+    ) -> Result<(bool, bool), SessionError> {
         let (mut wake, mut sweep) = (false, false);
         for payload in payloads {
             Stats::bump(&self.stats.notifications);
-            match decode_notice(&payload) {
+            match decode_notice(&payload, using) {
                 Ok(Notice::Wake) => wake = true,
                 Ok(Notice::Sweep) => sweep = true,
-                Ok(Notice::Event(event)) => self.accept_notify_event(work, *event).await?,
+                Ok(Notice::Event(event)) => self.accept_notify_events(work, vec![*event]).await?,
+                Ok(Notice::Events(events)) => self.accept_notify_events(work, events).await?,
                 Err(reason) => {
                     Stats::bump(&self.stats.invalid);
                     let total = self.stats.invalid.load(std::sync::atomic::Ordering::Relaxed);
@@ -547,18 +553,18 @@ impl Listener {
         }
     }
 
-    async fn accept_notify_event(&self, work: &Work, mut event: SaveEvent) -> Result<(), SessionError> {
-        let watch = TableName::parse(&event.sender)
-            .ok()
-            .and_then(|t| self.config.watch(&t).cloned())
-            .filter(|w| w.mode == Mode::Notify);
+    /// Dispatches the events of one notification (all of one table).
+    async fn accept_notify_events(&self, work: &Work, mut events: Vec<SaveEvent>) -> Result<(), SessionError> {
+        let Some(first) = events.first() else { return Ok(()) };
+        let watch =
+            TableName::parse(&first.sender).ok().and_then(|t| self.config.watch(&t)).filter(|w| w.mode == Mode::Notify);
         let Some(watch) = watch else {
             Stats::bump(&self.stats.unknown_sender);
-            tracing::warn!(sender = %event.sender, "skipped an event of a table not watched in notify mode");
+            tracing::warn!(sender = %first.sender, events = events.len(), "skipped a notification of a table not watched in notify mode");
             return Ok(());
         };
-        if event.reread {
-            event.instance = reread(work, &watch.table, &event).await.map_err(DbError::Query)?.into();
+        for event in events.iter_mut().filter(|e| e.reread) {
+            event.instance = reread(work, &watch.table, event).await.map_err(DbError::Query)?.into();
             if let serde_json::Value::Object(row) = &mut *event.instance {
                 watch.redact.iter().for_each(|c| {
                     row.remove(c);
@@ -566,8 +572,8 @@ impl Listener {
             }
             crate::event::exact_numbers(&mut event.instance);
         }
-        if let Some(permit) = self.permits(1).await {
-            self.router.borrow().dispatch(None, vec![event], permit);
+        if let Some(permit) = self.permits(events.len()).await {
+            self.router.borrow().dispatch(None, events, permit);
         }
         Ok(())
     }

@@ -30,7 +30,14 @@ pub const CHUNK: i64 = 1000;
 
 /// The version of the generated capture, in each function's options line: a capture generated
 /// by another version of post-save differs from what `triggers install` would write.
-const CAPTURE_FORMAT: &str = "2";
+const CAPTURE_FORMAT: &str = "3";
+
+/// NOTIFY's payload limit: a payload must be shorter.
+const NOTE_LIMIT: usize = 8000;
+
+/// A saved row whose JSON is longer than this travels in a note of its own (or by reference);
+/// shorter ones are packed together, so a note stays under [`NOTE_LIMIT`].
+const NOTE_ROW_MAX: usize = 1000;
 
 /// A difference between the database and the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,14 +180,16 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
     let g = Generator { watch, shape, sender: quote_literal(&watch.table.to_string()) };
     let ops = watch.operations;
     let branch = |on: bool, body: String| if on { body } else { "        NULL;".to_owned() };
-    // What the events of one ledger row share; notify mode writes the same pairs into each note.
-    let head = match watch.mode {
-        Mode::Durable => format!(
-            "    v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin,\n                                \
-             'keys', {});\n",
-            g.keys()
-        ),
-        Mode::Notify => String::new(),
+    // What the events of one ledger row (or one note) share.
+    let head = format!(
+        "    v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', v_at, 'actor', v_actor, 'origin', v_origin,\n                                \
+         'keys', {});\n",
+        g.keys()
+    );
+    // Only notify captures pack notes; a durable function's text stays as it was.
+    let declare = match watch.mode {
+        Mode::Durable => "",
+        Mode::Notify => "\n    v_item   text;\n    v_room   integer;\n    v_big    bigint;",
     };
     let wake = match watch.mode {
         // A function call, not a query: PL/pgSQL evaluates it without starting an executor.
@@ -195,6 +204,7 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
         .replace("{{function}}", &function_name(&watch.table))
         .replace("{{sender_comment}}", &watch.table.to_string().replace(['\n', '\r'], " "))
         .replace("{{options}}", &options_line(watch, shape))
+        .replace("{{declare}}", declare)
         .replace("{{head}}", &head)
         .replace("{{insert}}", &branch(ops.insert, g.branch(Op::Insert)))
         .replace("{{update}}", &branch(ops.update, g.branch(Op::Update)))
@@ -299,6 +309,16 @@ enum Op {
     Delete,
 }
 
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
 struct Generator<'a> {
     watch: &'a Watch,
     shape: &'a TableShape,
@@ -314,25 +334,20 @@ impl Generator<'_> {
         }
     }
 
-    /// The pairs of the event JSON other than its row images.
-    fn head(&self, op: Op, pk: &str, changed: &str) -> String {
-        let (name, signal, created) = match op {
-            Op::Insert => ("insert", "post_save", "true"),
-            Op::Update => ("update", "post_save", "false"),
-            Op::Delete => ("delete", "post_delete", "false"),
-        };
-        format!(
-            "'signal', '{signal}', 'sender', {sender}, 'op', '{name}', 'created', {created},\n                \
-             'pk', {pk}, 'update_fields', {changed}, 'raw', v_raw, 'using', v_db, 'txid', v_txid,\n                \
-             'at', v_at, 'actor', v_actor, 'origin', v_origin",
-            sender = self.sender,
-        )
+    /// The start of a notify-mode note, as a SQL expression: `{"sender":…,"op":…,"head":{…}`.
+    /// The daemon reads a note as it reads a ledger row; the rest is `,"rows":[…]}` or, for a
+    /// row too big for NOTIFY, `,"reread":true,"pk":{…},"update_fields":…}`.
+    fn note_start(&self, op: Op) -> String {
+        let start = format!(
+            "{{\"sender\":{},\"op\":\"{}\",\"head\":",
+            serde_json::Value::from(self.watch.table.to_string()),
+            op.name()
+        );
+        format!("{} || v_head::text", quote_literal(&start))
     }
 
     /// INSERT, per statement: every new row, set-based.
     fn statement_insert(&self) -> String {
-        let instance = self.instance("n");
-        let pk = self.pk("n");
         match self.watch.mode {
             // The first CHUNK rows need no numbering; `n` tells whether there are more. A
             // transition table is read in the same order every time, so OFFSET finds the rest.
@@ -353,15 +368,41 @@ impl Generator<'_> {
                 sender = self.sender,
                 item = self.insert_item("n"),
             ),
+            // Rows of at most NOTE_ROW_MAX bytes are packed into notes by a running sum of
+            // their lengths: a note holds less than `v_room` plus one row. Longer rows, which
+            // are rare, are sent one by one, by reference when even that is too long.
             Mode::Notify => format!(
-                "        PERFORM pg_notify('post_save', e.note)\n           \
-                 FROM (SELECT CASE WHEN octet_length(r.full_note) < 8000 THEN r.full_note ELSE r.ref_note END AS note\n                   \
-                 FROM (SELECT '{{\"instance\":' || coalesce(q.inst::text, 'null') || ',\"old\":null,' || substr(q.head::text, 2) AS full_note,\n                                \
-                 '{{\"reread\":true,' || substr(q.head::text, 2) AS ref_note\n                           \
-                 FROM (SELECT {instance} AS inst, json_build_object(\n                \
-                 {head}) AS head\n          FROM post_save_new n) q) r) e\n          \
-                 WHERE octet_length(e.note) < 8000;",
-                head = self.head(Op::Insert, &pk, "NULL::text[]"),
+                "        v_note := {start};\n        \
+                 v_room := {room} - octet_length(v_note);\n        \
+                 IF v_room <= 0 THEN\n            \
+                 {too_big}\n            \
+                 RETURN NULL;\n        \
+                 END IF;\n        \
+                 SELECT count(*) FILTER (WHERE c.chunk < 0) INTO v_big\n          \
+                 FROM (SELECT r.chunk, CASE WHEN r.chunk >= 0 THEN pg_notify('post_save', v_note || ',\"rows\":[' || string_agg(r.item, ',') || ']}}') END\n                  \
+                 FROM (SELECT r.item, CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX}\n                                \
+                 THEN sum(CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX} THEN octet_length(r.item) + 1 END) OVER w / v_room\n                                \
+                 ELSE -1 END AS chunk\n                          \
+                 FROM (SELECT ({item})::text AS item FROM post_save_new n) r\n                        \
+                 WINDOW w AS (ROWS UNBOUNDED PRECEDING)) r\n                 \
+                 GROUP BY r.chunk) c;\n        \
+                 IF v_big > 0 THEN\n            \
+                 PERFORM pg_notify('post_save', e.note)\n               \
+                 FROM (SELECT CASE WHEN octet_length(v_note) + octet_length(b.post_save_item) < {fits}\n                                 \
+                 THEN v_note || ',\"rows\":[' || b.post_save_item || ']}}'\n                                 \
+                 ELSE v_note || ',\"reread\":true,\"pk\":' || b.post_save_pk || '}}' END AS note\n                       \
+                 FROM (SELECT ({item})::text AS post_save_item, ({pk})::text AS post_save_pk\n                               \
+                 FROM post_save_new n OFFSET 0) b\n                      \
+                 WHERE octet_length(b.post_save_item) > {NOTE_ROW_MAX}) e\n              \
+                 WHERE octet_length(e.note) < {NOTE_LIMIT};\n        \
+                 END IF;",
+                start = self.note_start(Op::Insert),
+                // the note's start, `,"rows":[`, at most v_room + a row + its comma, `]}`
+                room = NOTE_LIMIT - 9 - (NOTE_ROW_MAX + 1) - 2 - 8,
+                fits = NOTE_LIMIT - 20,
+                too_big = self.too_big(),
+                item = self.insert_item("n"),
+                pk = self.pk("n"),
             ),
         }
     }
@@ -401,11 +442,7 @@ impl Generator<'_> {
             if op == Op::Update && self.watch.include_old { self.instance("OLD") } else { "NULL::json".to_owned() };
         let instance = self.instance(row);
         let pk = self.pk(row);
-        let name = match op {
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Delete => "delete",
-        };
+        let name = op.name();
         match self.watch.mode {
             Mode::Durable => sql.push_str(&format!(
                 "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
@@ -414,22 +451,36 @@ impl Generator<'_> {
                  v_rows := 1;",
                 sender = self.sender,
             )),
-            Mode::Notify => {
-                let head = self.head(op, &pk, changed);
-                sql.push_str(&format!(
-                    "        v_note := json_build_object(\n                {head})::text;\n        \
-                     IF octet_length(v_note) + octet_length(coalesce({instance}::text, '')) + octet_length(coalesce({old}::text, '')) < 7950 THEN\n            \
-                     v_note := '{{\"instance\":' || coalesce({instance}::text, 'null') || ',\"old\":' || coalesce({old}::text, 'null') || ',' || substr(v_note, 2);\n        \
-                     ELSE\n            \
-                     v_note := '{{\"reread\":true,' || substr(v_note, 2);\n        \
-                     END IF;\n        \
-                     IF octet_length(v_note) < 8000 THEN\n            \
-                     PERFORM pg_notify('post_save', v_note);\n        \
-                     END IF;"
-                ));
-            }
+            Mode::Notify => sql.push_str(&format!(
+                "        v_item := json_build_array({pk}, {instance}, {old}, {changed})::text;\n        \
+                 v_note := {start};\n        \
+                 IF octet_length(v_note) + octet_length(v_item) < {fits} THEN\n            \
+                 PERFORM pg_notify('post_save', v_note || ',\"rows\":[' || v_item || ']}}');\n        \
+                 ELSE\n            \
+                 v_note := v_note || ',\"reread\":true,\"pk\":' || {pk}::text\n                      \
+                 || ',\"update_fields\":' || coalesce(to_json({changed})::text, 'null') || '}}';\n            \
+                 IF octet_length(v_note) < {NOTE_LIMIT} THEN\n                \
+                 PERFORM pg_notify('post_save', v_note);\n            \
+                 ELSE\n                \
+                 {too_big}\n            \
+                 END IF;\n        \
+                 END IF;",
+                start = self.note_start(op),
+                fits = NOTE_LIMIT - 20,
+                too_big = self.too_big(),
+            )),
         }
         sql
+    }
+
+    /// What a notify capture does when even a note without rows is over NOTIFY's limit (an
+    /// enormous `post_save.actor`): the save commits, its event is not sent, the client is told.
+    fn too_big(&self) -> String {
+        let message = format!(
+            "post-save: saves of {} not sent: their event head is over NOTIFY's {NOTE_LIMIT}-byte limit (is post_save.actor that long?)",
+            self.watch.table
+        );
+        format!("RAISE WARNING '%', {};", quote_literal(&message))
     }
 
     /// The row as JSON, redacted columns left out.

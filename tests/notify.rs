@@ -1,0 +1,170 @@
+//! Notify mode end to end: the capture packs a statement's rows into notes under NOTIFY's
+//! 8000-byte limit, rows too big for a note travel by reference, and the daemon delivers every
+//! row once, against a real PostgreSQL.
+
+mod common;
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::TestDb;
+use post_save::event::{Op, SaveEvent};
+use support::{config, install, start};
+
+const SHOP: &str = "CREATE TABLE shop_order (
+    id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
+    quantity integer NOT NULL DEFAULT 1, created_at timestamptz NOT NULL DEFAULT now())";
+
+async fn shop(extra: &str) -> (TestDb, post_save::Config) {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config(&format!(
+        "[daemon]\nsweep_interval = \"1h\"\n[[watch]]\ntable = \"public.shop_order\"\nmode = \"notify\"\n{extra}"
+    ));
+    install(&db, &config).await;
+    (db, config)
+}
+
+/// The payloads of the notifications that `sql` sends on `post_save`, as a listening psql
+/// session in the same database sees them.
+fn notes_of(db: &TestDb, sql: &str) -> Vec<String> {
+    let out = db.psql_args(&["-c", "LISTEN post_save", "-c", sql, "-c", "SELECT 1"]);
+    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("Asynchronous notification \"post_save\" with payload \""))
+        .map(|l| l.rsplit_once("\" received from server process").expect("psql's notification line").0.to_owned())
+        .collect()
+}
+
+/// Each of `rows` rows (by `id`) exactly once.
+fn by_id(events: &[SaveEvent], rows: usize) -> HashMap<i64, &SaveEvent> {
+    let mut seen = HashMap::new();
+    for e in events {
+        assert!(seen.insert(e.pk["id"].as_i64().unwrap(), e).is_none(), "row {} handled twice", e.pk["id"]);
+    }
+    assert_eq!(seen.len(), rows);
+    seen
+}
+
+#[tokio::test]
+async fn a_statements_rows_travel_in_a_few_notes_each_under_the_limit() {
+    let (db, config) = shop("").await;
+    let notes = notes_of(
+        &db,
+        "INSERT INTO shop_order (user_id, product) SELECT g, 'bulk ' || g FROM generate_series(1, 100) g",
+    );
+    // about 110 bytes a row: 100 rows in two notes, not a hundred
+    assert!((1..=3).contains(&notes.len()), "{} notes", notes.len());
+    assert!(
+        notes.iter().all(|n| n.len() < 8000 && n.starts_with("{\"sender\":\"public.shop_order\",\"op\":\"insert\""))
+    );
+    let single = notes_of(&db, "INSERT INTO shop_order (user_id, product) VALUES (1, 'one')");
+    assert_eq!(single.len(), 1);
+    assert!(notes_of(&db, "INSERT INTO shop_order (user_id, product) SELECT 1, 'none' WHERE false").is_empty());
+
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'bulk ' || g FROM generate_series(1, 10000) g");
+    let events = daemon.take(10_000).await;
+    let rows = by_id(&events, 10_000);
+    for (id, e) in rows {
+        assert!(e.created && e.op == Op::Insert && e.id.is_none() && !e.reread);
+        assert_eq!(e.instance["id"], id);
+        assert_eq!(e.instance["product"], format!("bulk {}", e.instance["user_id"]));
+        assert_eq!(e.using, db.name);
+        assert_eq!(e.actor.application_name.as_deref(), Some("psql"));
+    }
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(daemon.stats.snapshot().invalid, 0);
+    daemon.stop().await;
+}
+
+/// Small rows packed together, rows of a few kB in notes of their own, and rows over the limit by
+/// reference, all in one statement: each arrives once, whole.
+#[tokio::test]
+async fn rows_of_every_size_in_one_statement_arrive_once_and_whole() {
+    let (db, config) = shop("").await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(
+        "INSERT INTO shop_order (user_id, product) \
+         SELECT g, CASE WHEN g % 20 = 0 THEN repeat('L', 100000) WHEN g % 7 = 0 THEN repeat('m', 3000) ELSE 's' END \
+           FROM generate_series(1, 100) g",
+    );
+    let events = daemon.take(100).await;
+    for (_, e) in by_id(&events, 100) {
+        let user = e.instance["user_id"].as_i64().unwrap();
+        let (len, reread) = match user {
+            u if u % 20 == 0 => (100_000, true),
+            u if u % 7 == 0 => (3000, false),
+            _ => (1, false),
+        };
+        assert_eq!(e.instance["product"].as_str().map(str::len), Some(len), "row {user}");
+        assert_eq!(e.reread, reread, "row {user}");
+    }
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn updates_and_deletes_carry_their_fields_and_old_row_and_redact() {
+    let db = TestDb::new().await;
+    db.psql_ok("CREATE TABLE payment (id int PRIMARY KEY, card_number text, amount int, memo text)");
+    let config = config(
+        "[[watch]]\ntable = \"payment\"\nmode = \"notify\"\noperations = [\"insert\", \"update\", \"delete\"]\n\
+         redact = [\"card_number\"]\ninclude_old = true\n",
+    );
+    install(&db, &config).await;
+    let saves = "INSERT INTO payment VALUES (1, '4242424242424242', 10, 'a'); \
+                 UPDATE payment SET amount = 11, card_number = '5555'; \
+                 UPDATE payment SET memo = repeat('z', 20000)";
+    let notes = notes_of(&db, &format!("{saves}; DELETE FROM payment"));
+    assert_eq!(notes.len(), 4);
+    assert!(notes.iter().all(|n| !n.contains("4242") && !n.contains("5555")));
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(saves);
+    let mut events = daemon.take(3).await;
+    // the row is re-read after its transaction commits: change it only once that is done
+    db.psql_ok("UPDATE payment SET memo = 'short'");
+    let shrunk = daemon.next().await;
+    assert!(shrunk.reread, "its old row is over the limit");
+    assert_eq!(shrunk.instance["memo"], "short");
+    db.psql_ok("DELETE FROM payment");
+    events.extend(daemon.take(1).await);
+    assert!(events.iter().all(|e| e.instance.get("card_number").is_none() && e.old.get("card_number").is_none()));
+    assert_eq!(events[0].op, Op::Insert);
+    assert_eq!(events[1].update_fields, Some(vec!["card_number".to_owned(), "amount".to_owned()]));
+    assert_eq!(events[1].old["amount"], 10);
+    assert_eq!(events[1].instance["amount"], 11);
+    // the 20 kB memo is over the limit: the row is read back by its key, update_fields kept
+    assert!(events[2].reread);
+    assert_eq!(events[2].update_fields, Some(vec!["memo".to_owned()]));
+    assert_eq!(events[2].instance["memo"].as_str().map(str::len), Some(20_000));
+    assert!(events[2].instance.get("card_number").is_none(), "redacted after the re-read too");
+    assert_eq!(events[3].op, Op::Delete);
+    assert_eq!(events[3].signal, post_save::Signal::PostDelete);
+    assert_eq!(events[3].instance["amount"], 11);
+    daemon.stop().await;
+}
+
+/// A head over the limit (an enormous `post_save.actor`) cannot travel: the write commits and
+/// the client is warned; later saves arrive.
+#[tokio::test]
+async fn a_save_whose_head_is_over_the_limit_commits_with_a_warning() {
+    let (db, config) = shop("operations = [\"insert\", \"update\"]\n").await;
+    let mut daemon = start(&db, config).await;
+    let out = db.psql(
+        "BEGIN; SELECT set_config('post_save.actor', repeat('a', 9000), true); \
+         INSERT INTO shop_order (user_id, product) VALUES (1, 'huge actor'); \
+         UPDATE shop_order SET quantity = 2; COMMIT",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(warnings.matches("over NOTIFY's 8000-byte limit").count(), 2, "{warnings}");
+    assert_eq!(db.query_i64("SELECT count(*) FROM shop_order").await, 1);
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'normal')");
+    assert_eq!(daemon.next().await.instance["product"], "normal");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
