@@ -101,9 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"unknown arm(s): {', '.join(bad)} (known: {', '.join(sorted(known_arms))})")
         a.arm_names = ["plain"] + [x for x in wanted if x != "plain"]
     else:
-        # The lean-trigger variants are experiments: run only when named in --arms.
-        lean = {arm.name for arm in LEAN_ARMS}
-        a.arm_names = [arm.name for arm in ARMS if arm.name not in lean]
+        # The lean-trigger variants and other experiments run only when named in --arms.
+        opt_in = {arm.name for arm in LEAN_ARMS} | OPT_IN_ARMS
+        a.arm_names = [arm.name for arm in ARMS if arm.name not in opt_in]
     known_w = {w.key for w in WORKLOADS}
     if a.workloads:
         wanted = [x.strip() for x in a.workloads.split(",") if x.strip()]
@@ -705,6 +705,7 @@ ARMS: list[Arm] = [
         setup=postsave_setup("durable", 'insert_capture = "row"'), background=postsave_run_argv,
         ready=postsave_ready, drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
+    # experiment (OPT_IN_ARMS): per-row INSERT capture in notify mode
     Arm("postsave_notify_row",
         "post-save, notify, insert_capture = \"row\" (INSERT captured per row, not per statement)",
         setup=postsave_setup("notify", 'insert_capture = "row"'), background=postsave_run_argv,
@@ -715,6 +716,9 @@ ARMS: list[Arm] = [
         ready=postsave_wal_ready, drained=postsave_wal_drained, teardown=postsave_wal_teardown,
         available=postsave_available, triggers=False),
 ]
+
+# Arms that run only when named in --arms (experiments.md says what they showed).
+OPT_IN_ARMS = {"postsave_notify_row"}
 
 # --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------
 #
