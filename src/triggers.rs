@@ -379,7 +379,7 @@ impl Generator<'_> {
                  RETURN NULL;\n        \
                  END IF;\n        \
                  SELECT count(*) FILTER (WHERE c.chunk < 0) INTO v_big\n          \
-                 FROM (SELECT r.chunk, CASE WHEN r.chunk >= 0 THEN pg_notify('post_save', v_note || ',\"rows\":[' || string_agg(r.item, ',') || ']}}') END\n                  \
+                 FROM (SELECT r.chunk, CASE WHEN r.chunk >= 0 THEN pg_notify('post_save', v_note || ',\"rows\":[' || string_agg(r.item, ',') FILTER (WHERE r.chunk >= 0) || ']}}') END\n                  \
                  FROM (SELECT r.item, CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX}\n                                \
                  THEN sum(CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX} THEN octet_length(r.item) + 1 END) OVER w / v_room\n                                \
                  ELSE -1 END AS chunk\n                          \
