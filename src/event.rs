@@ -622,6 +622,10 @@ fn decode_rows(
         } else {
             let (pk, instance, old, update_fields): Item =
                 serde_json::from_str(text).map_err(|e| DecodeError::NotAnEvent(format!("rows: {e}")))?;
+            // a note can be forged, a ledger row written by hand: row images are rows or nothing
+            if !instance.get().starts_with('{') || !(old.get().starts_with('{') || old.get() == "null") {
+                return Err(DecodeError::NotAnEvent("a row image is not a JSON object".into()));
+            }
             let mut pk: Map<String, Value> = pk;
             pk.values_mut().for_each(exact_numbers);
             (pk, RowImage::captured(instance.get()), RowImage::captured(old.get()), update_fields)
@@ -1023,6 +1027,8 @@ mod tests {
             format!(r#"{start},"rows":[{{"no_id":1}}]}}"#),
             format!(r#"{start},"rows":{{"id":1}}}}"#),
             format!(r#"{start},"rows":[{{"id":1}}],"extra":1}}"#),
+            format!(r#"{start},"rows":[[{{"id":1}},5,null,null]]}}"#),
+            format!(r#"{start},"rows":[[{{"id":1}},{{"id":1}},[],null]]}}"#),
             r#"{"sender":"public.t","op":"upsert","head":{},"rows":[]}"#.to_owned(),
             format!(r#"{start},"rows":[{{"id":1}}]"#),
         ] {
