@@ -559,7 +559,7 @@ impl Listener {
         let watch =
             TableName::parse(&first.sender).ok().and_then(|t| self.config.watch(&t)).filter(|w| w.mode == Mode::Notify);
         let Some(watch) = watch else {
-            Stats::bump(&self.stats.unknown_sender);
+            self.stats.unknown_sender.fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(sender = %first.sender, events = events.len(), "skipped a notification of a table not watched in notify mode");
             return Ok(());
         };

@@ -168,3 +168,26 @@ async fn a_save_whose_head_is_over_the_limit_commits_with_a_warning() {
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 }
+
+/// Anyone who can connect can NOTIFY: a note for a table not watched in notify mode counts its
+/// events as `unknown_sender`, a malformed one as `invalid`, and real saves keep flowing.
+#[tokio::test]
+async fn forged_notes_are_counted_and_skipped() {
+    let (db, config) = shop("").await;
+    let mut daemon = start(&db, config).await;
+    let head = r#"{"raw":false,"txid":1,"at":"2026-12-06T00:00:00+00:00","actor":{"role":"r","pid":1},"origin":null,"keys":["id"]}"#;
+    let forged = [
+        format!(r#"{{"sender":"public.other","op":"insert","head":{head},"rows":[{{"id":1}},{{"id":2}},{{"id":3}}]}}"#),
+        format!(r#"{{"sender":"public.shop_order","op":"insert","head":{head},"rows":[[{{"id":1}},5,null,null]]}}"#),
+        format!(r#"{{"sender":"public.shop_order","op":"insert","head":{head}}}"#),
+    ];
+    let sql: String =
+        forged.iter().map(|f| format!("SELECT pg_notify('post_save', {});", common::quote_literal(f))).collect();
+    db.psql_ok(&sql);
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'still works')");
+    assert_eq!(daemon.next().await.instance["product"], "still works");
+    let stats = daemon.stats.snapshot();
+    assert_eq!((stats.unknown_sender, stats.invalid), (3, 2), "{stats:?}");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
