@@ -186,7 +186,7 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
          'keys', {});\n",
         g.keys()
     );
-    // Only notify captures pack notes; a durable function's text stays as it was.
+    // The variables only notify captures use, to pack notes.
     let declare = match watch.mode {
         Mode::Durable => "",
         Mode::Notify => "\n    v_item   text;\n    v_room   integer;\n    v_big    bigint;",
