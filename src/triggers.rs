@@ -1,11 +1,12 @@
 //! The capture triggers: DDL generated from the config, installed, removed and compared.
 //!
 //! Every watched table gets its own capture function, `post_save."capture_<hash>"`, generated
-//! from the table's columns and the watch's options, and one AFTER … FOR EACH STATEMENT trigger
-//! per captured operation (`post_save_insert`, `post_save_update`, `post_save_delete`). The
-//! function reads the statement's transition tables, so a multi-row statement is captured with
-//! one set-based write; UPDATE diffs are computed column by column. The triggers are enabled
-//! ALWAYS so writes under `session_replication_role = replica` are captured too (as `raw`).
+//! from the table's columns and the watch's options, and one AFTER trigger per captured
+//! operation (`post_save_insert`, `post_save_update`, `post_save_delete`). INSERT fires once per
+//! statement and reads its transition table, so a multi-row INSERT is one set-based write (one
+//! ledger row, or notes packed under NOTIFY's limit); UPDATE and DELETE fire per row, UPDATE
+//! diffs computed column by column. The triggers are enabled ALWAYS so writes under
+//! `session_replication_role = replica` are captured too (as `raw`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
