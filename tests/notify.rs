@@ -191,3 +191,28 @@ async fn forged_notes_are_counted_and_skipped() {
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 }
+
+/// Rows around the packing bound (about 1 kB of JSON, multi-byte text): every note stays under
+/// the limit and every row arrives once.
+#[tokio::test]
+async fn notes_of_rows_near_the_packing_bound_stay_under_the_limit() {
+    let (db, config) = shop("").await;
+    // 'é' is two bytes: product lengths from 420 to 540 characters put the rows' JSON on both
+    // sides of 1000 bytes
+    let sql = "INSERT INTO shop_order (user_id, product) \
+               SELECT g, repeat('é', 420 + g % 121) FROM generate_series(1, 300) g";
+    let notes = notes_of(&db, sql);
+    assert!(notes.iter().all(|n| n.len() < 8000), "{:?}", notes.iter().map(String::len).max());
+    assert!(notes.iter().any(|n| n.contains("\"rows\":[{") && n.matches("\"user_id\"").count() > 1), "packed notes");
+    let rows: usize = notes.iter().map(|n| n.matches("\"user_id\"").count()).sum();
+    assert_eq!(rows, 300, "every row in exactly one note");
+    let mut daemon = start(&db, config).await;
+    db.psql_ok(sql);
+    let events = daemon.take(300).await;
+    for (_, e) in by_id(&events, 300) {
+        let user = e.instance["user_id"].as_i64().unwrap();
+        assert_eq!(e.instance["product"].as_str().map(|p| p.chars().count()), Some(420 + (user % 121) as usize));
+        assert!(!e.reread);
+    }
+    daemon.stop().await;
+}
