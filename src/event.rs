@@ -93,10 +93,8 @@ impl SaveEvent {
     /// The identity of the saved row: events with the same key keep their order.
     pub fn row_key(&self) -> String {
         let mut key = Vec::with_capacity(self.sender.len() + 32);
-        key.extend_from_slice(self.sender.as_bytes());
-        key.push(0);
-        // JSON of a map of JSON values: writing it to memory cannot fail, and it is UTF-8.
-        let _ = serde_json::to_writer(&mut key, &self.pk);
+        self.write_row_key(&mut key);
+        // the sender and JSON: UTF-8
         String::from_utf8(key).unwrap_or_default()
     }
 
@@ -115,11 +113,16 @@ impl SaveEvent {
             }
         }
         let mut digest = Digest(foldhash::fast::FixedState::with_seed(0x5057_5341_5645).build_hasher());
-        digest.0.write(self.sender.as_bytes());
-        digest.0.write_u8(0);
-        // the same writes as `row_key`'s, in the same pieces for the same map
-        let _ = serde_json::to_writer(&mut digest, &self.pk);
+        self.write_row_key(&mut digest);
         digest.0.finish()
+    }
+
+    /// The bytes of [`row_key`](Self::row_key): the sender, a NUL, the primary key as JSON.
+    /// Written to memory or a hasher, which cannot fail.
+    fn write_row_key(&self, out: &mut impl std::io::Write) {
+        let _ = out.write_all(self.sender.as_bytes());
+        let _ = out.write_all(&[0]);
+        let _ = serde_json::to_writer(out, &self.pk);
     }
 
     /// The event as JSON, as handlers receive it. Row images read from the ledger are written
