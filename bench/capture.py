@@ -463,6 +463,28 @@ def floor_argv(ctx: Ctx) -> list[str]:
             "-o", "messages=true", "-f", "/dev/null"]
 
 
+# `pgoutput_floor`: no trigger, shop_order published and its slot read with pgoutput by
+# pg_recvlogical, which throws the stream away. The same server-side work as `capture = "wal"`
+# (decoding, pgoutput's messages for every row, REPLICA IDENTITY FULL as post-save sets it when
+# UPDATEs are captured) without post-save's daemon: the WAL capture minus the daemon.
+
+PGOUTPUT_SLOT = "pgoutput_slot"
+PGOUTPUT_PUBLICATION = "pgoutput_all"
+
+
+def pgoutput_setup(ctx: Ctx) -> None:
+    ctx.psql("alter table shop_order replica identity full")
+    ctx.psql(f"create publication {PGOUTPUT_PUBLICATION} for table shop_order")
+    ctx.psql(f"select pg_create_logical_replication_slot('{PGOUTPUT_SLOT}', 'pgoutput')")
+
+
+def pgoutput_argv(ctx: Ctx) -> list[str]:
+    return [ctx.cluster.tool("pg_recvlogical"), *ctx.cluster.conn_args(ctx.db), "--slot",
+            PGOUTPUT_SLOT, "--start", "-o", "proto_version=1",
+            "-o", f"publication_names={PGOUTPUT_PUBLICATION}", "-o", "messages=true",
+            "-f", "/dev/null"]
+
+
 def slot_ready(slot: str) -> Callable[[Ctx], bool]:
     def ready(ctx: Ctx) -> bool:
         return ctx.psql(f"select count(*) from pg_replication_slots "
@@ -686,6 +708,12 @@ ARMS: list[Arm] = [
         setup=floor_setup(EMIT_FLOOR_SQL), background=floor_argv,
         ready=slot_ready(FLOOR_SLOT), drained=slot_drained(FLOOR_SLOT),
         teardown=slot_teardown(FLOOR_SLOT)),
+    Arm("pgoutput_floor",
+        "reference, not a peer: no trigger; shop_order's pgoutput stream (as capture = \"wal\" "
+        "reads it) read by pg_recvlogical and thrown away",
+        setup=pgoutput_setup, background=pgoutput_argv,
+        ready=slot_ready(PGOUTPUT_SLOT), drained=slot_drained(PGOUTPUT_SLOT),
+        teardown=slot_teardown(PGOUTPUT_SLOT), triggers=False),
     # notify mode is at most once and keeps nothing: no capture count, no catch-up check
     Arm("postsave_notify", "post-save, watch mode = \"notify\" (daemon running)",
         setup=postsave_setup("notify"), background=postsave_run_argv, ready=postsave_ready,
@@ -718,7 +746,7 @@ ARMS: list[Arm] = [
 ]
 
 # Arms that run only when named in --arms (experiments.md says what they showed).
-OPT_IN_ARMS = {"postsave_notify_row"}
+OPT_IN_ARMS = {"postsave_notify_row", "pgoutput_floor"}
 
 # --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------
 #

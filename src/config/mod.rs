@@ -125,11 +125,13 @@ pub struct DaemonConfig {
     /// wait and take over once it has not been renewed for this long. Unset: a single daemon.
     #[serde(with = "humantime_serde")]
     pub lease: Option<Duration>,
-    /// With `capture = "wal"`: how long the WAL reader lets a quiet stream gather after its
-    /// first bytes before it takes them. The server sends each transaction's begin, changes and
-    /// commit separately; taken together (and with the transactions behind them) they cost one
-    /// wake-up instead of one each, for at most this much more latency. `0s`: take every
-    /// segment as it comes.
+    /// With `capture = "wal"`: how long the WAL reader lets the stream gather after a read that
+    /// brought bytes before it reads again. The server sends each transaction's begin, changes
+    /// and commit separately; taken together (and with the transactions behind them) they cost
+    /// the daemon one wake-up instead of one each, for at most this much more latency. The
+    /// default, `0s`, reads every segment as it comes: on a small machine the writers keep more
+    /// of their rate that way than with the daemon's CPU saved by a pause
+    /// (`bench/experiments.md`).
     #[serde(deserialize_with = "read_pause")]
     pub wal_read_pause: Duration,
 }
@@ -182,7 +184,7 @@ impl Default for DaemonConfig {
             liveness: Duration::from_secs(10),
             metrics: None,
             lease: None,
-            wal_read_pause: Duration::from_micros(500),
+            wal_read_pause: Duration::ZERO,
         }
     }
 }
@@ -628,7 +630,7 @@ kind = "log"
         assert_eq!(e.line, Some(2));
         assert!(e.message.contains("longer than the 100ms"), "{}", e.message);
         assert_eq!(Config::parse("[daemon]\nwal_read_pause = \"0s\"\n").unwrap().daemon.wal_read_pause, Duration::ZERO);
-        assert_eq!(Config::parse("").unwrap().daemon.wal_read_pause, Duration::from_micros(500));
+        assert_eq!(Config::parse("").unwrap().daemon.wal_read_pause, Duration::ZERO);
     }
 
     #[test]

@@ -5,17 +5,19 @@
 //! tokio-postgres cannot run the copy-both sub-protocol, so this speaks the few messages it
 //! needs itself, with the framing and authentication helpers of `postgres-protocol`.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio_postgres::config::Host;
 
 /// Why the stream failed.
@@ -50,97 +52,216 @@ impl StreamError {
 }
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
-    /// The socket with the runtime's hands off it, in blocking mode.
-    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket>;
+    /// The socket with the runtime's hands off it (still non-blocking).
+    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket>;
 }
 
 impl Socket for tokio::net::TcpStream {
-    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket> {
-        blocking((*self).into_std()?.into())
+    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket> {
+        Ok((*self).into_std()?.into())
     }
 }
 
 impl Socket for tokio::net::UnixStream {
-    fn into_blocking(self: Box<Self>) -> io::Result<socket2::Socket> {
-        blocking((*self).into_std()?.into())
+    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket> {
+        Ok((*self).into_std()?.into())
     }
 }
 
-fn blocking(socket: socket2::Socket) -> io::Result<socket2::Socket> {
-    socket.set_nonblocking(false)?;
-    Ok(socket)
-}
-
-/// What has arrived on `socket`, without waiting: `WouldBlock` when nothing has.
-fn read_ready(socket: &socket2::Socket, buf: &mut [u8]) -> io::Result<usize> {
-    nix::sys::socket::recv(socket.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
-}
-
-/// The streaming half of a started connection: a thread reads the socket and hands over what
-/// it read in chunks; status updates are written from the blocking pool.
+/// The streaming half of a started connection. The consumer reads the socket itself, on the
+/// runtime's thread: no reading thread, so no hand-off between threads per transaction.
+///
+/// Without a pause (the default) the socket stays in the runtime's reactor and is read as soon
+/// as it has bytes. With one, reading is paced: after a read that brought bytes the next waits
+/// `pause`, so one wake-up takes a transaction's begin, changes and commit (which the server
+/// writes separately) and the transactions behind them; the socket is in the reactor only while
+/// a quiet stream is waited for (registered, every segment the server writes would wake the
+/// runtime, asleep in its pause or not).
 struct Streaming {
-    socket: Arc<socket2::Socket>,
-    chunks: mpsc::Receiver<io::Result<BytesMut>>,
+    socket: Watched,
+    pause: Duration,
+    /// Armed for the pause after a read that brought bytes: no read before it fires. A timer of
+    /// the kernel's, not the runtime's, which counts whole milliseconds; it keeps its deadline
+    /// across a `next` dropped by a `select!`.
+    pause_timer: Option<AsyncFd<PauseTimer>>,
+    /// The pause timer is armed.
+    pausing: bool,
+    /// Reused for every read; what arrived is copied out of it.
+    buf: Vec<u8>,
 }
 
-impl Drop for Streaming {
-    fn drop(&mut self) {
-        // wakes the reading thread out of its read: it sees the end and exits
-        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+/// The streaming socket (non-blocking): in the reactor only while a quiet stream is waited for.
+enum Watched {
+    Plain(socket2::Socket),
+    Readable(AsyncFd<socket2::Socket>),
+    /// Between the two, or lost to an error (the stream then reports `NotConnected`).
+    Moving,
+}
+
+impl Watched {
+    /// Out of the reactor.
+    fn plain(&mut self) -> io::Result<&socket2::Socket> {
+        if let Watched::Readable(_) = self {
+            let Watched::Readable(fd) = std::mem::replace(self, Watched::Moving) else { unreachable!() };
+            *self = Watched::Plain(fd.into_inner());
+        }
+        match self {
+            Watched::Plain(s) => Ok(s),
+            _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
+        }
+    }
+
+    /// Out of the reactor and out of `self` (which is `Moving` until the socket is put back).
+    fn take(&mut self) -> io::Result<socket2::Socket> {
+        self.plain()?;
+        match std::mem::replace(self, Watched::Moving) {
+            Watched::Plain(s) => Ok(s),
+            _ => unreachable!("plain() left it plain"),
+        }
     }
 }
 
-/// The largest read the streaming thread makes at once.
+/// `socket` in the runtime's reactor, for `interest`.
+// `with_interest` is deprecated for fds an `AsyncFd` does not own (the successor is `unsafe`,
+// which this crate forbids): both users pass an owner of the fd (a `socket2::Socket`, a
+// `TimerFd`) that keeps it open while it lives.
+#[allow(deprecated)]
+fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    AsyncFd::with_interest(fd, interest)
+}
+
+/// The pause's timer, as the reactor takes it.
+struct PauseTimer(TimerFd);
+
+impl AsRawFd for PauseTimer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// The largest read the consumer makes at once; a read that fills it skips the pause.
 const CHUNK: usize = 256 * 1024;
-/// Chunks read ahead of the consumer before the thread waits (and the server with it).
-const CHUNKS_AHEAD: usize = 8;
 /// How long a status update may wait for room in the socket before the stream counts as lost.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The streaming thread: reads until the socket ends or the consumer goes. After the first
-/// bytes of a quiet stream it waits `pause`, then takes whatever arrived meanwhile in the same
-/// chunk: the server writes a transaction's begin, changes and commit as separate messages, and
-/// one wake-up (here and in the consumer) then covers all of them and the transactions behind.
-fn pump(socket: &socket2::Socket, chunks: &mpsc::Sender<io::Result<BytesMut>>, pause: Duration) {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let mut n = match (&*socket).read(&mut buf) {
-            Ok(0) => {
-                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection");
-                let _ = chunks.blocking_send(Err(eof));
-                return;
+impl Streaming {
+    /// Appends what the socket has to `read`: at least one byte, or an error (the end of the
+    /// stream is one). Cancel-safe: bytes are only taken in the step that returns them, and a
+    /// pause keeps its deadline.
+    async fn fill(&mut self, read: &mut BytesMut) -> io::Result<()> {
+        if self.pause_timer.is_none() {
+            return self.fill_at_once(read).await;
+        }
+        loop {
+            if let (true, Some(timer)) = (self.pausing, &self.pause_timer) {
+                let mut fired = timer.readable().await?;
+                match fired.get_inner().0.wait() {
+                    Ok(()) => self.pausing = false,
+                    Err(Errno::EAGAIN) => {
+                        fired.clear_ready();
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                fired.clear_ready();
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let _ = chunks.blocking_send(Err(e));
-                return;
+            if let Watched::Readable(fd) = &self.socket {
+                fd.readable().await?.clear_ready();
+                self.socket.plain()?;
+                // the first bytes of a quiet stream: let the rest of the transaction follow
+                self.pause()?;
+                continue;
             }
+            let socket = self.socket.plain()?;
+            match nix::sys::socket::recv(socket.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")),
+                Ok(n) => {
+                    read.extend_from_slice(&self.buf[..n]);
+                    if n < self.buf.len() {
+                        self.pause()?;
+                    }
+                    return Ok(());
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    let socket = self.socket.take()?;
+                    self.socket = Watched::Readable(register(socket, Interest::READABLE)?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn pause(&mut self) -> io::Result<()> {
+        if let Some(timer) = &self.pause_timer {
+            timer.get_ref().0.set(Expiration::OneShot(self.pause.into()), TimerSetTimeFlags::empty())?;
+            self.pausing = true;
+        }
+        Ok(())
+    }
+
+    /// [`Streaming::fill`] without a pause: the socket stays in the reactor and is read as soon
+    /// as it has bytes.
+    async fn fill_at_once(&mut self, read: &mut BytesMut) -> io::Result<()> {
+        if let Watched::Plain(_) = self.socket {
+            let socket = self.socket.take()?;
+            self.socket = Watched::Readable(register(socket, Interest::READABLE)?);
+        }
+        let Streaming { socket: Watched::Readable(fd), buf, .. } = self else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
         };
-        let mut failed = None;
-        if n < CHUNK && !pause.is_zero() {
-            std::thread::sleep(pause);
-            while n < CHUNK {
-                match read_ready(socket, &mut buf[n..]) {
-                    // the end: the next blocking read reports it
-                    Ok(0) => break,
-                    Ok(m) => n += m,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
+        loop {
+            let mut ready = fd.readable().await?;
+            let got = ready.try_io(|fd| {
+                nix::sys::socket::recv(fd.get_ref().as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+            });
+            match got {
+                Ok(Ok(0)) => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+                }
+                Ok(Ok(n)) => {
+                    read.extend_from_slice(&buf[..n]);
+                    return Ok(());
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                // nothing after all; try_io cleared the readiness
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Writes all of `bytes`, waiting for room at most [`WRITE_TIMEOUT`].
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            let fd = self.socket.plain()?.as_raw_fd();
+            match nix::sys::socket::send(fd, &bytes[written..], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+                Ok(n) => written += n,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    // (not cancelled: the daemon awaits status updates to the end)
+                    let fd = register(self.socket.take()?, Interest::WRITABLE)?;
+                    let room = tokio::time::timeout(WRITE_TIMEOUT, fd.writable()).await;
+                    let full = match room {
+                        Ok(ready) => {
+                            ready?.clear_ready();
+                            false
+                        }
+                        Err(_) => true,
+                    };
+                    self.socket = Watched::Plain(fd.into_inner());
+                    if full {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no room in the socket for a status update",
+                        ));
                     }
                 }
+                Err(e) => return Err(e.into()),
             }
         }
-        if chunks.blocking_send(Ok(BytesMut::from(&buf[..n]))).is_err() {
-            return;
-        }
-        if let Some(e) = failed {
-            let _ = chunks.blocking_send(Err(e));
-            return;
-        }
+        Ok(())
     }
 }
 
@@ -315,8 +436,8 @@ impl Replication {
     }
 
     /// Starts streaming `slot` from `from` with pgoutput for `publication`; after this, only
-    /// [`Replication::next`] and [`Replication::confirm`] may be used. From here a thread of its
-    /// own reads the socket; `pause` is how long it lets a quiet stream gather after its first
+    /// [`Replication::next`] and [`Replication::confirm`] may be used. From here the socket is
+    /// read paced (see `Streaming`); `pause` is how long a stream is let gather after a read
     /// bytes (zero: hand over each read as it comes).
     pub async fn start(
         &mut self,
@@ -336,7 +457,7 @@ impl Replication {
         loop {
             let frame = self.frame_or_error().await?;
             match frame.tag {
-                b'W' => return self.hand_to_thread(pause),
+                b'W' => return self.stream_paced(pause),
                 b'N' | b'S' => {}
                 other => {
                     return Err(StreamError::Protocol(format!(
@@ -348,14 +469,18 @@ impl Replication {
         }
     }
 
-    fn hand_to_thread(&mut self, pause: Duration) -> Result<(), StreamError> {
+    fn stream_paced(&mut self, pause: Duration) -> Result<(), StreamError> {
         let socket = self.socket.take().ok_or_else(|| StreamError::Protocol("the stream is already started".into()))?;
-        let socket = Arc::new(socket.into_blocking()?);
-        socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        let (tx, chunks) = mpsc::channel(CHUNKS_AHEAD);
-        let reading = Arc::clone(&socket);
-        std::thread::Builder::new().name("post-save-wal".into()).spawn(move || pump(&reading, &tx, pause))?;
-        self.streaming = Some(Streaming { socket, chunks });
+        let socket = socket.into_plain()?;
+        let pause_timer = if pause.is_zero() {
+            None
+        } else {
+            let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
+                .map_err(io::Error::from)?;
+            Some(register(PauseTimer(timer), Interest::READABLE)?)
+        };
+        self.streaming =
+            Some(Streaming { socket: Watched::Plain(socket), pause, pause_timer, pausing: false, buf: vec![0; CHUNK] });
         Ok(())
     }
 
@@ -419,10 +544,10 @@ impl Replication {
             self.write.clear();
             return socket.flush().await;
         }
-        let streaming = self.streaming.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        let socket = Arc::clone(&streaming.socket);
-        let bytes = std::mem::take(&mut self.write);
-        tokio::task::spawn_blocking(move || (&*socket).write_all(&bytes)).await.map_err(io::Error::other)?
+        let streaming = self.streaming.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        streaming.write_all(&self.write).await?;
+        self.write.clear();
+        Ok(())
     }
 
     /// The next message; an `ErrorResponse` becomes an error.
@@ -447,12 +572,7 @@ impl Replication {
                 self.read.reserve(len + 1 - self.read.len());
             }
             if let Some(streaming) = self.streaming.as_mut() {
-                match streaming.chunks.recv().await {
-                    Some(Ok(chunk)) if self.read.is_empty() => self.read = chunk,
-                    Some(Ok(chunk)) => self.read.extend_from_slice(&chunk),
-                    Some(Err(e)) => return Err(StreamError::Io(e)),
-                    None => return Err(StreamError::Io(io::Error::other("the stream's reading thread ended"))),
-                }
+                streaming.fill(&mut self.read).await?;
                 continue;
             }
             let Some(socket) = self.socket.as_mut() else {
