@@ -68,22 +68,20 @@ impl Socket for tokio::net::UnixStream {
     }
 }
 
-/// The streaming half of a started connection. The consumer reads the socket itself, on the
-/// runtime's thread: no reading thread, so no hand-off between threads per transaction.
-///
-/// Without a pause (the default) the socket stays in the runtime's reactor and is read as soon
-/// as it has bytes. With one, reading is paced: after a read that brought bytes the next waits
-/// `pause`, so one wake-up takes a transaction's begin, changes and commit (which the server
-/// writes separately) and the transactions behind them; the socket is in the reactor only while
-/// a quiet stream is waited for (registered, every segment the server writes would wake the
-/// runtime, asleep in its pause or not).
+/// The streaming half of a connection started with a pause (without one, the stream is read
+/// through the runtime's socket as it comes, like the start-up). Still read on the runtime's
+/// thread, but paced: after a read that brought bytes the next waits `pause`, so one wake-up
+/// takes a transaction's begin, changes and commit (which the server writes separately) and the
+/// transactions behind them. The socket is in the reactor only while a quiet stream is waited
+/// for: registered, every segment the server writes would wake the runtime, asleep in its pause
+/// or not.
 struct Streaming {
     socket: Watched,
     pause: Duration,
     /// Armed for the pause after a read that brought bytes: no read before it fires. A timer of
     /// the kernel's, not the runtime's, which counts whole milliseconds; it keeps its deadline
     /// across a `next` dropped by a `select!`.
-    pause_timer: Option<AsyncFd<PauseTimer>>,
+    pause_timer: AsyncFd<PauseTimer>,
     /// The pause timer is armed.
     pausing: bool,
     /// Reused for every read; what arrived is copied out of it.
@@ -149,12 +147,9 @@ impl Streaming {
     /// stream is one). Cancel-safe: bytes are only taken in the step that returns them, and a
     /// pause keeps its deadline.
     async fn fill(&mut self, read: &mut BytesMut) -> io::Result<()> {
-        if self.pause_timer.is_none() {
-            return self.fill_at_once(read).await;
-        }
         loop {
-            if let (true, Some(timer)) = (self.pausing, &self.pause_timer) {
-                let mut fired = timer.readable().await?;
+            if self.pausing {
+                let mut fired = self.pause_timer.readable().await?;
                 match fired.get_inner().0.wait() {
                     Ok(()) => self.pausing = false,
                     Err(Errno::EAGAIN) => {
@@ -193,42 +188,9 @@ impl Streaming {
     }
 
     fn pause(&mut self) -> io::Result<()> {
-        if let Some(timer) = &self.pause_timer {
-            timer.get_ref().0.set(Expiration::OneShot(self.pause.into()), TimerSetTimeFlags::empty())?;
-            self.pausing = true;
-        }
+        self.pause_timer.get_ref().0.set(Expiration::OneShot(self.pause.into()), TimerSetTimeFlags::empty())?;
+        self.pausing = true;
         Ok(())
-    }
-
-    /// [`Streaming::fill`] without a pause: the socket stays in the reactor and is read as soon
-    /// as it has bytes.
-    async fn fill_at_once(&mut self, read: &mut BytesMut) -> io::Result<()> {
-        if let Watched::Plain(_) = self.socket {
-            let socket = self.socket.take()?;
-            self.socket = Watched::Readable(register(socket, Interest::READABLE)?);
-        }
-        let Streaming { socket: Watched::Readable(fd), buf, .. } = self else {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
-        };
-        loop {
-            let mut ready = fd.readable().await?;
-            let got = ready.try_io(|fd| {
-                nix::sys::socket::recv(fd.get_ref().as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
-            });
-            match got {
-                Ok(Ok(0)) => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
-                }
-                Ok(Ok(n)) => {
-                    read.extend_from_slice(&buf[..n]);
-                    return Ok(());
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                // nothing after all; try_io cleared the readiness
-                Err(_would_block) => {}
-            }
-        }
     }
 
     /// Writes all of `bytes`, waiting for room at most [`WRITE_TIMEOUT`].
@@ -436,9 +398,9 @@ impl Replication {
     }
 
     /// Starts streaming `slot` from `from` with pgoutput for `publication`; after this, only
-    /// [`Replication::next`] and [`Replication::confirm`] may be used. From here the socket is
-    /// read paced (see `Streaming`); `pause` is how long a stream is let gather after a read
-    /// bytes (zero: hand over each read as it comes).
+    /// [`Replication::next`] and [`Replication::confirm`] may be used. `pause` is how long the
+    /// stream is let gather after a read that brought bytes before the next (see `Streaming`);
+    /// zero reads it as it comes.
     pub async fn start(
         &mut self,
         slot: &str,
@@ -457,6 +419,8 @@ impl Replication {
         loop {
             let frame = self.frame_or_error().await?;
             match frame.tag {
+                // without a pause the stream is read like the start-up, through the socket
+                b'W' if pause.is_zero() => return Ok(()),
                 b'W' => return self.stream_paced(pause),
                 b'N' | b'S' => {}
                 other => {
@@ -472,13 +436,9 @@ impl Replication {
     fn stream_paced(&mut self, pause: Duration) -> Result<(), StreamError> {
         let socket = self.socket.take().ok_or_else(|| StreamError::Protocol("the stream is already started".into()))?;
         let socket = socket.into_plain()?;
-        let pause_timer = if pause.is_zero() {
-            None
-        } else {
-            let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
-                .map_err(io::Error::from)?;
-            Some(register(PauseTimer(timer), Interest::READABLE)?)
-        };
+        let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
+            .map_err(io::Error::from)?;
+        let pause_timer = register(PauseTimer(timer), Interest::READABLE)?;
         self.streaming =
             Some(Streaming { socket: Watched::Plain(socket), pause, pause_timer, pausing: false, buf: vec![0; CHUNK] });
         Ok(())
