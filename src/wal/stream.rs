@@ -447,7 +447,22 @@ impl Replication {
     /// The next message of the stream.
     pub async fn next(&mut self) -> Result<Copied, StreamError> {
         loop {
-            let frame = self.frame_or_error().await?;
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next message of the stream when the bytes already read hold all of it; `None` when
+    /// reading is needed first. Lets a caller take a whole read's messages in one go.
+    pub fn try_next(&mut self) -> Option<Result<Copied, StreamError>> {
+        loop {
+            let frame = match self.buffered_frame()? {
+                Ok(f) if f.tag == b'E' => return Some(Err(server_error(&f.body))),
+                Ok(f) => f,
+                Err(e) => return Some(Err(e)),
+            };
             match frame.tag {
                 b'd' => {
                     let mut body = frame.body;
@@ -455,28 +470,29 @@ impl Replication {
                         continue;
                     }
                     let kind = body.get_u8();
-                    match kind {
+                    return Some(match kind {
                         b'w' if body.len() >= 24 => {
                             let start = body.get_u64();
                             let _end = body.get_u64();
                             let _sent = body.get_i64();
-                            return Ok(Copied::Data { start, payload: body });
+                            Ok(Copied::Data { start, payload: body })
                         }
                         b'k' if body.len() >= 17 => {
                             let wal_end = body.get_u64();
                             let _sent = body.get_i64();
                             let reply = body.get_u8() == 1;
-                            return Ok(Copied::Keepalive { wal_end, reply });
+                            Ok(Copied::Keepalive { wal_end, reply })
                         }
-                        other => {
-                            return Err(StreamError::Protocol(format!("unknown copy message {:?}", other as char)));
-                        }
-                    }
+                        other => Err(StreamError::Protocol(format!("unknown copy message {:?}", other as char))),
+                    });
                 }
-                b'c' => return Err(StreamError::Protocol("the server ended the replication stream".into())),
+                b'c' => return Some(Err(StreamError::Protocol("the server ended the replication stream".into()))),
                 b'N' => {}
                 other => {
-                    return Err(StreamError::Protocol(format!("unexpected message {:?} in the stream", other as char)));
+                    return Some(Err(StreamError::Protocol(format!(
+                        "unexpected message {:?} in the stream",
+                        other as char
+                    ))));
                 }
             }
         }
@@ -518,36 +534,51 @@ impl Replication {
 
     async fn frame(&mut self) -> Result<Frame, StreamError> {
         loop {
-            if self.read.len() >= 5 {
-                let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]) as usize;
-                if len < 4 {
-                    return Err(StreamError::Protocol("a message with a bad length".into()));
-                }
-                if self.read.len() > len {
-                    let mut frame = self.read.split_to(len + 1);
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Ok(Frame { tag, body: frame });
-                }
-                self.read.reserve(len + 1 - self.read.len());
+            if let Some(frame) = self.buffered_frame() {
+                return frame;
             }
-            if let Some(streaming) = self.streaming.as_mut() {
-                streaming.fill(&mut self.read).await?;
-                continue;
-            }
-            let Some(socket) = self.socket.as_mut() else {
-                return Err(StreamError::Io(io::Error::from(io::ErrorKind::NotConnected)));
-            };
-            if self.read.capacity() - self.read.len() < 8192 {
-                self.read.reserve(64 * 1024);
-            }
-            if socket.read_buf(&mut self.read).await? == 0 {
-                return Err(StreamError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// The first message in the bytes read, when they hold all of it.
+    fn buffered_frame(&mut self) -> Option<Result<Frame, StreamError>> {
+        if self.read.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]) as usize;
+        if len < 4 {
+            return Some(Err(StreamError::Protocol("a message with a bad length".into())));
+        }
+        if self.read.len() <= len {
+            self.read.reserve(len + 1 - self.read.len());
+            return None;
+        }
+        let mut frame = self.read.split_to(len + 1);
+        let tag = frame[0];
+        frame.advance(5);
+        Some(Ok(Frame { tag, body: frame }))
+    }
+
+    /// Reads what the server has sent (waiting for it when nothing has come).
+    async fn fill(&mut self) -> Result<(), StreamError> {
+        if let Some(streaming) = self.streaming.as_mut() {
+            streaming.fill(&mut self.read).await?;
+            return Ok(());
+        }
+        let Some(socket) = self.socket.as_mut() else {
+            return Err(StreamError::Io(io::Error::from(io::ErrorKind::NotConnected)));
+        };
+        if self.read.capacity() - self.read.len() < 8192 {
+            self.read.reserve(64 * 1024);
+        }
+        if socket.read_buf(&mut self.read).await? == 0 {
+            return Err(StreamError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
     }
 }
 
