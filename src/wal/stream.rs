@@ -233,6 +233,13 @@ struct Frame {
     body: BytesMut,
 }
 
+impl Frame {
+    /// The frame, or the server's error when it is an `ErrorResponse`.
+    fn or_error(self) -> Result<Frame, StreamError> {
+        if self.tag == b'E' { Err(server_error(&self.body)) } else { Ok(self) }
+    }
+}
+
 /// A replication connection.
 pub struct Replication {
     /// Until the stream starts; then `streaming`.
@@ -458,8 +465,7 @@ impl Replication {
     /// reading is needed first. Lets a caller take a whole read's messages in one go.
     pub fn try_next(&mut self) -> Option<Result<Copied, StreamError>> {
         loop {
-            let frame = match self.buffered_frame()? {
-                Ok(f) if f.tag == b'E' => return Some(Err(server_error(&f.body))),
+            let frame = match self.buffered_frame()?.and_then(Frame::or_error) {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e)),
             };
@@ -528,8 +534,7 @@ impl Replication {
 
     /// The next message; an `ErrorResponse` becomes an error.
     async fn frame_or_error(&mut self) -> Result<Frame, StreamError> {
-        let frame = self.frame().await?;
-        if frame.tag == b'E' { Err(server_error(&frame.body)) } else { Ok(frame) }
+        self.frame().await.and_then(Frame::or_error)
     }
 
     async fn frame(&mut self) -> Result<Frame, StreamError> {
