@@ -601,9 +601,10 @@ def postsave_env() -> dict:
             if k not in ("RUST_LOG", "POST_SAVE_CONFIG", "POST_SAVE_LOG_FORMAT", "DATABASE_URL")}
 
 
-def postsave_setup(mode: str, watch_extra: str = "") -> Callable[[Ctx], None]:
+def postsave_setup(mode: str, watch_extra: str = "",
+                   daemon_extra: str = "") -> Callable[[Ctx], None]:
     def setup(ctx: Ctx) -> None:
-        postsave_install(ctx, mode, watch_extra=watch_extra)
+        postsave_install(ctx, mode, watch_extra=watch_extra, daemon_extra=daemon_extra)
     return setup
 
 
@@ -733,6 +734,13 @@ ARMS: list[Arm] = [
         setup=postsave_setup("durable", 'insert_capture = "row"'), background=postsave_run_argv,
         ready=postsave_ready, drained=postsave_drained, captured=POSTSAVE_CAPTURED_SQL,
         available=postsave_available),
+    # experiments (OPT_IN_ARMS): the ledger polled less often than every 2 ms while busy
+    *[Arm(f"postsave_durable_poll{ms}",
+          f"post-save, durable, busy_poll = \"{ms}ms\" (the ledger read less often under load)",
+          setup=postsave_setup("durable", daemon_extra=f'busy_poll = "{ms}ms"'),
+          background=postsave_run_argv, ready=postsave_ready, drained=postsave_drained,
+          captured=POSTSAVE_CAPTURED_SQL, available=postsave_available)
+      for ms in (10, 20, 50)],
     # experiment (OPT_IN_ARMS): per-row INSERT capture in notify mode
     Arm("postsave_notify_row",
         "post-save, notify, insert_capture = \"row\" (INSERT captured per row, not per statement)",
@@ -746,7 +754,8 @@ ARMS: list[Arm] = [
 ]
 
 # Arms that run only when named in --arms (experiments.md says what they showed).
-OPT_IN_ARMS = {"postsave_notify_row", "pgoutput_floor"}
+OPT_IN_ARMS = {"postsave_notify_row", "pgoutput_floor", "postsave_durable_poll10",
+               "postsave_durable_poll20", "postsave_durable_poll50"}
 
 # --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------
 #
