@@ -45,6 +45,26 @@ pub struct Actor {
     pub actor: Option<String>,
 }
 
+/// The fields of a [`SaveEvent`] as handlers see them (`reread` only when true): what a log
+/// handler's `fields`, a filter or a template may name.
+pub const EVENT_FIELDS: &[&str] = &[
+    "id",
+    "signal",
+    "sender",
+    "op",
+    "created",
+    "pk",
+    "instance",
+    "old",
+    "update_fields",
+    "raw",
+    "using",
+    "txid",
+    "at",
+    "actor",
+    "origin",
+];
+
 /// One save, as handlers receive it. Field names are the contract of `DESIGN.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaveEvent {
@@ -729,6 +749,17 @@ mod tests {
     use super::*;
 
     const INSERT: &str = r#"{"instance":{ "id" : 7, "user_id" : 1, "product" : "book" },"old":null,"signal" : "post_save", "sender" : "public.shop_order", "op" : "insert", "created" : true, "pk" : { "id" : 7 }, "update_fields" : null, "raw" : false, "using" : "shop", "txid" : 740, "at" : "2026-11-25T02:17:22.59878+00:00", "actor" : {"role" : "app", "application_name" : "psql", "client_addr" : null, "pid" : 8200, "actor" : null}, "origin" : null}"#;
+
+    #[test]
+    fn event_fields_name_every_field_an_event_is_written_with() {
+        let Notice::Event(e) = decode_notice(INSERT, "shop").unwrap() else { panic!("not an event") };
+        let Value::Object(written) = serde_json::from_str(&e.to_json()).unwrap() else { panic!("not an object") };
+        let written: Vec<&str> = written.keys().map(String::as_str).collect();
+        assert_eq!(written, EVENT_FIELDS);
+        let mut reread = (*e).clone();
+        reread.reread = true;
+        assert!(serde_json::to_value(&reread).unwrap().get("reread").is_some(), "reread is written only when true");
+    }
 
     #[test]
     fn decodes_a_notify_event() {

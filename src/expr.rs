@@ -17,28 +17,18 @@ use std::sync::Arc;
 use cel_interpreter::{Context, Program, Value as Cel};
 use serde_json::Value;
 
-use crate::event::SaveEvent;
+use crate::event::{EVENT_FIELDS, SaveEvent};
 
-/// The top-level names an expression or a template may use: the fields of the event, plus
-/// `event` for the whole event.
-pub const EVENT_VARIABLES: &[&str] = &[
-    "id",
-    "signal",
-    "sender",
-    "op",
-    "created",
-    "pk",
-    "instance",
-    "old",
-    "update_fields",
-    "raw",
-    "using",
-    "txid",
-    "at",
-    "actor",
-    "origin",
-    "event",
-];
+/// Whether an expression or a template may use `name`: a field of the event, or `event` for the
+/// whole event.
+pub(crate) fn is_event_variable(name: &str) -> bool {
+    name == "event" || EVENT_FIELDS.contains(&name)
+}
+
+/// The names an expression or a template may use, for error messages.
+pub(crate) fn event_variables() -> String {
+    format!("{}, event", EVENT_FIELDS.join(", "))
+}
 
 /// A compiled CEL expression.
 #[derive(Debug, Clone)]
@@ -64,14 +54,14 @@ impl Expr {
             .map_err(|_| "invalid CEL expression: the parser gave up (is it complete?)".to_owned())?;
         let program = parsed.map_err(|e| format!("invalid CEL expression: {e}"))?;
         let refs = program.references();
-        let mut unknown: Vec<&str> = refs.variables().into_iter().filter(|v| !EVENT_VARIABLES.contains(v)).collect();
+        let mut unknown: Vec<&str> = refs.variables().into_iter().filter(|v| !is_event_variable(v)).collect();
         unknown.sort_unstable();
         unknown.dedup();
         if !unknown.is_empty() {
             return Err(format!(
                 "unknown variable(s) {}; an expression sees the event's fields: {}",
                 unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", "),
-                EVENT_VARIABLES.join(", ")
+                event_variables()
             ));
         }
         Ok(Expr { source: source.to_owned(), program: Arc::new(program) })

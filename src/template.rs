@@ -11,7 +11,7 @@ use std::sync::Arc;
 use minijinja::{Environment, UndefinedBehavior, Value as Jinja};
 use serde_json::Value;
 
-use crate::expr::{EVENT_VARIABLES, EventContext};
+use crate::expr::{EventContext, event_variables, is_event_variable};
 
 const NAME: &str = "t";
 
@@ -47,13 +47,13 @@ impl Template {
         env.add_template_owned(NAME, source.to_owned()).map_err(|e| describe(&e))?;
         let tmpl = env.get_template(NAME).map_err(|e| describe(&e))?;
         let mut unknown: Vec<String> =
-            tmpl.undeclared_variables(false).into_iter().filter(|v| !EVENT_VARIABLES.contains(&v.as_str())).collect();
+            tmpl.undeclared_variables(false).into_iter().filter(|v| !is_event_variable(v)).collect();
         unknown.sort_unstable();
         if !unknown.is_empty() {
             return Err(format!(
                 "unknown variable(s) {}; a template sees the event's fields: {}",
                 unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", "),
-                EVENT_VARIABLES.join(", ")
+                event_variables()
             ));
         }
         Ok(Template { source: source.to_owned(), env: Arc::new(env) })

@@ -5,26 +5,9 @@ use serde_json::{Map, Value};
 
 use super::{Delivery, Handler, HandlerError};
 use crate::config::{ConfigError, Section};
-use crate::event::SaveEvent;
+use crate::event::{EVENT_FIELDS, SaveEvent};
 
 const DEFAULT_FIELDS: [&str; 6] = ["id", "sender", "op", "created", "pk", "update_fields"];
-const EVENT_FIELDS: [&str; 15] = [
-    "id",
-    "signal",
-    "sender",
-    "op",
-    "created",
-    "pk",
-    "instance",
-    "old",
-    "update_fields",
-    "raw",
-    "using",
-    "txid",
-    "at",
-    "actor",
-    "origin",
-];
 
 /// Options of a `log` handler.
 #[derive(Debug, Clone)]
