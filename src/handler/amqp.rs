@@ -122,13 +122,9 @@ impl AmqpOptions {
             uri.authority.userinfo.password =
                 source.read().map_err(|m| BuildError::new(name, m))?.expose_secret().to_owned();
         }
-        Ok(Arc::new(AmqpHandler {
-            name: name.to_owned(),
-            options: self.clone(),
-            uri,
-            link: Mutex::new(None),
-            generation: AtomicU64::new(0),
-        }))
+        let broker = format!("amqp at {}", without_userinfo(&self.url));
+        let declare = self.declare.then(|| self.exchange.clone());
+        Ok(Arc::new(AmqpHandler { options: self.clone(), links: Links::new(name, uri, broker, declare) }))
     }
 }
 
@@ -138,72 +134,94 @@ fn parse_uri(url: &str) -> Result<AMQPUri, String> {
 }
 
 /// One connection and its confirm-mode channel.
-struct Link {
+pub(crate) struct Link {
     generation: u64,
     // Kept for its lifetime: dropping the last handle closes the connection.
     _connection: Connection,
-    channel: Channel,
+    pub(crate) channel: Channel,
 }
 
-/// Publishes events to an AMQP exchange.
-pub struct AmqpHandler {
-    name: String,
-    options: AmqpOptions,
+/// A connection to one broker with a confirm-mode channel, opened on first use and again after
+/// it broke. Shared by the `amqp` handler and Celery over RabbitMQ.
+pub(crate) struct Links {
+    /// The connection's name at the broker: `post-save <handler>`.
+    connection_name: String,
     uri: AMQPUri,
-    link: Mutex<Option<Arc<Link>>>,
+    /// How messages name the broker ("amqp at host:5672", "the celery broker amqp://…").
+    broker: String,
+    /// An exchange to declare (durable, topic) on every new connection before it is used.
+    declare: Option<String>,
+    slot: Mutex<Option<Arc<Link>>>,
     generation: AtomicU64,
 }
 
-impl AmqpHandler {
+impl Links {
+    /// Links for handler `handler` to the broker at `uri`; does not connect.
+    pub(crate) fn new(handler: &str, uri: AMQPUri, broker: String, declare: Option<String>) -> Links {
+        Links {
+            connection_name: format!("post-save {handler}"),
+            uri,
+            broker,
+            declare,
+            slot: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }
+    }
+
     /// The open channel, connecting now if there is none or it broke.
-    async fn link(&self) -> Result<Arc<Link>, HandlerError> {
-        let mut slot = self.link.lock().await;
+    pub(crate) async fn get(&self) -> Result<Arc<Link>, HandlerError> {
+        let mut slot = self.slot.lock().await;
         if let Some(link) = slot.as_ref() {
             if link.channel.status().connected() {
                 return Ok(Arc::clone(link));
             }
             *slot = None;
         }
-        let url = without_userinfo(&self.options.url);
-        let properties =
-            ConnectionProperties::default().with_connection_name(format!("post-save {}", self.name).into());
+        let broker = &self.broker;
+        let properties = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
         let connection = Connection::connect_uri(self.uri.clone(), properties)
             .await
-            .map_err(|e| HandlerError::retry(format!("cannot connect to amqp at {url}: {e}")).with_source(e))?;
+            .map_err(|e| HandlerError::retry(format!("cannot connect to {broker}: {e}")).with_source(e))?;
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| HandlerError::retry(format!("cannot open a channel at {url}: {e}")).with_source(e))?;
+            .map_err(|e| HandlerError::retry(format!("cannot open a channel on {broker}: {e}")).with_source(e))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| HandlerError::retry(format!("cannot turn on publisher confirms: {e}")).with_source(e))?;
-        if self.options.declare {
+        if let Some(exchange) = &self.declare {
             let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-            let exchange = self.options.exchange.as_str();
             channel
-                .exchange_declare(exchange.into(), ExchangeKind::Topic, options, FieldTable::default())
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, options, FieldTable::default())
                 .await
                 .map_err(|e| {
                     HandlerError::failed(format!("cannot declare exchange `{exchange}`: {e}")).with_source(e)
                 })?;
         }
-        tracing::info!(handler = %self.name, url = %url, "connected to amqp");
+        tracing::info!(connection = %self.connection_name, broker = %broker, "connected");
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let link = Arc::new(Link { generation, _connection: connection, channel });
         *slot = Some(Arc::clone(&link));
         Ok(link)
     }
 
-    /// Drops connection `generation` (if it is still the current one): the next attempt opens
-    /// a new one.
-    async fn forget(&self, generation: u64) {
-        let mut slot = self.link.lock().await;
-        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+    /// Drops `link`'s connection if it is still the current one: the next attempt opens a new one.
+    pub(crate) async fn forget(&self, link: &Link) {
+        let mut slot = self.slot.lock().await;
+        if slot.as_ref().is_some_and(|l| l.generation == link.generation) {
             *slot = None;
         }
     }
+}
 
+/// Publishes events to an AMQP exchange.
+pub struct AmqpHandler {
+    options: AmqpOptions,
+    links: Links,
+}
+
+impl AmqpHandler {
     async fn publish(
         &self,
         link: &Link,
@@ -242,7 +260,7 @@ impl AmqpHandler {
             Err(e) => {
                 // A channel error (a missing exchange) closes the channel; a connection error the
                 // connection: either way the next attempt starts over.
-                self.forget(link.generation).await;
+                self.links.forget(link).await;
                 Err(publish_error(exchange, e))
             }
         }
@@ -283,7 +301,7 @@ impl Handler for AmqpHandler {
             Some(body) => render(body, &ctx)?,
             None => event.to_json(),
         };
-        let link = self.link().await?;
+        let link = self.links.get().await?;
         self.publish(&link, routing_key, body, event).await
     }
 }

@@ -7,19 +7,16 @@
 //! attempt, retried, rather than a task dropped by the broker. The queue is never declared
 //! here: the workers own its arguments.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Map, Value};
-use tokio::sync::Mutex;
 
 use super::TaskMessage;
 use crate::handler::HandlerError;
+use crate::handler::amqp::Links;
 
 /// Whether `url` names an AMQP broker.
 pub(super) fn is_amqp(url: &str) -> bool {
@@ -36,21 +33,10 @@ pub(super) fn check_url(url: &str) -> Result<(), String> {
     url.parse::<AMQPUri>().map(drop).map_err(|e| format!("`{url}` is not a valid AMQP URL: {e}"))
 }
 
-/// One connection and its confirm-mode channel.
-struct Link {
-    generation: u64,
-    // Kept for its lifetime: dropping the last handle closes the connection.
-    _connection: Connection,
-    channel: Channel,
-}
-
 /// A RabbitMQ broker, connected on first use and again after a failure.
 pub(super) struct AmqpBroker {
-    name: String,
     url: String,
-    uri: AMQPUri,
-    link: Mutex<Option<Arc<Link>>>,
-    generation: AtomicU64,
+    links: Links,
 }
 
 impl AmqpBroker {
@@ -60,51 +46,7 @@ impl AmqpBroker {
         if let Some(secret) = password {
             uri.authority.userinfo.password = secret.expose_secret().to_owned();
         }
-        Ok(AmqpBroker {
-            name: name.to_owned(),
-            url: url.to_owned(),
-            uri,
-            link: Mutex::new(None),
-            generation: AtomicU64::new(0),
-        })
-    }
-
-    /// The open channel, connecting now if there is none or it broke.
-    async fn link(&self) -> Result<Arc<Link>, HandlerError> {
-        let mut slot = self.link.lock().await;
-        if let Some(link) = slot.as_ref() {
-            if link.channel.status().connected() {
-                return Ok(Arc::clone(link));
-            }
-            *slot = None;
-        }
-        let url = &self.url;
-        let properties =
-            ConnectionProperties::default().with_connection_name(format!("post-save {}", self.name).into());
-        let connection = Connection::connect_uri(self.uri.clone(), properties).await.map_err(|e| {
-            HandlerError::retry(format!("cannot connect to the celery broker {url}: {e}")).with_source(e)
-        })?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| HandlerError::retry(format!("cannot open a channel on {url}: {e}")).with_source(e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| HandlerError::retry(format!("cannot turn on publisher confirms: {e}")).with_source(e))?;
-        tracing::info!(handler = %self.name, url = %url, "connected to the celery broker");
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        let link = Arc::new(Link { generation, _connection: connection, channel });
-        *slot = Some(Arc::clone(&link));
-        Ok(link)
-    }
-
-    /// Drops connection `generation` if it is still the current one.
-    async fn forget(&self, generation: u64) {
-        let mut slot = self.link.lock().await;
-        if slot.as_ref().is_some_and(|l| l.generation == generation) {
-            *slot = None;
-        }
+        Ok(AmqpBroker { url: url.to_owned(), links: Links::new(name, uri, format!("the celery broker {url}"), None) })
     }
 
     /// Publishes the task to `queue` and waits for the broker's confirm.
@@ -121,7 +63,7 @@ impl AmqpBroker {
             .with_priority(0)
             .with_correlation_id(short("task id", &message.id)?);
         let routing_key = short("queue", queue)?;
-        let link = self.link().await?;
+        let link = self.links.get().await?;
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let sent =
             link.channel.basic_publish("".into(), routing_key, options, message.body.as_bytes(), properties).await;
@@ -139,7 +81,7 @@ impl AmqpBroker {
             Ok(Confirmation::NotRequested) => Err(HandlerError::failed("the channel is not in confirm mode")),
             Err(e) => {
                 // A channel or connection error closes what it broke: the next attempt starts over.
-                self.forget(link.generation).await;
+                self.links.forget(&link).await;
                 Err(HandlerError::retry(format!("cannot publish on the celery broker {}: {e}", self.url))
                     .with_source(e))
             }
