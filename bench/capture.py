@@ -1667,6 +1667,31 @@ def pipeline_teardown(ctx: Ctx, pm: PipelineMode, rec: dict) -> None:
             rec.setdefault("cleanup_error", str(e))
 
 
+def pipeline_failed(rec: dict, e: Exception, proc: Optional[subprocess.Popen],
+                    log_path: Path) -> None:
+    """Records why a pipeline step failed, with the end of the daemon's output if it ran."""
+    rec["ok"] = False
+    rec["error"] = str(e)
+    if proc is not None:
+        stop_process(proc)
+        tail = tail_of(log_path)
+        if tail:
+            rec["error"] += f"\n--- daemon output ---\n{tail}"
+
+
+def pipeline_step_end(ctx: Ctx, pm: PipelineMode, rec: dict, proc: Optional[subprocess.Popen],
+                      conn: Optional[PgConn]) -> None:
+    """Closes the step's connection, stops its daemon, drops its database; keeps its directory
+    (the daemon's log) only when the step failed."""
+    if conn is not None:
+        conn.close()
+    if proc is not None:
+        stop_process(proc)
+    pipeline_teardown(ctx, pm, rec)
+    if rec.get("ok"):
+        shutil.rmtree(ctx.dir, ignore_errors=True)
+
+
 def pipeline_latency(env: Env, pm: PipelineMode, seconds: int, scratch: Path) -> dict:
     """Save → handler latency at PIPELINE_RATE events/s; also the daemon's idle RSS."""
     cluster = env.cluster
@@ -1777,21 +1802,9 @@ def pipeline_latency(env: Env, pm: PipelineMode, seconds: int, scratch: Path) ->
             rec["daemon_cpu_s_per_10k"] = round(rec["daemon_cpu_s"] / rows * 10_000, 3)
         rec["ok"] = True
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
-        rec["ok"] = False
-        rec["error"] = str(e)
-        if proc is not None:
-            stop_process(proc)
-            tail = tail_of(log_path)
-            if tail:
-                rec["error"] += f"\n--- daemon output ---\n{tail}"
+        pipeline_failed(rec, e, proc, log_path)
     finally:
-        if conn is not None:
-            conn.close()
-        if proc is not None:
-            stop_process(proc)
-        pipeline_teardown(ctx, pm, rec)
-    if rec["ok"]:
-        shutil.rmtree(ctx.dir, ignore_errors=True)
+        pipeline_step_end(ctx, pm, rec, proc, conn)
     return rec
 
 
@@ -1975,21 +1988,9 @@ def pipeline_drain(env: Env, pm: PipelineMode, events: int, scratch: Path, case:
                                  f"{ledger_rows} ledger rows written")
         rec["ok"] = True
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
-        rec["ok"] = False
-        rec["error"] = str(e)
-        if proc is not None:
-            stop_process(proc)
-            tail = tail_of(log_path)
-            if tail:
-                rec["error"] += f"\n--- daemon output ---\n{tail}"
+        pipeline_failed(rec, e, proc, log_path)
     finally:
-        if conn is not None:
-            conn.close()
-        if proc is not None:
-            stop_process(proc)
-        pipeline_teardown(ctx, pm, rec)
-    if rec["ok"]:
-        shutil.rmtree(ctx.dir, ignore_errors=True)
+        pipeline_step_end(ctx, pm, rec, proc, conn)
     return rec
 
 
