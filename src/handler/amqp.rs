@@ -27,7 +27,6 @@
 
 use super::without_userinfo;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -135,7 +134,6 @@ fn parse_uri(url: &str) -> Result<AMQPUri, String> {
 
 /// One connection and its confirm-mode channel.
 pub(crate) struct Link {
-    generation: u64,
     // Kept for its lifetime: dropping the last handle closes the connection.
     _connection: Connection,
     pub(crate) channel: Channel,
@@ -152,20 +150,12 @@ pub(crate) struct Links {
     /// An exchange to declare (durable, topic) on every new connection before it is used.
     declare: Option<String>,
     slot: Mutex<Option<Arc<Link>>>,
-    generation: AtomicU64,
 }
 
 impl Links {
     /// Links for handler `handler` to the broker at `uri`; does not connect.
     pub(crate) fn new(handler: &str, uri: AMQPUri, broker: String, declare: Option<String>) -> Links {
-        Links {
-            connection_name: format!("post-save {handler}"),
-            uri,
-            broker,
-            declare,
-            slot: Mutex::new(None),
-            generation: AtomicU64::new(0),
-        }
+        Links { connection_name: format!("post-save {handler}"), uri, broker, declare, slot: Mutex::new(None) }
     }
 
     /// The open channel, connecting now if there is none or it broke.
@@ -200,8 +190,7 @@ impl Links {
                 })?;
         }
         tracing::info!(connection = %self.connection_name, broker = %broker, "connected");
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        let link = Arc::new(Link { generation, _connection: connection, channel });
+        let link = Arc::new(Link { _connection: connection, channel });
         *slot = Some(Arc::clone(&link));
         Ok(link)
     }
@@ -209,7 +198,9 @@ impl Links {
     /// Drops `link`'s connection if it is still the current one: the next attempt opens a new one.
     pub(crate) async fn forget(&self, link: &Link) {
         let mut slot = self.slot.lock().await;
-        if slot.as_ref().is_some_and(|l| l.generation == link.generation) {
+        // the caller's handle keeps `link` alive, so the current one is at the same address only
+        // if it is the same link
+        if slot.as_deref().is_some_and(|current| std::ptr::eq(current, link)) {
             *slot = None;
         }
     }
