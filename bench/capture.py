@@ -680,6 +680,9 @@ def postsave_wal_teardown(ctx: Ctx) -> None:
     slot_teardown(postsave_wal_slot(ctx))(ctx)
 
 
+# busy_poll values (ms) of the opt-in arms postsave_durable_poll<ms>
+BUSY_POLL_ARMS_MS = (10, 20, 50)
+
 ARMS: list[Arm] = [
     Arm("plain", "no capture: the baseline of every ratio", triggers=False),
     Arm("naive_notify",
@@ -740,7 +743,7 @@ ARMS: list[Arm] = [
           setup=postsave_setup("durable", daemon_extra=f'busy_poll = "{ms}ms"'),
           background=postsave_run_argv, ready=postsave_ready, drained=postsave_drained,
           captured=POSTSAVE_CAPTURED_SQL, available=postsave_available)
-      for ms in (10, 20, 50)],
+      for ms in BUSY_POLL_ARMS_MS],
     # experiment (OPT_IN_ARMS): per-row INSERT capture in notify mode
     Arm("postsave_notify_row",
         "post-save, notify, insert_capture = \"row\" (INSERT captured per row, not per statement)",
@@ -754,8 +757,8 @@ ARMS: list[Arm] = [
 ]
 
 # Arms that run only when named in --arms (experiments.md says what they showed).
-OPT_IN_ARMS = {"postsave_notify_row", "pgoutput_floor", "postsave_durable_poll10",
-               "postsave_durable_poll20", "postsave_durable_poll50"}
+OPT_IN_ARMS = {"postsave_notify_row", "pgoutput_floor",
+               *(f"postsave_durable_poll{ms}" for ms in BUSY_POLL_ARMS_MS)}
 
 # --- lean trigger variants (experiments.md, "Lean trigger variants") ---------------------------
 #
