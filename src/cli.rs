@@ -334,7 +334,11 @@ async fn triggers_command(global: &Global, command: &TriggersCommand) -> Result<
         TriggersCommand::Install => {
             db::migrate(&mut client).await?;
             let sql = triggers::install(&mut client, &config).await.map_err(trigger_error)?;
-            eprintln!("triggers installed on {} tables", config.watches.len());
+            if sql.is_empty() {
+                eprintln!("triggers already match the config ({} tables): nothing changed", config.watches.len());
+            } else {
+                eprintln!("triggers installed on {} tables", config.watches.len());
+            }
             tracing::debug!(sql = %sql, "trigger DDL");
             Ok(0)
         }

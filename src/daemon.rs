@@ -249,6 +249,7 @@ impl Daemon {
             heartbeat: self.heartbeat,
             retrying: Arc::default(),
             lease: lease.clone(),
+            parts: std::sync::Mutex::default(),
         };
 
         {

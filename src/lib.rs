@@ -48,6 +48,7 @@ mod ledger;
 mod listener;
 mod metrics;
 pub mod name;
+mod parts;
 pub mod registry;
 mod router;
 pub mod stats;

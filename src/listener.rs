@@ -178,6 +178,8 @@ pub(crate) struct Listener {
     pub retrying: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
     /// The dispatch lease, when several daemons share the database (`daemon.lease`).
     pub lease: Option<Arc<crate::lease::Lease>>,
+    /// Notify-mode rows arriving in parts.
+    pub parts: std::sync::Mutex<crate::parts::Joiner>,
 }
 
 /// How often the dead-letter list is checked for retries an operator requested.
@@ -408,14 +410,31 @@ impl Listener {
                 Ok(Notice::Sweep) => sweep = true,
                 Ok(Notice::Event(event)) => self.accept_notify_events(work, vec![*event]).await?,
                 Ok(Notice::Events(events)) => self.accept_notify_events(work, events).await?,
-                Err(reason) => {
-                    Stats::bump(&self.stats.invalid);
-                    let total = self.stats.invalid.load(std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(%reason, payload = %excerpt(&payload), invalid_total = total, "skipped a notification that is not an event");
+                Ok(Notice::Part(part)) => {
+                    let (lost, joined) = self.parts.lock().expect("the parts joiner is never poisoned").push(part);
+                    if let Some(reason) = lost {
+                        self.skip_invalid(&reason, &payload);
+                    }
+                    match joined.and_then(|joined| match joined {
+                        crate::parts::Joined::More => Ok(None),
+                        crate::parts::Joined::Note(note) => decode_notice(&note, using).map(Some),
+                    }) {
+                        Ok(Some(Notice::Events(events))) => self.accept_notify_events(work, events).await?,
+                        Ok(_) => {}
+                        Err(reason) => self.skip_invalid(&reason, &payload),
+                    }
                 }
+                Err(reason) => self.skip_invalid(&reason, &payload),
             }
         }
         Ok((wake, sweep))
+    }
+
+    /// Counts and logs a notification that carries no event.
+    fn skip_invalid(&self, reason: &crate::event::DecodeError, payload: &str) {
+        Stats::bump(&self.stats.invalid);
+        let total = self.stats.invalid.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(%reason, payload = %excerpt(payload), invalid_total = total, "skipped a notification that is not an event");
     }
 
     /// Dispatches every ledger event past the cursor (and in its gaps), page by page. Returns

@@ -96,7 +96,13 @@ pub fn quote_ident(ident: &str) -> String {
 /// Quotes a string literal for SQL text (`standard_conforming_strings = on`, the default since
 /// PostgreSQL 9.1): `it's` → `'it''s'`.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    // As PostgreSQL's own quote_literal: with a backslash, an E'' string whose backslashes are
+    // doubled means the same text whatever `standard_conforming_strings` says.
+    if text.contains('\\') {
+        format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", text.replace('\'', "''"))
+    }
 }
 
 /// A `text[]` array literal (`{"a","b c"}`), for trigger arguments.

@@ -120,8 +120,13 @@ async fn updates_and_deletes_carry_their_fields_and_old_row_and_redact() {
                  UPDATE payment SET amount = 11, card_number = '5555'; \
                  UPDATE payment SET memo = repeat('z', 20000)";
     let notes = notes_of(&db, &format!("{saves}; DELETE FROM payment"));
-    assert_eq!(notes.len(), 4);
-    assert!(notes.iter().all(|n| !n.contains("4242") && !n.contains("5555")));
+    // the 20 kB row deleted travels in parts of under 8000 bytes
+    assert_eq!(notes.len(), 3 + 4, "{} notes", notes.len());
+    assert!(notes.iter().all(|n| n.len() < 8000));
+    // what the notes carry of the row (not their heads, whose txids and times can hold any
+    // digits), part data decoded
+    let rows: Vec<String> = notes.iter().map(|n| row_text(n)).collect();
+    assert!(rows.iter().all(|r| !r.contains("4242") && !r.contains("5555")), "a card number was sent");
     let mut daemon = start(&db, config).await;
     db.psql_ok(saves);
     let mut events = daemon.take(3).await;
@@ -145,6 +150,52 @@ async fn updates_and_deletes_carry_their_fields_and_old_row_and_redact() {
     assert_eq!(events[3].op, Op::Delete);
     assert_eq!(events[3].signal, post_save::Signal::PostDelete);
     assert_eq!(events[3].instance["amount"], 11);
+    daemon.stop().await;
+}
+
+/// The part of a note that carries rows: without its head, a part's data decoded.
+fn row_text(note: &str) -> String {
+    use base64::Engine as _;
+    let mut value: serde_json::Value = serde_json::from_str(note).expect("a note is JSON");
+    let map = value.as_object_mut().expect("a note is an object");
+    map.remove("head");
+    match map.remove("data") {
+        Some(data) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_str().unwrap()).unwrap();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        None => value.to_string(),
+    }
+}
+
+/// A deleted row over NOTIFY's limit cannot be read again by its key: it travels in parts, and
+/// its event carries the whole row.
+#[tokio::test]
+async fn a_deleted_row_over_the_limit_arrives_whole() {
+    let db = TestDb::new().await;
+    db.psql_ok("CREATE TABLE doc (id int PRIMARY KEY, body text, tag text)");
+    let config = config(
+        "[[watch]]\ntable = \"doc\"\nmode = \"notify\"\noperations = [\"insert\", \"delete\"]\nredact = [\"tag\"]\n",
+    );
+    install(&db, &config).await;
+    // 20 kB of multi-byte text (parts split it inside characters), then one row of 200 kB
+    db.psql_ok(
+        "INSERT INTO doc VALUES (1, repeat('é', 10000), 'secret'), (2, repeat('x', 200000), 'secret'), (3, 'small', 'secret')",
+    );
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("DELETE FROM doc WHERE id IN (1, 2); DELETE FROM doc WHERE id = 3");
+    let events = daemon.take(3).await;
+    let by_id: HashMap<i64, &SaveEvent> = events.iter().map(|e| (e.pk["id"].as_i64().unwrap(), e)).collect();
+    for e in &events {
+        assert_eq!(e.op, Op::Delete);
+        assert!(!e.reread, "a deleted row is never re-read");
+        assert!(e.instance.get("tag").is_none(), "redacted");
+    }
+    assert_eq!(by_id[&1].instance["body"].as_str().map(|b| b.chars().count()), Some(10_000));
+    assert!(by_id[&1].instance["body"].as_str().unwrap().chars().all(|c| c == 'é'));
+    assert_eq!(by_id[&2].instance["body"].as_str().map(str::len), Some(200_000));
+    assert_eq!(by_id[&3].instance["body"], "small");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 }
 

@@ -115,7 +115,7 @@ async fn bump_counter(db: &TestDb, max_depth: Option<u32>) -> (Vec<SaveEvent>, i
                 let id = event.pk["id"].as_i64().unwrap_or_default() as i32;
                 client
                     .batch_execute(&format!(
-                        "BEGIN; SELECT set_config('post_save.origin', '{origin}', true);
+                        "BEGIN; SELECT post_save.set_origin('{origin}');
                          UPDATE counter SET n = n + 1 WHERE id = {id}; COMMIT;"
                     ))
                     .await

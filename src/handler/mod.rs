@@ -135,8 +135,9 @@ where
     }
 }
 
-/// The value a handler sets as `post_save.origin` (transaction-local) before it writes to the
-/// database, so the saves it causes carry it in their `origin` field: `<handler>@<depth>`, where
+/// The value a handler marks its own writes with, `SELECT post_save.set_origin($1)` in the
+/// transaction before it writes (a bare `set_config('post_save.origin', …)` is not believed),
+/// so the saves it causes carry it in their `origin` field: `<handler>@<depth>`, where
 /// depth is 1 for a write caused by an ordinary save and one more than the event's own depth
 /// when the event was itself caused by a handler. The router uses it to stop loops (see
 /// `max_depth` of a handler).

@@ -17,7 +17,8 @@
 //! pool_size = 4
 //! ```
 //!
-//! Each event runs `BEGIN`, `SELECT set_config('post_save.origin', '<handler>@<depth>', true)`,
+//! Each event runs `BEGIN`, `SELECT post_save.set_origin('<handler>@<depth>')` (or `set_config`
+//! where the handler's role may not run it),
 //! the statement (prepared once per connection), `COMMIT`. The origin marks the saves the
 //! statement causes, so when the handler writes to a table it watches, the resulting events do
 //! not come back to it (or only `max_depth` levels deep): no loops.
@@ -77,13 +78,30 @@ use crate::expr::{EventContext, Expr};
 /// Connections per handler when `pool_size` is not given.
 const DEFAULT_POOL_SIZE: usize = 4;
 
-/// Marks the saves of the handler's transaction with its origin.
+/// Marks the saves of the handler's transaction with its origin, in a database without
+/// post-save's schema (or where the handler's role may not run `post_save.set_origin`).
 /// On a server that writes logical WAL, the origin also goes into the WAL as a transactional
-/// message, which is how `capture = "wal"` learns it.
+/// message, which is how `capture = "wal"` learns it (the function is found by name: its
+/// signature gained an argument in PostgreSQL 17).
 const SET_ORIGIN: &str = "SELECT set_config('post_save.origin', $1::text, true), \
      CASE WHEN current_setting('wal_level') = 'logical' \
-           AND has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'execute') \
+          AND (SELECT coalesce(bool_or(has_function_privilege(p.oid, 'execute')), false) \
+            FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message' \
+             AND p.pronamespace = 'pg_catalog'::regnamespace AND p.proargtypes[2] = 'text'::regtype) \
           THEN pg_logical_emit_message(true, 'post_save.origin', $1::text) END";
+
+/// The same where `post_save.set_origin` may be run: it also sets the key the trigger capture
+/// asks for before it believes a save's origin (a plain writer cannot forge the mark).
+const SET_KEYED_ORIGIN: &str = "SELECT post_save.set_origin($1::text), \
+     CASE WHEN current_setting('wal_level') = 'logical' \
+          AND (SELECT coalesce(bool_or(has_function_privilege(p.oid, 'execute')), false) \
+            FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message' \
+             AND p.pronamespace = 'pg_catalog'::regnamespace AND p.proargtypes[2] = 'text'::regtype) \
+          THEN pg_logical_emit_message(true, 'post_save.origin', $1::text) END";
+
+/// Whether the handler's role may run `post_save.set_origin` in its database.
+const CAN_SET_KEYED_ORIGIN: &str =
+    "SELECT coalesce(has_function_privilege(to_regprocedure('post_save.set_origin(text)'), 'execute'), false)";
 
 /// Options of an `sql` handler.
 #[derive(Debug, Clone)]
@@ -210,6 +228,7 @@ impl SqlOptions {
             statement: self.statement.clone(),
             params: self.params.clone(),
             pool,
+            keyed_origin: tokio::sync::OnceCell::new(),
         }))
     }
 }
@@ -255,6 +274,8 @@ pub struct SqlHandler {
     statement: String,
     params: Vec<Expr>,
     pool: Pool,
+    /// Whether the database has `post_save.set_origin` for this role: asked once.
+    keyed_origin: tokio::sync::OnceCell<bool>,
 }
 
 impl SqlHandler {
@@ -271,7 +292,13 @@ impl SqlHandler {
     /// One transaction: origin, statement, commit. Returns the rows the statement affected.
     async fn run(&self, client: &mut Object, event: &SaveEvent, values: &[Value]) -> Result<u64, HandlerError> {
         let tx = client.transaction().await.map_err(|e| db_failure("BEGIN", e))?;
-        let set_origin = tx.prepare_cached(SET_ORIGIN).await.map_err(|e| db_failure("setting the origin", e))?;
+        let keyed = *self
+            .keyed_origin
+            .get_or_try_init(|| async { tx.query_one(CAN_SET_KEYED_ORIGIN, &[]).await.map(|r| r.get::<_, bool>(0)) })
+            .await
+            .map_err(|e| db_failure("setting the origin", e))?;
+        let sql = if keyed { SET_KEYED_ORIGIN } else { SET_ORIGIN };
+        let set_origin = tx.prepare_cached(sql).await.map_err(|e| db_failure("setting the origin", e))?;
         tx.execute(&set_origin, &[&origin_for(&self.name, event)])
             .await
             .map_err(|e| db_failure("setting the origin", e))?;

@@ -1,0 +1,714 @@
+//! The PL/pgSQL of a table's capture: its function (from `sql/capture_table.sql`), its
+//! triggers, and the statement `post-save backfill` runs.
+//!
+//! The generated function names no column in code: it reads `NEW` and `OLD` whole, as JSON,
+//! and compares values as JSON, so an `ALTER TABLE` or a column type without an `=` operator
+//! (hstore, PostGIS, a user type) can never make the user's write fail. Column names appear only
+//! as data: the key, redacted and watched columns, and the table's columns at install time for
+//! the UPDATE diff's fast path. A name made stale by a rename is found again by attribute number
+//! (`post_save.column_names`); a changed column the function does not know sends the diff to
+//! `post_save.changed_columns`.
+
+use crate::config::{InsertCapture, Mode, Watch};
+use crate::name::{array_literal, quote_ident, quote_literal};
+
+use super::{CAPTURE_FORMAT, CHUNK, TableShape, function_name};
+
+/// The template of a table's capture function.
+const TEMPLATE: &str = include_str!("../../sql/capture_table.sql");
+
+/// NOTIFY's payload limit: a payload must be shorter.
+const NOTE_LIMIT: usize = 8000;
+
+/// A saved row whose JSON is longer than this travels in a note of its own (or by reference);
+/// shorter ones are packed together, so a note stays under [`NOTE_LIMIT`].
+const NOTE_ROW_MAX: usize = 1000;
+
+/// The writer's clock in UTC, whatever the session's `TimeZone`: a `timestamp`, which JSON
+/// writes without an offset (the daemon adds `+00:00`).
+const AT_UTC: &str = "v_at AT TIME ZONE 'UTC'";
+
+/// One trigger of a capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TriggerSpec {
+    /// Its name.
+    pub name: &'static str,
+    /// `pg_trigger.tgtype`: what fires it, and when.
+    pub tgtype: i16,
+    /// `pg_trigger.tgenabled`: `A` always, `O` unless replicating, `R` only when replicating.
+    pub enabled: char,
+    /// The function it runs: the table's capture, or the shared statement trigger.
+    pub shared_function: bool,
+    /// The transition table it references (`REFERENCING NEW TABLE AS …`).
+    pub new_table: Option<&'static str>,
+}
+
+// pg_trigger.tgtype bits
+const ROW: i16 = 1;
+const BEFORE: i16 = 2;
+const INSERT: i16 = 4;
+const DELETE: i16 = 8;
+const UPDATE: i16 = 16;
+
+/// The transition table a statement-level INSERT capture reads.
+const NEW_TABLE: &str = "post_save_new";
+
+impl TriggerSpec {
+    /// The `CREATE TRIGGER` and `ALTER TABLE … ENABLE` statements of this trigger on `table`.
+    pub fn create_sql(&self, table: &str, function: &str) -> String {
+        let when = if self.tgtype & BEFORE != 0 { "BEFORE" } else { "AFTER" };
+        let ops: Vec<&str> = [(INSERT, "INSERT"), (UPDATE, "UPDATE"), (DELETE, "DELETE")]
+            .iter()
+            .filter(|(bit, _)| self.tgtype & bit != 0)
+            .map(|(_, op)| *op)
+            .collect();
+        let referencing = self.new_table.map(|t| format!(" REFERENCING NEW TABLE AS {t}")).unwrap_or_default();
+        let level = if self.tgtype & ROW != 0 { "ROW" } else { "STATEMENT" };
+        let function = if self.shared_function { "post_save.capture_statement" } else { function };
+        let enable = match self.enabled {
+            'A' => "ENABLE ALWAYS",
+            'R' => "ENABLE REPLICA",
+            _ => "ENABLE",
+        };
+        let name = quote_ident(self.name);
+        format!(
+            "CREATE TRIGGER {name} {when} {} ON {table}{referencing}\n    FOR EACH {level} EXECUTE FUNCTION {function}();\n\
+             ALTER TABLE {table} {enable} TRIGGER {name};\n",
+            ops.join(" OR ")
+        )
+    }
+}
+
+/// Every trigger name a capture may use, for dropping the ones no longer wanted.
+pub(super) const TRIGGER_NAMES: [&str; 6] = [
+    "post_save_insert",
+    "post_save_insert_replica",
+    "post_save_update",
+    "post_save_delete",
+    "post_save_move_begin",
+    "post_save_move_end",
+];
+
+/// The triggers the capture of `watch` needs on its table.
+///
+/// A plain table's INSERT capture runs once per statement, which logical replication's apply
+/// worker never fires: a row trigger enabled only for replication (`R`) captures those rows, and
+/// the statement trigger is enabled for every other session (`O`). UPDATE and DELETE run per row,
+/// always. A partitioned table gets row triggers only (PostgreSQL clones them onto every
+/// partition, later ones too, and a statement trigger on the parent does not fire for a write
+/// made directly to a partition); when UPDATE is watched, its INSERT and DELETE row triggers also
+/// see rows moved between partitions, which the statement triggers mark.
+pub(super) fn trigger_specs(watch: &Watch, partitioned: bool) -> Vec<TriggerSpec> {
+    let ops = watch.operations;
+    let row = |name, tgtype| TriggerSpec {
+        name,
+        tgtype: ROW | tgtype,
+        enabled: 'A',
+        shared_function: false,
+        new_table: None,
+    };
+    let mut specs = Vec::new();
+    if partitioned {
+        if ops.insert || ops.update {
+            specs.push(row("post_save_insert", INSERT));
+        }
+        if ops.update {
+            specs.push(row("post_save_update", UPDATE));
+        }
+        if ops.delete || ops.update {
+            specs.push(row("post_save_delete", DELETE));
+        }
+        if ops.update {
+            let statement = |name, tgtype| TriggerSpec {
+                name,
+                tgtype: tgtype | UPDATE | DELETE,
+                enabled: 'A',
+                shared_function: true,
+                new_table: None,
+            };
+            specs.push(statement("post_save_move_begin", BEFORE));
+            specs.push(statement("post_save_move_end", 0));
+        }
+        return specs;
+    }
+    if ops.insert {
+        match watch.insert_capture {
+            InsertCapture::Statement => {
+                specs.push(TriggerSpec {
+                    name: "post_save_insert",
+                    tgtype: INSERT,
+                    enabled: 'O',
+                    shared_function: false,
+                    new_table: Some(NEW_TABLE),
+                });
+                specs.push(TriggerSpec { enabled: 'R', ..row("post_save_insert_replica", INSERT) });
+            }
+            InsertCapture::Row => specs.push(row("post_save_insert", INSERT)),
+        }
+    }
+    if ops.update {
+        specs.push(row("post_save_update", UPDATE));
+    }
+    if ops.delete {
+        specs.push(row("post_save_delete", DELETE));
+    }
+    specs
+}
+
+/// The options written into each function as a JSON comment line, compared by `check` to say
+/// what changed.
+pub(super) fn options_line(watch: &Watch, shape: &TableShape) -> String {
+    let options = serde_json::json!({
+        "mode": watch.mode.as_str(),
+        "include_old": watch.include_old.to_string(),
+        "columns": array_literal(&watch.columns),
+        "redact": array_literal(&watch.redact),
+        "pk": array_literal(&shape.pk),
+        "insert_capture": watch.insert_capture.as_str(),
+        "format": CAPTURE_FORMAT,
+    });
+    format!("options: {options}")
+}
+
+/// The SQL that creates (or replaces) the capture function of `watch`.
+pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
+    let g = Generator::new(watch, shape);
+    let ops = watch.operations;
+    let moves = shape.partitioned && ops.update;
+    let insert = if shape.partitioned || watch.insert_capture == InsertCapture::Row || !ops.insert {
+        g.row_insert(ops.insert, moves)
+    } else {
+        // a statement trigger; the replica row trigger runs the same function
+        format!(
+            "        IF TG_LEVEL = 'ROW' THEN\n{}\n        ELSE\n{}\n        END IF;",
+            indent(&g.row_insert(true, false)),
+            indent(&g.statement_insert())
+        )
+    };
+    let declare = match watch.mode {
+        Mode::Durable => "",
+        Mode::Notify => {
+            "\n    v_item   text;\n    v_room   integer;\n    v_big    bigint;\n    v_bytes  bytea;\n    v_parts  integer;\n    v_part   text;"
+        }
+    };
+    let wake = match watch.mode {
+        // A function call, not a query: PL/pgSQL evaluates it without starting an executor.
+        Mode::Durable => {
+            "    IF v_rows > 0 AND pg_sequence_last_value('post_save.doorbell'::regclass) > 0 THEN\n        \
+                          PERFORM pg_notify('post_save', '{\"wake\":\"ledger\"}');\n    END IF;"
+                .to_owned()
+        }
+        Mode::Notify => String::new(),
+    };
+    let body_parts = [
+        ("{{options}}", options_line(watch, shape)),
+        ("{{keys}}", text_array(&shape.pk)),
+        ("{{redact}}", text_array(&watch.redact)),
+        ("{{watch}}", text_array(&watch.columns)),
+        ("{{declare}}", declare.to_owned()),
+        ("{{insert}}", insert),
+        ("{{update}}", if ops.update { g.row_update() } else { "        NULL;".to_owned() }),
+        ("{{delete}}", g.row_delete(ops.delete, moves)),
+        ("{{wake}}", wake),
+    ];
+    let mut sql = TEMPLATE.replace("{{function}}", &function_name(&watch.table));
+    for (slot, text) in body_parts {
+        sql = sql.replace(slot, &text);
+    }
+    let tag = dollar_tag(&sql);
+    sql.replace("{{tag}}", &tag)
+}
+
+/// A dollar-quote tag that does not occur in `body`: `$capture$`, or `$capture_<n>$` when a name
+/// in the body contains that.
+fn dollar_tag(body: &str) -> String {
+    (0..)
+        .map(|n| if n == 0 { "$capture$".to_owned() } else { format!("$capture_{n}$") })
+        .find(|tag| !body.contains(tag.as_str()))
+        .expect("some tag is free")
+}
+
+/// The body of a function created with a dollar-quoted body, as `pg_proc.prosrc` holds it.
+pub(super) fn body_of(sql: &str) -> &str {
+    let Some(start) = sql.find("\nAS $capture") else { return "" };
+    let rest = &sql[start + 4..];
+    let Some(tag_end) = rest[1..].find('$') else { return "" };
+    let tag = &rest[..tag_end + 2];
+    let body = &rest[tag.len()..];
+    body.find(tag).map_or("", |end| &body[..end])
+}
+
+/// A `text[]` literal of `items`.
+fn text_array(items: &[String]) -> String {
+    format!("{}::text[]", quote_literal(&array_literal(items)))
+}
+
+/// A `smallint[]` literal of attribute numbers.
+fn num_array(nums: &[i16]) -> String {
+    let nums: Vec<String> = nums.iter().map(i16::to_string).collect();
+    format!("'{{{}}}'::smallint[]", nums.join(","))
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+struct Generator<'a> {
+    watch: &'a Watch,
+    shape: &'a TableShape,
+    sender: String,
+}
+
+impl<'a> Generator<'a> {
+    fn new(watch: &'a Watch, shape: &'a TableShape) -> Self {
+        Generator { watch, shape, sender: quote_literal(&watch.table.to_string()) }
+    }
+
+    /// The relation whose attribute numbers the function was generated with.
+    fn rel(&self) -> &'static str {
+        if self.shape.partitioned { "coalesce(pg_partition_root(TG_RELID)::oid, TG_RELID)" } else { "TG_RELID" }
+    }
+
+    fn attnums(&self, names: &[String]) -> Vec<i16> {
+        names.iter().map(|n| self.shape.columns.iter().find(|c| &c.name == n).map_or(0, |c| c.num)).collect()
+    }
+
+    /// The current names of the key, redacted and watched columns, by attribute number.
+    fn resolve_lists(&self, with_watch: bool) -> String {
+        let mut sql = format!(
+            "v_keys := post_save.column_names({rel}, v_keys, {nums});\n",
+            rel = self.rel(),
+            nums = num_array(&self.attnums(&self.shape.pk))
+        );
+        for (var, list) in [("v_redact", &self.watch.redact), ("v_watch", &self.watch.columns)] {
+            if !list.is_empty() && (with_watch || var != "v_watch") {
+                sql.push_str(&format!(
+                    "{var} := post_save.column_names({rel}, {var}, {nums});\n",
+                    rel = self.rel(),
+                    nums = num_array(&self.attnums(list))
+                ));
+            }
+        }
+        sql
+    }
+
+    /// Per row: the names are current when `row` has every one of them (a jsonb key test);
+    /// otherwise a rename made one stale.
+    fn resolve_from(&self, row: &str) -> String {
+        let mut names: Vec<String> = self.shape.pk.clone();
+        names.extend(self.watch.redact.iter().cloned());
+        names.extend(self.watch.columns.iter().cloned());
+        names.sort();
+        names.dedup();
+        format!(
+            "        IF NOT ({row} ?& {}) THEN\n{}        END IF;\n",
+            text_array(&names),
+            self.resolve_lists(true).lines().map(|l| format!("            {l}\n")).collect::<String>()
+        )
+    }
+
+    /// What the events of one ledger row (or note) share; `keys` tells the daemon where a
+    /// set-based INSERT's rows keep their key.
+    fn head_sql(&self) -> String {
+        format!(
+            "        v_head := json_build_object('raw', v_raw, 'txid', v_txid, 'at', {AT_UTC}, 'actor', v_actor,\n                                    'origin', v_origin, 'keys', to_json(v_keys));\n"
+        )
+    }
+
+    /// The primary key of a row image, in key order.
+    fn pk(&self, row: &str) -> String {
+        let n = self.shape.pk.len();
+        let pairs: Vec<String> = (1..=n).map(|i| format!("v_keys[{i}], {row} -> v_keys[{i}]")).collect();
+        format!(
+            "CASE WHEN cardinality(v_keys) = {n} THEN json_build_object({}) ELSE post_save.key_of({row}, v_keys) END",
+            pairs.join(", ")
+        )
+    }
+
+    /// The row as JSON, redacted columns left out: `record` is `NEW` or `OLD` when the row is
+    /// one, `image` its jsonb.
+    fn instance(&self, record: Option<&str>, image: &str) -> String {
+        match record {
+            Some(record) if self.watch.redact.is_empty() => format!("row_to_json({record})"),
+            _ if self.watch.redact.is_empty() => format!("{image}::json"),
+            _ => format!("({image} - v_redact)::json"),
+        }
+    }
+
+    /// INSERT, per statement: every new row, set-based.
+    fn statement_insert(&self) -> String {
+        let mut names: Vec<String> = self.shape.pk.clone();
+        names.extend(self.watch.redact.iter().cloned());
+        names.sort();
+        names.dedup();
+        // The first row tells whether a key or redacted column was renamed since install.
+        let current =
+            format!("coalesce((SELECT to_jsonb(f.*) ?& {} FROM {NEW_TABLE} f LIMIT 1), true)", text_array(&names));
+        let mut resolve = String::new();
+        for line in self.resolve_lists(false).lines() {
+            resolve.push_str(&format!("            {line}\n"));
+        }
+        if self.watch.mode == Mode::Durable {
+            // The check rides in the first chunk's INSERT (one query, not two); the rest of a
+            // big statement is read after the names are settled the plain way.
+            let resolved = |var: &str, list: &[String]| {
+                format!(
+                    "CASE WHEN {current} THEN {var} ELSE post_save.column_names({rel}, {var}, {nums}) END",
+                    rel = self.rel(),
+                    nums = num_array(&self.attnums(list))
+                )
+            };
+            let mut k = format!("{} AS keys", resolved("v_keys", &self.shape.pk));
+            if !self.watch.redact.is_empty() {
+                k.push_str(&format!(", {} AS redact", resolved("v_redact", &self.watch.redact)));
+            }
+            let group = if self.watch.redact.is_empty() { "k.keys" } else { "k.keys, k.redact" };
+            return format!(
+                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
+                 SELECT {sender}, 'insert', count(*),\n               \
+                 json_build_object('raw', v_raw, 'txid', v_txid, 'at', {AT_UTC}, 'actor', v_actor,\n                                 \
+                 'origin', v_origin, 'keys', to_json(k.keys)),\n               \
+                 json_agg(e.item)\n          \
+                 FROM (SELECT {k}) k,\n               \
+                 LATERAL (SELECT {first} AS item FROM {NEW_TABLE} n LIMIT {CHUNK}) e\n         \
+                 GROUP BY {group}\n        \
+                 RETURNING n, head INTO v_rows, v_head;\n        \
+                 IF v_rows = {CHUNK} THEN\n            \
+                 IF NOT {current} THEN\n\
+                 {resolve}            \
+                 END IF;\n            \
+                 INSERT INTO post_save.event (sender, op, n, head, rows)\n            \
+                 SELECT {sender}, 'insert', count(*), v_head, json_agg(e.item)\n              \
+                 FROM (SELECT {rest} AS item, (row_number() OVER () - 1) / {CHUNK} AS chunk\n                      \
+                 FROM (SELECT * FROM {NEW_TABLE} OFFSET {CHUNK}) n) e\n             \
+                 GROUP BY e.chunk;\n        \
+                 END IF;\n        \
+                 v_rows := coalesce(v_rows, 0);",
+                sender = self.sender,
+                first = self.insert_item("k.keys", "k.redact"),
+                rest = self.insert_item("v_keys", "v_redact"),
+            );
+        }
+        let mut sql = format!("        IF NOT {current} THEN\n{resolve}        END IF;\n");
+        sql.push_str(&self.head_sql());
+        let item = self.insert_item("v_keys", "v_redact");
+        let body = match self.watch.mode {
+            Mode::Durable => unreachable!("returned above"),
+            // Rows of at most NOTE_ROW_MAX bytes are packed into notes by a running sum of
+            // their lengths: a note holds less than `v_room` plus one row. Longer rows, which
+            // are rare, are sent one by one, by reference when even that is too long.
+            Mode::Notify => format!(
+                "        v_note := {start};\n        \
+                 v_room := {room} - octet_length(v_note);\n        \
+                 IF v_room <= 0 THEN\n            \
+                 {too_big}\n            \
+                 RETURN NULL;\n        \
+                 END IF;\n        \
+                 SELECT count(*) FILTER (WHERE c.chunk < 0) INTO v_big\n          \
+                 FROM (SELECT r.chunk, CASE WHEN r.chunk >= 0 THEN pg_notify('post_save', v_note || ',\"rows\":[' || string_agg(r.item, ',') FILTER (WHERE r.chunk >= 0) || ']}}') END\n                  \
+                 FROM (SELECT r.item, CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX}\n                                \
+                 THEN sum(CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX} THEN octet_length(r.item) + 1 END) OVER w / v_room\n                                \
+                 ELSE -1 END AS chunk\n                          \
+                 FROM (SELECT ({item})::text AS item FROM {NEW_TABLE} n) r\n                        \
+                 WINDOW w AS (ROWS UNBOUNDED PRECEDING)) r\n                 \
+                 GROUP BY r.chunk) c;\n        \
+                 IF v_big > 0 THEN\n            \
+                 PERFORM pg_notify('post_save', e.note)\n               \
+                 FROM (SELECT CASE WHEN octet_length(v_note) + octet_length(b.post_save_item) < {fits}\n                                 \
+                 THEN v_note || ',\"rows\":[' || b.post_save_item || ']}}'\n                                 \
+                 ELSE v_note || ',\"reread\":true,\"pk\":' || b.post_save_pk || '}}' END AS note\n                       \
+                 FROM (SELECT ({item})::text AS post_save_item, post_save.key_of(to_jsonb(n.*), v_keys)::text AS post_save_pk\n                               \
+                 FROM {NEW_TABLE} n OFFSET 0) b\n                      \
+                 WHERE octet_length(b.post_save_item) > {NOTE_ROW_MAX}) e\n              \
+                 WHERE octet_length(e.note) < {NOTE_LIMIT};\n        \
+                 END IF;",
+                start = self.note_start(Op::Insert),
+                // the note's start, `,"rows":[`, at most v_room + a row + its comma, `]}`
+                room = NOTE_LIMIT - 9 - (NOTE_ROW_MAX + 1) - 2 - 8,
+                fits = NOTE_LIMIT - 20,
+                too_big = self.too_big(),
+            ),
+        };
+        sql.push_str(&body);
+        sql
+    }
+
+    /// One row of a set-based INSERT capture: the instance alone, its primary key read from it
+    /// by the head's `keys`; the full `[pk, instance, old, update_fields]` item when a key column
+    /// is left out of the instance.
+    fn insert_item(&self, keys: &str, redact: &str) -> String {
+        let redacted = &self.watch.redact;
+        let instance = if redacted.is_empty() {
+            "row_to_json(n.*)".to_owned()
+        } else {
+            format!("(to_jsonb(n.*) - {redact})::json")
+        };
+        if self.shape.pk.iter().any(|c| redacted.contains(c)) {
+            return format!(
+                "json_build_array(post_save.key_of(to_jsonb(n.*), {keys}), {instance}, NULL::json, NULL::text[])"
+            );
+        }
+        instance
+    }
+
+    /// INSERT, per row (`insert_capture = "row"`, partitioned tables, rows applied by logical
+    /// replication). With `moves`, the INSERT half of a row moved between partitions is an
+    /// update; `captured` says whether plain inserts are.
+    fn row_insert(&self, captured: bool, moves: bool) -> String {
+        let mut insert = String::new();
+        if captured {
+            insert.push_str(&self.resolve_from("v_new"));
+            insert.push_str(&self.head_sql());
+            insert.push_str(&self.emit(
+                Op::Insert,
+                &self.pk("v_new"),
+                &self.instance(Some("NEW"), "v_new"),
+                "NULL::json",
+                "NULL::text[]",
+            ));
+        } else {
+            insert.push_str("        NULL;");
+        }
+        if !moves {
+            return format!("        v_new := to_jsonb(NEW);\n{insert}");
+        }
+        format!(
+            "        v_new := to_jsonb(NEW);\n        \
+             IF {moving} THEN\n            \
+             v_old := nullif(current_setting('post_save.moved', true), '')::jsonb;\n            \
+             PERFORM set_config('post_save.moved', '', true);\n        \
+             END IF;\n        \
+             IF v_old IS NOT NULL THEN\n\
+             {update}\n        \
+             ELSE\n\
+             {insert}\n        \
+             END IF;",
+            moving = self.moving(),
+            update = indent(&self.update_core(Some("NEW"), None)),
+            insert = indent(&insert),
+        )
+    }
+
+    /// Whether this row trigger runs for a row an UPDATE through the partitioned parent moves.
+    fn moving(&self) -> String {
+        let here = "coalesce(pg_partition_root(TG_RELID)::oid, TG_RELID)::text || ':' || pg_trigger_depth()";
+        format!(
+            "current_setting('post_save.moving', true) = {here}\n           \
+             AND current_setting('post_save.nomove', true) IS DISTINCT FROM {here}"
+        )
+    }
+
+    /// UPDATE, per row.
+    fn row_update(&self) -> String {
+        format!(
+            "        v_new := to_jsonb(NEW);\n        v_old := to_jsonb(OLD);\n{}",
+            self.update_core(Some("NEW"), Some("OLD"))
+        )
+    }
+
+    /// An update from `v_new` and `v_old` (and the row records, where the trigger has them).
+    fn update_core(&self, new_record: Option<&str>, old_record: Option<&str>) -> String {
+        let mut sql = self.resolve_from("v_new");
+        let diff: Vec<String> = self
+            .shape
+            .columns
+            .iter()
+            .map(|c| {
+                let name = quote_literal(&c.name);
+                format!("CASE WHEN v_new -> {name} IS DISTINCT FROM v_old -> {name} THEN {name} END")
+            })
+            .collect();
+        let known = if diff.is_empty() {
+            "ARRAY[]::text[]".to_owned()
+        } else {
+            format!("ARRAY[{}]::text[]", diff.join(",\n                                          "))
+        };
+        sql.push_str(&format!(
+            "        v_changed := array_remove({known}, NULL);\n        \
+             -- a column added or renamed since install changed too: ask the catalog\n        \
+             IF (v_new - v_changed) <> (v_old - v_changed) THEN\n            \
+             v_changed := post_save.changed_columns(TG_RELID, v_new, v_old);\n        \
+             END IF;\n        \
+             IF cardinality(v_changed) = 0 THEN\n            \
+             RETURN NULL;\n        \
+             END IF;\n"
+        ));
+        if !self.watch.columns.is_empty() {
+            sql.push_str("        IF NOT (v_changed && v_watch) THEN\n            RETURN NULL;\n        END IF;\n");
+        }
+        sql.push_str(&self.head_sql());
+        let old = if self.watch.include_old { self.instance(old_record, "v_old") } else { "NULL::json".to_owned() };
+        sql.push_str(&self.emit(Op::Update, &self.pk("v_new"), &self.instance(new_record, "v_new"), &old, "v_changed"));
+        sql
+    }
+
+    /// DELETE, per row. With `moves`, the DELETE half of a row moved between partitions is kept
+    /// for the INSERT half; `captured` says whether plain deletes are.
+    fn row_delete(&self, captured: bool, moves: bool) -> String {
+        let mut sql = String::new();
+        if moves {
+            sql.push_str(&format!(
+                "        IF {} THEN\n            \
+                 PERFORM set_config('post_save.moved', to_jsonb(OLD)::text, true);\n            \
+                 RETURN NULL;\n        \
+                 END IF;\n",
+                self.moving()
+            ));
+        }
+        if !captured {
+            sql.push_str("        NULL;");
+            return sql;
+        }
+        sql.push_str("        v_old := to_jsonb(OLD);\n");
+        sql.push_str(&self.resolve_from("v_old"));
+        sql.push_str(&self.head_sql());
+        sql.push_str(&self.emit(
+            Op::Delete,
+            &self.pk("v_old"),
+            &self.instance(Some("OLD"), "v_old"),
+            "NULL::json",
+            "NULL::text[]",
+        ));
+        sql
+    }
+
+    /// Writes one row's event: a ledger row, or a note.
+    fn emit(&self, op: Op, pk: &str, instance: &str, old: &str, changed: &str) -> String {
+        let name = op.name();
+        match self.watch.mode {
+            Mode::Durable => format!(
+                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
+                 VALUES ({sender}, '{name}', 1, v_head,\n                \
+                 json_build_array(json_build_array({pk}, {instance}, {old}, {changed})));\n        \
+                 v_rows := 1;",
+                sender = self.sender,
+            ),
+            Mode::Notify => {
+                // A row too big for one note: an insert or update is read again by its key; a
+                // deleted row cannot be, so it travels in parts the daemon joins.
+                let too_long = if op == Op::Delete {
+                    self.parts()
+                } else {
+                    format!(
+                        "v_note := v_note || ',\"reread\":true,\"pk\":' || ({pk})::text\n                      \
+                         || ',\"update_fields\":' || coalesce(to_json({changed})::text, 'null') || '}}';\n            \
+                         IF octet_length(v_note) < {NOTE_LIMIT} THEN\n                \
+                         PERFORM pg_notify('post_save', v_note);\n            \
+                         ELSE\n                \
+                         {too_big}\n            \
+                         END IF;",
+                        too_big = self.too_big(),
+                    )
+                };
+                format!(
+                    "        v_item := json_build_array({pk}, {instance}, {old}, {changed})::text;\n        \
+                     v_note := {start};\n        \
+                     IF octet_length(v_note) + octet_length(v_item) < {fits} THEN\n            \
+                     PERFORM pg_notify('post_save', v_note || ',\"rows\":[' || v_item || ']}}');\n        \
+                     ELSE\n            \
+                     {too_long}\n        \
+                     END IF;",
+                    start = self.note_start(op),
+                    fits = NOTE_LIMIT - 20,
+                )
+            }
+        }
+    }
+
+    /// Sends `v_item` in numbered parts: `…,"part":[i,n,"<txid>.<k>"],"data":"<base64>"}`. The
+    /// parts of one transaction reach the daemon together and in order; `k` counts the rows sent
+    /// in parts in this transaction, so the parts of two rows are never folded together.
+    fn parts(&self) -> String {
+        format!(
+            "v_part := v_txid || '.' || (coalesce(nullif(current_setting('post_save.part', true), ''), '0')::bigint + 1);\n            \
+             PERFORM set_config('post_save.part', split_part(v_part, '.', 2), true);\n            \
+             v_bytes := convert_to(v_item, 'UTF8');\n            \
+             -- bytes per part: three for every four base64 characters that fit\n            \
+             v_room := ({limit} - octet_length(v_note)) / 4 * 3;\n            \
+             IF v_room <= 0 THEN\n                \
+             {too_big}\n            \
+             ELSE\n                \
+             v_parts := (octet_length(v_bytes) + v_room - 1) / v_room;\n                \
+             FOR i IN 0 .. v_parts - 1 LOOP\n                    \
+             PERFORM pg_notify('post_save', v_note || ',\"part\":[' || i || ',' || v_parts || ',\"' || v_part || '\"],\"data\":\"'\n                        \
+             || translate(encode(substring(v_bytes FROM i * v_room + 1 FOR v_room), 'base64'), chr(10), '') || '\"}}');\n                \
+             END LOOP;\n            \
+             END IF;",
+            limit = NOTE_LIMIT - 100,
+            too_big = self.too_big(),
+        )
+    }
+
+    /// The start of a notify-mode note, as a SQL expression: `{"sender":…,"op":…,"head":{…}`.
+    /// The daemon reads a note as it reads a ledger row; the rest is `,"rows":[…]}`, for a row
+    /// too big for NOTIFY `,"reread":true,"pk":{…},"update_fields":…}`, or one of its parts.
+    fn note_start(&self, op: Op) -> String {
+        let start = format!(
+            "{{\"sender\":{},\"op\":\"{}\",\"head\":",
+            serde_json::Value::from(self.watch.table.to_string()),
+            op.name()
+        );
+        format!("{} || v_head::text", quote_literal(&start))
+    }
+
+    /// What a notify capture does when even a note without rows is over NOTIFY's limit (an
+    /// enormous `post_save.actor`): the save commits, its event is not sent, the client is told.
+    fn too_big(&self) -> String {
+        let message = format!(
+            "post-save: saves of {} not sent: their event head is over NOTIFY's {NOTE_LIMIT}-byte limit (is post_save.actor that long?)",
+            self.watch.table
+        );
+        format!("RAISE WARNING '%', {};", quote_literal(&message))
+    }
+}
+
+/// The statement `post-save backfill` runs: a synthetic `raw = true` insert event for every
+/// row of `watch`'s table matching `filter` (SQL, the operator's own; `TRUE` when absent),
+/// written to the ledger in chunks of [`CHUNK`] rows, in primary-key order. Returns the number
+/// of events through `RETURNING n`. Redacted columns are left out, as in the capture.
+pub fn backfill_sql(watch: &Watch, shape: &TableShape, filter: Option<&str>) -> String {
+    let order: Vec<String> = shape.pk.iter().map(|c| format!("n.{}", quote_ident(c))).collect();
+    let instance = if watch.redact.is_empty() {
+        "row_to_json(n.*)".to_owned()
+    } else {
+        format!("(to_jsonb(n.*) - {})::json", text_array(&watch.redact))
+    };
+    format!(
+        "INSERT INTO post_save.event (sender, op, n, head, rows)\n\
+         SELECT {sender}, 'insert', count(*), \
+                json_build_object('raw', true, 'txid', txid_current(), 'at', {at}, \
+                  'actor', json_build_object('role', current_user::text, 'application_name', current_setting('application_name'), \
+                    'client_addr', inet_client_addr(), 'pid', pg_backend_pid(), 'actor', 'post-save backfill'), \
+                  'origin', NULL), \
+                json_agg(e.item ORDER BY e.position)\n\
+           FROM (SELECT json_build_array(post_save.key_of(to_jsonb(n.*), {keys}), {instance}, NULL::json, NULL::text[]) AS item, \
+                        row_number() OVER (ORDER BY {order}) AS position\n\
+                   FROM {table} n WHERE ({filter})) e\n\
+          GROUP BY (e.position - 1) / {CHUNK}\n\
+          ORDER BY (e.position - 1) / {CHUNK}\n\
+         RETURNING n",
+        sender = quote_literal(&watch.table.to_string()),
+        at = AT_UTC.replace("v_at", "clock_timestamp()"),
+        keys = text_array(&shape.pk),
+        order = order.join(", "),
+        table = watch.table.quoted(),
+        filter = filter.unwrap_or("TRUE"),
+    )
+}
