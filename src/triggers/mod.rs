@@ -122,6 +122,19 @@ pub enum TriggerError {
          `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)"
     )]
     WalLevel(String),
+    /// A watched table was renamed or moved: installing the config as it is would leave it
+    /// without its capture.
+    #[error(
+        "table {from} was renamed or moved to {to}; its capture still runs, with sender {from}: set \
+         `table = {}` in its [[watch]] (and the handlers' `sender`), then install again",
+        serde_json::Value::from(config_name(to))
+    )]
+    Moved {
+        /// The name in the config.
+        from: TableName,
+        /// Its name now.
+        to: TableName,
+    },
     /// Another transaction held a watched table for the whole time install tried to lock it.
     #[error(
         "could not lock table {table} in {attempts} attempts: a long transaction holds it (see pg_locks and \
@@ -365,11 +378,21 @@ pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String
 pub async fn install(client: &mut Client, config: &Config) -> Result<String, TriggerError> {
     check_wal_level(&*client, config).await?;
     // Every table must exist before anything changes.
+    let mut found = installed(&*client).await?;
     let mut shapes = Vec::with_capacity(config.watches.len());
     for watch in &config.watches {
-        shapes.push(table_shape(&*client, watch).await?);
+        match table_shape(&*client, watch).await {
+            Ok(shape) => shapes.push(shape),
+            Err(TriggerError::NoTable(from)) => {
+                let ident = function_ident(&from);
+                return Err(match found.iter().find(|(_, have)| have.function == ident) {
+                    Some((to, _)) => TriggerError::Moved { from, to: to.clone() },
+                    None => TriggerError::NoTable(from),
+                });
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let mut found = installed(&*client).await?;
     let mut steps: Vec<(TableName, String)> = Vec::new();
     for (watch, shape) in config.watches.iter().zip(&shapes) {
         let have = found.remove(&watch.table);
