@@ -8,6 +8,11 @@
 //! but immune to a `post-save` binary in a shared target directory that another build made
 //! without the `celery` feature.
 //!
+//! Then a second Django project (`tests/python/django_migrate`, same venv) runs `manage.py
+//! migrate` on a watched table while its app keeps saving and `post-save run` runs (the binary:
+//! its handler is a `log` one, in every build): a migration that adds, drops and renames columns
+//! must fail no write and lose no save.
+//!
 //! Needs `python3` (the example's requirements are installed from PyPI into a private venv on
 //! first use, see [`shop_venv`]) and a Redis server on 127.0.0.1:6379. The test uses a Celery
 //! queue of its own, so tests running at the same time do not take each other's tasks.
@@ -16,8 +21,9 @@
 mod common;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +35,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::TestDb;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use support::{config, install, start, wait_for_sql};
+use serde_json::Value;
+use support::{BinaryDaemon, config, install, observer_handlers, start, wait_for_sql};
 use tempfile::TempDir;
 use tokio_postgres::config::Host;
 
@@ -206,9 +213,14 @@ fn manage(python: &Path, env: &[(String, String)], args: &[&str]) -> Command {
 /// The venv's Python in the example's directory, with `env` and nothing of the caller's database
 /// settings.
 fn python_command(python: &Path, env: &[(String, String)]) -> Command {
+    python_in(&example_dir(), python, env)
+}
+
+/// The venv's Python in `dir`, with `env` and nothing of the caller's database settings.
+fn python_in(dir: &Path, python: &Path, env: &[(String, String)]) -> Command {
     let mut command = Command::new(python);
     command
-        .current_dir(example_dir())
+        .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")
@@ -461,4 +473,207 @@ fn shop_venv() -> PathBuf {
         python
     })
     .clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// `manage.py migrate` reshaping the watched table while the app keeps saving (issue 22).
+// ---------------------------------------------------------------------------------------------
+
+/// tests/python/django_migrate: a Django project whose migration `0002_reshape` adds, drops and
+/// renames a column of the watched table `public.catalog_item`, and `saver.py`, the app that
+/// keeps saving while it runs.
+fn migrate_project() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/django_migrate")
+}
+
+/// Saves the app makes before the migration starts, and again after it is over, before the test
+/// moves on: enough rounds that each kind of save runs through the capture in both shapes.
+const SAVES_PER_PHASE: usize = 60;
+
+/// The columns of `catalog_item` before and after `0002_reshape`.
+const BEFORE: [&str; 5] = ["coupon", "id", "legacy_code", "name", "stock"];
+const AFTER: [&str; 5] = ["id", "name", "note", "promo_code", "stock"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manage_py_migrate_while_the_app_saves_fails_no_write_and_loses_no_save_durable() {
+    migrate_while_saving("durable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manage_py_migrate_while_the_app_saves_fails_no_write_and_loses_no_save_notify() {
+    migrate_while_saving("notify").await;
+}
+
+/// The daemon (the real binary) runs and the app keeps saving through the ORM, Model.save() and
+/// QuerySet.update(), while `manage.py migrate` adds, drops and renames columns of the watched
+/// table: no save fails, and every save reaches the handler once, in the table's shape of its
+/// time.
+async fn migrate_while_saving(mode: &str) {
+    let db = TestDb::new().await;
+    let python = shop_venv();
+    let env = django_env(&db);
+    let project = migrate_project();
+    let manage = |args: &[&str]| {
+        let mut command = python_in(&project, &python, &env);
+        command.arg("manage.py").args(args);
+        command
+    };
+    run_ok(manage(&["migrate", "catalog", "0001", "--noinput"]), "manage.py migrate catalog 0001");
+    let config = format!("[[watch]]\ntable = \"public.catalog_item\"\nmode = \"{mode}\"\n{}", observer_handlers(false));
+    let mut daemon = BinaryDaemon::install_and_start(&db, &config).await;
+
+    let work = TempDir::new().expect("tempdir");
+    let mut saver = Saver::start(python_in(&project, &python, &env), work.path());
+    saver.wait_for("saves before the migration", |s| s.count("before") >= SAVES_PER_PHASE).await;
+    std::fs::write(work.path().join("migrating"), "").expect("writing the phase file");
+    let migrate = manage(&["migrate", "catalog", "--noinput"]);
+    let out = tokio::task::spawn_blocking(move || run_ok(migrate, "manage.py migrate catalog"))
+        .await
+        .expect("manage.py migrate panicked");
+    assert!(out.contains("Applying catalog.0002_reshape... OK"), "{out}");
+    std::fs::write(work.path().join("migrated"), "").expect("writing the phase file");
+    saver.wait_for("saves after the migration", |s| s.count("after") >= SAVES_PER_PHASE).await;
+    let saves = saver.stop().await;
+
+    let failed: Vec<&Value> = saves.iter().filter(|s| !s["error"].is_null()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} saves failed; the first ones:\n{}",
+        failed.len(),
+        saves.len(),
+        failed.iter().take(5).map(|s| s.to_string()).collect::<Vec<_>>().join("\n")
+    );
+
+    // Every save's event, by the marker in `name`, each once.
+    let phases: HashMap<&str, &str> =
+        saves.iter().map(|s| (s["marker"].as_str().expect("marker"), s["phase"].as_str().expect("phase"))).collect();
+    assert_eq!(phases.len(), saves.len(), "saver.py reused a marker");
+    let mut events: HashMap<String, Vec<Value>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while events.len() < phases.len() {
+        let Some(event) = daemon.next_before(deadline).await else {
+            let mut missing: Vec<&&str> = phases.keys().filter(|m| !events.contains_key(**m)).collect();
+            missing.sort_unstable();
+            panic!(
+                "{} of {} saves reached the handler; missing: {:?}…\nthe daemon's log:\n{}",
+                events.len(),
+                phases.len(),
+                &missing[..missing.len().min(20)],
+                daemon.log_text()
+            );
+        };
+        let marker = event["instance"]["name"].as_str().expect("a name").to_owned();
+        events.entry(marker).or_default().push(event);
+    }
+    for event in daemon.drain() {
+        events.entry(event["instance"]["name"].as_str().expect("a name").to_owned()).or_default().push(event);
+    }
+    for (marker, seen) in &events {
+        assert!(phases.contains_key(marker.as_str()), "an event no save made: {}", seen[0]);
+        assert_eq!(seen.len(), 1, "{marker} handled {} times: {seen:?}", seen.len());
+        assert_save_event(marker, phases[marker.as_str()], &seen[0]);
+    }
+    daemon.stop().await;
+}
+
+/// The event of the save `marker` (`create-N`, `save-N` or `update-N`) made in `phase`: its
+/// operation, its changed columns and, but for saves made during the migration, the columns
+/// of the table's shape at the time.
+fn assert_save_event(marker: &str, phase: &str, event: &Value) {
+    let kind = marker.split('-').next().unwrap_or_default();
+    let (op, fields) = match kind {
+        "create" => ("insert", Value::Null),
+        "save" => ("update", serde_json::json!(["name", "stock"])),
+        _ => ("update", serde_json::json!(["name"])),
+    };
+    assert_eq!((event["op"].as_str(), &event["update_fields"]), (Some(op), &fields), "{marker}: {event}");
+    let mut columns: Vec<&str> =
+        event["instance"].as_object().expect("an instance").keys().map(String::as_str).collect();
+    columns.sort_unstable();
+    match phase {
+        "before" => assert_eq!(columns, BEFORE, "{marker}, saved before the migration: {event}"),
+        "after" => assert_eq!(columns, AFTER, "{marker}, saved after the migration: {event}"),
+        _ => assert!(columns == BEFORE || columns == AFTER, "{marker}, saved during the migration: {event}"),
+    }
+}
+
+/// `saver.py` running (see its docstring), and the saves it has reported so far. Dropping it
+/// kills the process.
+struct Saver {
+    child: Child,
+    reports: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    saves: Vec<Value>,
+    work: PathBuf,
+}
+
+impl Saver {
+    /// Starts `python saver.py <work>`; its stderr goes to `<work>/saver.log`.
+    fn start(mut command: Command, work: &Path) -> Saver {
+        let log = File::create(work.join("saver.log")).expect("creating saver.log");
+        let mut child = command
+            .arg("saver.py")
+            .arg(work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("could not start saver.py");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
+        // A thread: the reports must be read while the test's runtime waits on manage.py.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let report = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "unreadable": line }));
+                if tx.send(report).is_err() {
+                    return;
+                }
+            }
+        });
+        Saver { child, reports, saves: Vec::new(), work: work.to_owned() }
+    }
+
+    /// The saves reported so far that began in `phase`.
+    fn count(&self, phase: &str) -> usize {
+        self.saves.iter().filter(|s| s["phase"] == phase).count()
+    }
+
+    /// Takes reports until `done` holds, or panics after [`START_PATIENCE`].
+    async fn wait_for(&mut self, what: &str, done: impl Fn(&Saver) -> bool) {
+        let deadline = tokio::time::Instant::now() + START_PATIENCE;
+        while !done(self) {
+            match tokio::time::timeout_at(deadline, self.reports.recv()).await {
+                Ok(Some(report)) if report.get("unreadable").is_none() => self.saves.push(report),
+                Ok(Some(report)) => {
+                    panic!("saver.py printed {report} while the test waited for {what}\n{}", self.tail())
+                }
+                Ok(None) => panic!("saver.py exited while the test waited for {what}\n{}", self.tail()),
+                Err(_) => panic!("{what}: {} saves after {START_PATIENCE:?}\n{}", self.saves.len(), self.tail()),
+            }
+        }
+    }
+
+    /// Tells it to stop, waits for its last report and its exit, and returns every save.
+    async fn stop(mut self) -> Vec<Value> {
+        std::fs::write(self.work.join("stop"), "").expect("writing the stop file");
+        self.wait_for("saver.py to stop", |s| s.saves.last().is_some_and(|r| r.get("done").is_some())).await;
+        let done = self.saves.pop();
+        assert_eq!(done, Some(serde_json::json!({ "done": true })));
+        let status = self.child.wait().expect("waiting for saver.py");
+        assert!(status.success(), "saver.py exited {status}\n{}", self.tail());
+        std::mem::take(&mut self.saves)
+    }
+
+    /// The end of its stderr, for a failure message.
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(self.work.join("saver.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!("--- saver.py's stderr\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
