@@ -220,9 +220,16 @@ async fn upgrading_from_the_single_table_ledger_keeps_every_event_and_its_state(
     let config = config(WATCH);
     let mut admin = db.client().await;
     db::migrate_to(&mut admin, Some(4)).await.expect("migrate to V4");
-    triggers::install(&mut admin, &config).await.expect("install triggers");
-    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'acknowledged before')");
-    db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'pending ' || g FROM generate_series(1, 3) g");
+    // The ledger rows a V4-era capture wrote (a capture is generated for the schema it runs
+    // with, so today's would not run on V4): one single-row statement, one of three rows.
+    let head = r#"{"raw":false,"txid":7,"at":"2026-12-01T00:00:00+00:00","actor":{"role":"app","application_name":"psql","client_addr":null,"pid":1,"actor":null},"origin":null,"keys":["id"]}"#;
+    db.psql_ok(&format!(
+        "INSERT INTO post_save.event (sender, op, n, head, rows) VALUES \
+         ('public.shop_order', 'insert', 1, '{head}', '[{{\"id\":1,\"user_id\":1,\"product\":\"acknowledged before\"}}]'), \
+         ('public.shop_order', 'insert', 3, '{head}', \
+          '[{{\"id\":2,\"user_id\":1,\"product\":\"pending 1\"}},{{\"id\":3,\"user_id\":2,\"product\":\"pending 2\"}},{{\"id\":4,\"user_id\":3,\"product\":\"pending 3\"}}]')"
+    ));
+    db.psql_ok("SELECT setval('shop_order_id_seq', 4)");
     db.psql_ok("UPDATE post_save.event SET handled_at = now() WHERE rows::text LIKE '%acknowledged before%'");
     let old_ids: Vec<i64> = admin
         .query("SELECT id FROM post_save.event ORDER BY id", &[])
@@ -243,6 +250,7 @@ async fn upgrading_from_the_single_table_ledger_keeps_every_event_and_its_state(
         .map(|r| r.get(0))
         .collect();
     assert_eq!(new_ids, old_ids, "the ledger rows kept their ids");
+    triggers::install(&mut admin, &config).await.expect("install triggers");
 
     let mut daemon = start(&db, config).await;
     let mut products: Vec<String> =

@@ -256,6 +256,11 @@ async fn create_database(client: &Client, name: &str) {
 }
 
 /// Connects and spawns the connection task on the current runtime.
+/// A new connection to `conninfo` (its connection task spawned on the current runtime).
+pub async fn connect_to(conninfo: &str) -> Client {
+    connect(conninfo).await
+}
+
 async fn connect(conninfo: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.unwrap_or_else(|e| {
         let shown = redacted(conninfo);
