@@ -307,12 +307,19 @@ pub fn shutdown_signal() -> std::io::Result<tokio_util::sync::CancellationToken>
     let mut int = signal(SignalKind::interrupt())?;
     let token = tokio_util::sync::CancellationToken::new();
     let fired = token.clone();
+    // Cancel before logging: nothing on the logging path may stand between a signal and the
+    // shutdown.
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => {
+                fired.cancel();
+                tracing::info!("SIGTERM received");
+            }
+            _ = int.recv() => {
+                fired.cancel();
+                tracing::info!("SIGINT received");
+            }
         }
-        fired.cancel();
     });
     Ok(token)
 }
