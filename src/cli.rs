@@ -92,7 +92,8 @@ pub enum Command {
     Replay(crate::ops::ReplayArgs),
     /// Synthetic raw=true insert events for rows that already exist, through the same handlers
     Backfill(crate::ops::BackfillArgs),
-    /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
+    /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found,
+    /// 77 when the database refuses the role
     Doctor {
         /// JSON array of checks on stdout
         #[arg(long)]
