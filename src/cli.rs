@@ -1,7 +1,7 @@
 //! The command line: clap definitions and one function per command.
 //!
 //! Data goes to stdout, diagnostics to stderr. Exit codes: 0 ok, 1 drift or failure, 2 usage,
-//! 69 database unreachable, 78 bad config ([`exit_code`]).
+//! 69 database unreachable, 77 authentication refused, 78 bad config ([`exit_code`]).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use post_save::config::{Config, ConfigError};
-use post_save::daemon::{Daemon, Reloader, State};
+use post_save::daemon::{Daemon, DaemonError, Reloader, State};
 use post_save::db::{self, BadConnectionString, DbError};
 use post_save::registry::{HandlerInfo, Registry};
 use post_save::systemd;
@@ -20,6 +20,9 @@ use post_save::triggers::{self, TriggerError};
 pub const EXIT_DRIFT: u8 = 1;
 /// Exit code `EX_UNAVAILABLE`: the database cannot be reached.
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code `EX_NOPERM`: the database refused the role (wrong password, unknown role,
+/// `pg_hba.conf`).
+pub const EXIT_NOPERM: u8 = 77;
 /// Exit code `EX_CONFIG`: the configuration is invalid.
 pub const EXIT_CONFIG: u8 = 78;
 
@@ -89,7 +92,8 @@ pub enum Command {
     Replay(crate::ops::ReplayArgs),
     /// Synthetic raw=true insert events for rows that already exist, through the same handlers
     Backfill(crate::ops::BackfillArgs),
-    /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found
+    /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found,
+    /// 77 when the database refuses the role
     Doctor {
         /// JSON array of checks on stdout
         #[arg(long)]
@@ -149,27 +153,35 @@ pub async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-/// Maps an error to the process exit code.
+/// Maps an error to the process exit code: the one place where failures become codes. The
+/// first cause in the chain that has a code of its own decides; anything else is 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    for cause in error.chain() {
-        if cause.downcast_ref::<ConfigError>().is_some()
-            || cause.downcast_ref::<BadConnectionString>().is_some()
-            || cause.downcast_ref::<post_save::handler::BuildError>().is_some()
-        {
-            return EXIT_CONFIG;
+    error.chain().find_map(code_of).unwrap_or(EXIT_DRIFT)
+}
+
+fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    if cause.is::<ConfigError>() || cause.is::<BadConnectionString>() || cause.is::<post_save::handler::BuildError>() {
+        return Some(EXIT_CONFIG);
+    }
+    // The daemon wraps its start-up database errors transparently, which hides them from a
+    // walk of the chain: look inside.
+    let db = match cause.downcast_ref::<DaemonError>() {
+        Some(DaemonError::Db(e)) => Some(e),
+        _ => cause.downcast_ref::<DbError>(),
+    };
+    if let Some(e) = db {
+        if e.is_auth_failure() {
+            return Some(EXIT_NOPERM);
         }
-        if let Some(e) = cause.downcast_ref::<DbError>()
-            && e.is_unreachable()
-        {
-            return EXIT_UNAVAILABLE;
-        }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>()
-            && e.kind() == std::io::ErrorKind::BrokenPipe
-        {
-            return 0;
+        if e.is_unreachable() {
+            return Some(EXIT_UNAVAILABLE);
         }
     }
-    EXIT_DRIFT
+    // A reader that went away (`post-save events list | head`) is not a failure.
+    match cause.downcast_ref::<std::io::Error>() {
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(0),
+        _ => None,
+    }
 }
 
 fn config_path(global: &Global) -> Option<PathBuf> {
@@ -296,12 +308,19 @@ pub fn shutdown_signal() -> std::io::Result<tokio_util::sync::CancellationToken>
     let mut int = signal(SignalKind::interrupt())?;
     let token = tokio_util::sync::CancellationToken::new();
     let fired = token.clone();
+    // Cancel before logging: nothing on the logging path may stand between a signal and the
+    // shutdown.
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => {
+                fired.cancel();
+                tracing::info!("SIGTERM received");
+            }
+            _ = int.recv() => {
+                fired.cancel();
+                tracing::info!("SIGINT received");
+            }
         }
-        fired.cancel();
     });
     Ok(token)
 }

@@ -25,6 +25,17 @@ pub enum DbError {
     /// The server could not be reached or refused the connection.
     #[error("cannot connect to the database")]
     Connect(#[source] tokio_postgres::Error),
+    /// The server was reached but did not let the role in: a wrong password, a role that does
+    /// not exist, no `pg_hba.conf` entry for it (SQLSTATE 28P01, 28000), or a server that asks
+    /// for a password when none is set. Names the role, never the password.
+    #[error("authentication failed for role `{user}`")]
+    Auth {
+        /// The role (user) the connection tried.
+        user: String,
+        /// What the server (or the client, for a missing password) said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A query failed.
     #[error("database query failed")]
     Query(#[source] tokio_postgres::Error),
@@ -42,10 +53,27 @@ impl DbError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             DbError::Connect(e) => e.as_db_error().is_none(),
+            DbError::Auth { .. } => false,
             DbError::Query(e) => e.is_closed(),
             DbError::Migrate(_) => false,
             DbError::ConnectTimeout(_) => true,
         }
+    }
+
+    /// Whether the server refused the credentials (exit code 77).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, DbError::Auth { .. })
+    }
+}
+
+/// Whether a connection start-up failed at authentication. The server says so with SQLSTATE
+/// class 28; a password it asks for and the settings lack is caught by tokio-postgres before
+/// anything is sent, as a configuration error with no code of its own, recognised by its text.
+fn is_auth_error(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(code) => *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        None => std::error::Error::source(e).is_some_and(|cause| cause.to_string() == "password missing"),
     }
 }
 
@@ -121,7 +149,11 @@ pub(crate) async fn start_up(
 ) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), DbError> {
     let limit = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
     match tokio::time::timeout(limit, config.connect(NoTls)).await {
-        Ok(result) => result.map_err(DbError::Connect),
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(source)) if is_auth_error(&source) => {
+            Err(DbError::Auth { user: config.get_user().unwrap_or_default().to_owned(), source })
+        }
+        Ok(Err(e)) => Err(DbError::Connect(e)),
         Err(_) => Err(DbError::ConnectTimeout(limit)),
     }
 }

@@ -71,31 +71,38 @@ const ECHO_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs every check against the database of `pg` for `config`.
 pub async fn run(pg: &tokio_postgres::Config, config: &Config) -> Vec<Check> {
-    let client = match db::connect(pg).await {
-        Ok((client, _task)) => client,
-        Err(e) => {
-            return vec![Check::bad(
-                "connect",
-                Verdict::Fail,
-                format!("{e}: {}", source_text(&e)),
-                "check database.url (or DATABASE_URL / PG* variables), the server and pg_hba.conf",
-            )];
-        }
-    };
+    match db::connect(pg).await {
+        Ok((client, _task)) => run_on(pg, &client, config).await,
+        Err(e) => vec![connect_failed(&e)],
+    }
+}
+
+/// The one check there is when connecting failed with `e`.
+pub fn connect_failed(e: &DbError) -> Check {
+    Check::bad(
+        "connect",
+        Verdict::Fail,
+        format!("{e}: {}", source_text(e)),
+        "check database.url (or DATABASE_URL / PG* variables), the server and pg_hba.conf",
+    )
+}
+
+/// Runs every check on `client`, already connected to the database of `pg`.
+pub async fn run_on(pg: &tokio_postgres::Config, client: &Client, config: &Config) -> Vec<Check> {
     let mut checks = vec![Check::ok("connect", "connected")];
-    checks.push(standby(&client).await);
-    checks.push(listen_round_trip(pg, &client).await);
-    let schema = schema(&client).await;
+    checks.push(standby(client).await);
+    checks.push(listen_round_trip(pg, client).await);
+    let schema = schema(client).await;
     let migrated = schema.verdict == Verdict::Ok;
     checks.push(schema);
-    checks.push(trigger_sync(&client, config).await);
-    checks.push(notify_queue(&client).await);
+    checks.push(trigger_sync(client, config).await);
+    checks.push(notify_queue(client).await);
     if migrated {
-        checks.push(backlog(&client, config).await);
-        checks.push(retention(&client, config).await);
-        checks.push(dead_letters(&client).await);
+        checks.push(backlog(client, config).await);
+        checks.push(retention(client, config).await);
+        checks.push(dead_letters(client).await);
     }
-    checks.push(rights(&client, config).await);
+    checks.push(rights(client, config).await);
     checks
 }
 

@@ -5,7 +5,7 @@ mod cli;
 mod demo;
 mod ops;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "error: cannot start the runtime: {e}");
             return ExitCode::from(70);
         }
     };
@@ -45,8 +45,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             let code = cli::exit_code(&error);
+            // Not `eprintln!`: it panics when stderr is a closed pipe, which would turn this
+            // exit code into 101.
             if code != 0 {
-                eprintln!("error: {error:#}");
+                let _ = writeln!(std::io::stderr(), "error: {error:#}");
             }
             ExitCode::from(code)
         }
@@ -55,12 +57,19 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr; `RUST_LOG` filters (default `info`). Under journald (`JOURNAL_STREAM`)
 /// lines carry no timestamp or colour: the journal adds its own.
+///
+/// A log line that cannot be written is dropped. tracing-subscriber's default reports a failed
+/// write with `eprintln!`, which panics when stderr is a closed pipe (`post-save run 2>&1 | tee
+/// log` after `tee` died): the panic unwound whatever task was logging, the SIGTERM/SIGINT
+/// task among them, so the daemon no longer stopped on either. Rust ignores SIGPIPE, so such a
+/// write fails at once with `EPIPE` instead of killing or blocking the process.
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() && !journald;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     match (format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
         (LogFormat::Text, true) => builder.with_ansi(false).without_time().init(),

@@ -162,7 +162,7 @@ struct Broken {
 }
 
 fn broken_configs() -> Vec<Broken> {
-    vec![
+    let mut broken = vec![
         Broken {
             name: "unknown-handler-key",
             text: format!("{BASE}colour = \"red\"\n"),
@@ -182,7 +182,7 @@ fn broken_configs() -> Vec<Broken> {
             text: format!("retries = 3\n{BASE}"),
             key: "retries",
             line: 1,
-            message: "unknown field `retries`",
+            message: "unknown key; expected one of `database`, `daemon`, `watch`, `handler`",
         },
         Broken {
             name: "invalid-toml",
@@ -196,7 +196,7 @@ fn broken_configs() -> Vec<Broken> {
             text: BASE.replace("operations =", "colour = \"red\"\noperations ="),
             key: "watch[0].colour",
             line: 3,
-            message: "unknown field `colour`",
+            message: "unknown key; expected one of `table`, `operations`",
         },
         Broken {
             name: "unwatched-sender",
@@ -234,13 +234,57 @@ fn broken_configs() -> Vec<Broken> {
             message: "must be at least 1",
         },
         Broken {
+            name: "misspelt-exec-command",
+            text: BASE.replace("kind = \"log\"", "kind = \"exec\"\ncomand = [\"/bin/true\"]"),
+            key: "handler[0].comand",
+            line: 9,
+            message: "unknown key; did you mean `command`?",
+        },
+        Broken {
+            name: "misspelt-key-and-missing-command",
+            text: BASE.replace("kind = \"log\"", "kind = \"exec\"\ntimout = \"5s\""),
+            key: "handler[0].timout",
+            line: 9,
+            message: "unknown key; did you mean `timeout`?",
+        },
+        Broken {
+            name: "misspelt-watch-table",
+            text: BASE.replace("table =", "tabel ="),
+            key: "watch[0].tabel",
+            line: 2,
+            message: "unknown key; did you mean `table`?",
+        },
+        Broken {
+            name: "misspelt-daemon-key",
+            text: format!("{BASE}\n[daemon]\nmax_inflight = 10\n"),
+            key: "daemon.max_inflight",
+            line: 11,
+            message: "unknown key; did you mean `max_in_flight`?",
+        },
+        Broken {
+            name: "misspelt-database-key",
+            text: format!("[database]\nulr = \"postgres://localhost/shop\"\n\n{BASE}"),
+            key: "database.ulr",
+            line: 2,
+            message: "unknown key; did you mean `url`?",
+        },
+        Broken {
             name: "retry-inline-table",
             text: format!("{BASE}retry = {{ attempts = 3, tries = 4 }}\n"),
             key: "handler[0].retry.tries",
             line: 9,
             message: "unknown key",
         },
-    ]
+    ];
+    #[cfg(feature = "webhook")]
+    broken.push(Broken {
+        name: "misspelt-webhook-url",
+        text: BASE.replace("kind = \"log\"", "kind = \"webhook\"\nulr = \"http://127.0.0.1:1/\""),
+        key: "handler[0].ulr",
+        line: 9,
+        message: "unknown key; did you mean `url`?",
+    });
+    broken
 }
 
 /// The line `Display` of `ConfigError` puts first: `<file>:<line>: key `<key>`: `.

@@ -1,7 +1,8 @@
 //! The configuration file: database, daemon tuning, watched tables and handlers.
 //!
-//! One TOML file. Unknown keys are errors, and every error names the file, the line and the key
-//! (`config.toml:12: handler[0].timeout: invalid duration`).
+//! One TOML file. Unknown keys are errors, named with the nearest valid key when one is close
+//! (``config.toml:12: key `handler[0].comand`: unknown key; did you mean `command`?``), and every
+//! error names the file, the line and the key.
 
 mod section;
 
@@ -499,7 +500,26 @@ impl RawWatch {
     }
 }
 
+/// The keys every `[[handler]]` may have, whatever its kind.
+const HANDLER_KEYS: &[&str] = &[
+    "name",
+    "sender",
+    "signal",
+    "created",
+    "columns",
+    "timeout",
+    "concurrency",
+    "retry",
+    "filter",
+    "max_depth",
+    "kind",
+];
+
 fn parse_handler(s: &mut Section, watches: &[Watch]) -> Result<HandlerConfig, ConfigError> {
+    // The kind's keys when the kind is known; any kind's while it is missing or misspelt, which
+    // the `kind` key itself reports below.
+    let kind_keys = s.peek_str("kind").and_then(KindOptions::keys).unwrap_or_else(KindOptions::all_keys);
+    s.check_keys(HANDLER_KEYS.iter().chain(&kind_keys).copied().collect())?;
     let name: String = s.require("name")?;
     if name.trim().is_empty() {
         return Err(s.error("name", "a handler name cannot be empty"));
@@ -638,7 +658,7 @@ kind = "log"
         let e = Config::parse("[daemon]\nmax_in_flight = 5\nbogus = 1\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert_eq!(e.key.as_deref(), Some("daemon.bogus"));
-        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e.message.starts_with("unknown key; expected one of `max_in_flight`"), "{e}");
     }
 
     #[test]
@@ -674,6 +694,152 @@ kind = "log"
         assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("watch[1].mode")), "{e}");
         let e = Config::parse("[[watch]]\ntable = \"t\"\n[[watch]]\ntable = \"public.t\"\n").unwrap_err();
         assert!(e.message.contains("twice"), "{e}");
+    }
+
+    /// The error for `text` as `(line, key, message)`.
+    fn error_of(text: &str) -> (Option<usize>, Option<String>, String) {
+        let e = Config::parse(text).expect_err("the config is invalid");
+        (e.line, e.key, e.message)
+    }
+
+    fn meant(valid: &str) -> String {
+        format!("unknown key; did you mean `{valid}`?")
+    }
+
+    const WATCH: &str = "[[watch]]\ntable = \"public.shop_order\"\n";
+
+    #[test]
+    fn a_misspelt_required_key_is_named_with_the_nearest_valid_one() {
+        for (kind, typo, valid) in [
+            ("exec", "comand = [\"/bin/true\"]", "command"),
+            ("webhook", "ulr = \"http://127.0.0.1:1/\"", "url"),
+            ("sql", "statment = \"SELECT 1\"", "statement"),
+            ("nats", "subjct = \"orders\"", "subject"),
+            ("redis", "kye = \"orders\"", "key"),
+            ("celery", "tasks = \"shop.tasks.confirm\"", "task"),
+            ("email", "smpt = \"smtp://127.0.0.1:25\"", "smtp"),
+        ] {
+            if KindOptions::keys(kind).is_none() {
+                continue; // not in this build
+            }
+            let text = format!("{WATCH}\n[[handler]]\nname = \"h\"\nkind = \"{kind}\"\n{typo}\n");
+            let typo_key = typo.split(' ').next().unwrap();
+            assert_eq!(
+                error_of(&text),
+                (Some(7), Some(format!("handler[0].{typo_key}")), meant(valid)),
+                "{kind}: {typo}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_is_reported_before_the_required_key_it_hides() {
+        // `timout` is a common key, `inherit_envs` an exec one; `command` is missing in both.
+        for (typo, valid) in [("timout = \"3s\"", "timeout"), ("inherit_envs = [\"HOME\"]", "inherit_env")] {
+            let text = format!("{WATCH}[[handler]]\nname = \"h\"\nkind = \"exec\"\n{typo}\n");
+            let (line, key, message) = error_of(&text);
+            assert_eq!((line, message), (Some(6), meant(valid)), "{typo}");
+            assert_eq!(key.as_deref(), Some(format!("handler[0].{}", typo.split(' ').next().unwrap()).as_str()));
+        }
+        // The first of two in file order, even with `name` missing too.
+        let text = format!("{WATCH}[[handler]]\nkind = \"exec\"\nlog_outptu = true\ncomand = [\"x\"]\n");
+        assert_eq!(error_of(&text), (Some(5), Some("handler[0].log_outptu".into()), meant("log_output")));
+        // `kind` itself: any kind's keys are valid until the kind is known.
+        let text = format!("{WATCH}[[handler]]\nname = \"h\"\nkidn = \"exec\"\ncommand = [\"x\"]\n");
+        assert_eq!(error_of(&text), (Some(5), Some("handler[0].kidn".into()), meant("kind")));
+        // A key of another kind is unknown for this one.
+        let text = format!("{WATCH}[[handler]]\nname = \"h\"\nkind = \"log\"\ncommand = [\"x\"]\n");
+        assert_eq!(error_of(&text), (Some(6), Some("handler[0].command".into()), "unknown key".into()));
+    }
+
+    #[test]
+    fn misspelt_keys_of_the_serde_tables_are_named_with_the_nearest_valid_one() {
+        let cases = [
+            ("[database]\nulr = \"postgres://x\"\n", 2, "database.ulr", "url"),
+            ("[daemon]\nmax_inflight = 5\n", 2, "daemon.max_inflight", "max_in_flight"),
+            (
+                "[daemon]\nshutdown_grace = \"1s\"\nsweep_intervall = \"1s\"\n",
+                3,
+                "daemon.sweep_intervall",
+                "sweep_interval",
+            ),
+            // `table` is missing too: the misspelling is what is reported.
+            ("[[watch]]\ntabel = \"public.t\"\n", 2, "watch[0].tabel", "table"),
+            (
+                "[[watch]]\ntable = \"public.t\"\n[[watch]]\ntable = \"public.u\"\nredcat = [\"x\"]\n",
+                5,
+                "watch[1].redcat",
+                "redact",
+            ),
+            ("[deamon]\nliveness = \"5s\"\n", 1, "deamon", "daemon"),
+            ("[[handlers]]\nname = \"h\"\n", 1, "handlers", "handler"),
+        ];
+        for (text, line, key, valid) in cases {
+            assert_eq!(error_of(text), (Some(line), Some(key.to_owned()), meant(valid)), "{text}");
+        }
+        assert_eq!(
+            error_of("[[watch]]\ninclude_old = true\n"),
+            (Some(1), Some("watch[0].table".into()), "missing required key".into())
+        );
+    }
+
+    #[test]
+    fn a_retry_key_is_named_with_the_nearest_valid_one() {
+        let e = Config::parse(&format!("{GOOD}retry = {{ atempts = 3 }}\n")).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.message.as_str()),
+            (Some("handler[0].retry.atempts"), meant("attempts").as_str())
+        );
+    }
+
+    #[test]
+    fn suggestions_are_near_misses_only() {
+        use section::did_you_mean;
+        let keys = ["command", "columns", "concurrency", "timeout", "url", "kind"];
+        assert_eq!(did_you_mean("comand", keys), Some("command"));
+        assert_eq!(did_you_mean("Command", keys), Some("command"));
+        assert_eq!(did_you_mean("uri", keys), Some("url"));
+        assert_eq!(did_you_mean("knid", keys), Some("kind"));
+        assert_eq!(did_you_mean("colour", keys), None);
+        assert_eq!(did_you_mean("x", keys), None);
+    }
+
+    /// Each kind's `KEYS` is exactly what its parser reads: a key read but not declared would be
+    /// rejected as unknown before the parser saw it, a key declared but not read would pass the
+    /// check and fail as unknown at the end.
+    #[test]
+    fn every_kind_declares_the_keys_its_parser_reads() {
+        let mut seen = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for text in [include_str!("../../config.example.toml"), include_str!("../../examples/handlers.toml")] {
+            let raw: RawConfig = toml::from_str(text).unwrap();
+            let watches: Vec<Watch> = raw
+                .watch
+                .into_iter()
+                .map(|w| {
+                    let span = w.span();
+                    w.into_inner().validate(text, span, "watch").unwrap()
+                })
+                .collect();
+            for h in raw.handler {
+                let span = h.span();
+                let mut section = Section::new(text, span, "handler".into(), h.into_inner());
+                let Some(kind) = section.peek_str("kind").map(str::to_owned) else { continue };
+                if KindOptions::keys(&kind).is_none() {
+                    continue; // not in this build
+                }
+                parse_handler(&mut section, &watches).unwrap_or_else(|e| panic!("{kind}: {e}"));
+                let mut read: Vec<String> =
+                    section.asked().iter().filter(|k| !HANDLER_KEYS.contains(&k.as_str())).cloned().collect();
+                read.sort();
+                seen.insert(kind, read);
+            }
+        }
+        for kind in crate::handler::KINDS {
+            let read = seen.get(*kind).unwrap_or_else(|| panic!("no example of kind `{kind}`"));
+            let mut declared: Vec<String> = KindOptions::keys(kind).unwrap().into_iter().map(str::to_owned).collect();
+            declared.sort();
+            assert_eq!(&declared, read, "kind `{kind}`");
+        }
     }
 
     #[test]

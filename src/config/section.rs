@@ -16,11 +16,15 @@ pub struct Section<'a> {
     span: Range<usize>,
     path: String,
     table: toml::Table,
+    /// Every key asked for, present or not: the valid keys an unknown one is compared with.
+    asked: Vec<String>,
+    /// Every key the section may hold, once [`Section::check_keys`] has run.
+    allowed: Option<Vec<&'static str>>,
 }
 
 impl<'a> Section<'a> {
     pub(super) fn new(src: &'a str, span: Range<usize>, path: String, table: toml::Table) -> Self {
-        Section { src, span, path, table }
+        Section { src, span, path, table, asked: Vec::new(), allowed: None }
     }
 
     /// Test helper: a section over a whole document.
@@ -37,6 +41,14 @@ impl<'a> Section<'a> {
 
     /// Removes and decodes an optional key.
     pub fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, ConfigError> {
+        debug_assert!(
+            self.allowed.as_ref().is_none_or(|allowed| allowed.contains(&key)),
+            "{}: `{key}` is read but missing from the keys declared for this table",
+            self.path
+        );
+        if !self.asked.iter().any(|k| k == key) {
+            self.asked.push(key.to_owned());
+        }
         match self.table.remove(key) {
             None => Ok(None),
             Some(value) => T::deserialize(value).map(Some).map_err(|e| self.error(key, e.to_string().trim())),
@@ -63,13 +75,63 @@ impl<'a> Section<'a> {
         error_at(self.src, self.span.clone(), &self.path, key, message)
     }
 
-    /// Fails on the first key nobody took.
+    /// Fails on the first key (in file order) nobody took, suggesting the nearest key that was
+    /// asked for.
     pub fn finish(&mut self) -> Result<(), ConfigError> {
-        match self.table.keys().next() {
+        let asked: Vec<&str> = self.asked.iter().map(String::as_str).collect();
+        match self.first_key(|_| true) {
             None => Ok(()),
-            Some(key) => Err(self.error(key, "unknown key")),
+            Some(key) => Err(self.error(&key, &unknown_key(&key, &asked))),
         }
     }
+
+    /// Fails on the first key (in file order) that is not in `allowed`, before anything else is
+    /// read: a misspelt key is named as such even when a required key is missing too, which is
+    /// what the misspelling usually causes. Later reads of keys outside `allowed` are a bug
+    /// (checked in debug builds).
+    pub(crate) fn check_keys(&mut self, allowed: Vec<&'static str>) -> Result<(), ConfigError> {
+        if let Some(key) = self.first_key(|k| !allowed.contains(&k)) {
+            return Err(self.error(&key, &unknown_key(&key, &allowed)));
+        }
+        self.allowed = Some(allowed);
+        Ok(())
+    }
+
+    /// The value of `key` as a string, left in place.
+    pub(crate) fn peek_str(&self, key: &str) -> Option<&str> {
+        self.table.get(key).and_then(toml::Value::as_str)
+    }
+
+    /// Every key asked for so far, present or not.
+    #[cfg(test)]
+    pub(super) fn asked(&self) -> &[String] {
+        &self.asked
+    }
+
+    /// The key among those matching `wanted` that comes first in the file.
+    fn first_key(&self, wanted: impl Fn(&str) -> bool) -> Option<String> {
+        let line = |k: &str| line_of_key(self.src, self.span.clone(), k).unwrap_or(usize::MAX);
+        self.table.keys().filter(|k| wanted(k)).min_by_key(|k| (line(k), k.as_str())).cloned()
+    }
+}
+
+/// "unknown key", with the nearest of `valid` when one is close enough to be what was meant.
+fn unknown_key(key: &str, valid: &[&str]) -> String {
+    match did_you_mean(key, valid.iter().copied()) {
+        Some(near) => format!("unknown key; did you mean `{near}`?"),
+        None => "unknown key".to_owned(),
+    }
+}
+
+/// The candidate nearest to `key`, if it is within a third of its length in edits (one edit
+/// for short keys): `comand` → `command`, `tabel` → `table`, never `colour` → `columns`.
+pub(super) fn did_you_mean<'k>(key: &str, candidates: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(key, c), c))
+        .filter(|(distance, c)| *distance <= c.len().max(3) / 3)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, c)| c)
 }
 
 /// Builds an error for `path.key`, finding the key's line inside `span` of `src`.
@@ -122,6 +184,9 @@ fn line_of(src: &str, offset: usize) -> usize {
 
 pub(super) fn toml_error(src: &str, e: &toml::de::Error) -> ConfigError {
     let line = e.span().map(|s| line_of(src, s.start));
+    if let Some(error) = line.and_then(|l| field_error(src, l, e.message().trim())) {
+        return error;
+    }
     let key = line.and_then(|l| src.lines().nth(l - 1)).and_then(|text| {
         let (k, _) = text.split_once('=')?;
         let k = k.trim();
@@ -153,4 +218,31 @@ fn table_path(src: &str, line: usize) -> Option<String> {
         }
     }
     current
+}
+
+/// serde's unknown- and missing-field errors (from `[database]`, `[daemon]`, `[[watch]]` and the
+/// top level) in the words the rest of the configuration uses: the key's path, and for an
+/// unknown key the nearest valid one. serde's messages are `` unknown field `x`, expected one of
+/// `a`, `b` `` (or `` expected `a` ``) and `` missing field `x` ``.
+fn field_error(src: &str, line: usize, message: &str) -> Option<ConfigError> {
+    let (name, message) = if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (name, expected) = rest.split_once('`')?;
+        let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let message = if valid.is_empty() || did_you_mean(name, valid.iter().copied()).is_some() {
+            unknown_key(name, &valid)
+        } else {
+            let list: Vec<String> = valid.iter().map(|v| format!("`{v}`")).collect();
+            format!("unknown key; expected one of {}", list.join(", "))
+        };
+        (name, message)
+    } else {
+        let rest = message.strip_prefix("missing field `")?;
+        (rest.split_once('`')?.0, "missing required key".to_owned())
+    };
+    // An unknown table (`[deamon]`, `[[handlers]]`) is reported on its own header line.
+    let key = match table_path(src, line) {
+        Some(table) if table != name && !table.starts_with(&format!("{name}[")) => format!("{table}.{name}"),
+        _ => name.to_owned(),
+    };
+    Some(ConfigError { file: None, line: Some(line), key: Some(key), message })
 }

@@ -82,6 +82,10 @@ impl std::fmt::Debug for AmqpOptions {
 }
 
 impl AmqpOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] =
+        &["url", "password_file", "password_env", "exchange", "routing_key", "declare", "mandatory", "body"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let url = s.take::<String>("url")?.unwrap_or_else(|| DEFAULT_URL.to_owned());

@@ -92,6 +92,9 @@ pub struct CeleryOptions {
 }
 
 impl CeleryOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] = &["broker", "password_file", "password_env", "task", "queue", "args", "kwargs"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let broker = s.take::<String>("broker")?.unwrap_or_else(|| DEFAULT_BROKER.to_owned());

@@ -184,6 +184,10 @@ pub struct EmailOptions {
 }
 
 impl EmailOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] =
+        &["smtp", "username", "password_file", "password_env", "from", "to", "cc", "bcc", "subject", "body"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let url: String = s.require("smtp")?;

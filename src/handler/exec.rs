@@ -61,6 +61,9 @@ impl ExecOptions {
         Ok(std::sync::Arc::new(ExecHandler::new(self.clone())))
     }
 
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] = &["command", "env", "cwd", "log_output", "inherit_env"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let command: Vec<String> = s.require("command")?;

@@ -29,6 +29,9 @@ impl LogOptions {
         Ok(std::sync::Arc::new(LogHandler::new(self.clone())))
     }
 
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] = &["level", "fields"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let level = match s.take::<String>("level")? {

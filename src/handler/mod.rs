@@ -192,6 +192,24 @@ macro_rules! kinds {
                 }
             }
 
+            /// The keys a handler of `kind` may have besides the common ones; `None` for a kind
+            /// this build does not know.
+            pub(crate) fn keys(kind: &str) -> Option<Vec<&'static str>> {
+                match kind {
+                    $( $(#[$cfg])* $name => Some($module::$options::KEYS.to_vec()), )*
+                    _ => None,
+                }
+            }
+
+            /// The keys of every kind in this build.
+            pub(crate) fn all_keys() -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $( $(#[$cfg])* keys.extend_from_slice($module::$options::KEYS); )*
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            }
+
             /// The kind's name.
             pub fn name(&self) -> &'static str {
                 match self {

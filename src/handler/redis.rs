@@ -102,6 +102,9 @@ impl std::fmt::Debug for RedisOptions {
 }
 
 impl RedisOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] = &["url", "command", "key", "maxlen", "body", "password_file", "password_env"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let url = s.take::<String>("url")?.unwrap_or_else(|| DEFAULT_URL.to_owned());

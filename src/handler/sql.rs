@@ -144,6 +144,9 @@ impl std::fmt::Debug for DatabaseUrl {
 }
 
 impl SqlOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] = &["statement", "params", "url", "url_file", "url_env", "pool_size"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let statement: String = s.require("statement")?;

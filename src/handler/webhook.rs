@@ -127,6 +127,10 @@ impl std::fmt::Debug for WebhookOptions {
 }
 
 impl WebhookOptions {
+    /// Every key [`Self::parse`] reads: anything else in the table is an unknown key.
+    pub(crate) const KEYS: &[&str] =
+        &["url", "secret_file", "secret_env", "headers", "format", "connect_timeout", "request_timeout"];
+
     /// Reads the options from the handler's table.
     pub fn parse(s: &mut Section) -> Result<Self, ConfigError> {
         let text: String = s.require("url")?;

@@ -14,11 +14,22 @@ mod replay;
 pub use events::{EventsCommand, events};
 pub use replay::{BackfillArgs, ReplayArgs, backfill, replay};
 
-/// `post-save doctor`: exit 0 when every check is ok, 1 when any found a problem.
+/// `post-save doctor`: exit 0 when every check is ok, 1 when any found a problem, 77 when the
+/// database refused the role.
 pub async fn doctor(global: &Global, json: bool) -> Result<u8> {
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
-    let checks = doctor::run(&pg, &config).await;
+    let mut refused = None;
+    let checks = match post_save::db::connect(&pg).await {
+        Ok((client, _task)) => doctor::run_on(&pg, &client, &config).await,
+        Err(e) => {
+            let checks = vec![doctor::connect_failed(&e)];
+            // The checks are still printed (scripts read them), but a refused role exits 77
+            // like every other command that connects.
+            refused = e.is_auth_failure().then_some(e);
+            checks
+        }
+    };
     if json {
         writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&checks).context("encoding JSON")?)?;
     } else {
@@ -26,6 +37,9 @@ pub async fn doctor(global: &Global, json: bool) -> Result<u8> {
             [c.verdict.as_str(), c.name, &c.detail, c.fix.as_deref().unwrap_or("")].map(str::to_owned).to_vec()
         });
         print_rows(&["verdict", "check", "detail", "fix"], rows)?;
+    }
+    if let Some(e) = refused {
+        return Err(e.into());
     }
     Ok(if doctor::problems(&checks) { EXIT_DRIFT } else { 0 })
 }
