@@ -12,8 +12,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::delivery::{Delivered, Outcome, deliver};
+use crate::delivery::{Delivered, Outcome, deliver, give_up};
 use crate::event::SaveEvent;
+use crate::expr::EventContext;
 use crate::lease::Lease;
 use crate::ledger::{self, RetryRequest, Work};
 use crate::registry::Registry;
@@ -148,9 +149,17 @@ impl Router {
 
     fn dispatch_reporting(self: &Arc<Self>, report: Report, events: Vec<SaveEvent>, permit: OwnedSemaphorePermit) {
         let mut jobs = Vec::new();
+        let mut failed = Vec::new();
         for event in events {
             Stats::bump(&self.stats.events);
-            let routes = self.registry.matching(&event);
+            let routes = self.registry.matching(&event, &mut failed);
+            // A filter that fails on the event (say it names a column a migration dropped)
+            // makes a dead letter: sent before the completion below reports the event done, so
+            // it is written no later than the acknowledgement.
+            for (route, error) in failed.drain(..) {
+                let name = self.registry.routes()[route].receiver.name();
+                give_up(name, &event, 0, &error.to_string(), &self.metrics[route], &self.outcomes);
+            }
             if routes.is_empty() {
                 tracing::debug!(sender = %event.sender, id = ?event.id, "no handler for event");
                 continue;
@@ -250,16 +259,21 @@ impl Router {
             // The new attempts' outcome is recorded on the dead letter itself, not as a new one.
             let (tx, mut rx) = mpsc::unbounded_channel();
             let metrics = &router.metrics[index];
-            let how = deliver(
-                route,
-                &event,
-                &router.stop,
-                &router.abort,
-                router.lease.as_deref(),
-                metrics,
-                &tx,
-            )
-            .await;
+            // The filter decides again: it may have been fixed since it failed on this event,
+            // and an event it now leaves out is not the handler's to receive.
+            let ctx = route.receiver.has_filter().then(|| EventContext::new(&event));
+            let passes = route.receiver.passes(ctx.as_ref());
+            let left_out = matches!(passes, Ok(false));
+            let how = match passes {
+                Err(e) => {
+                    give_up(route.receiver.name(), &event, 0, &e.to_string(), metrics, &tx);
+                    Delivered::Dead
+                }
+                Ok(false) => Delivered::Done,
+                Ok(true) => {
+                    deliver(route, &event, &router.stop, &router.abort, router.lease.as_deref(), metrics, &tx).await
+                }
+            };
             let failure = match (how, rx.try_recv()) {
                 (Delivered::Done, _) => Some(None),
                 (Delivered::Dead, Ok(Outcome::Dead(d))) => Some(Some((d.attempts, d.last_error))),
@@ -268,6 +282,7 @@ impl Router {
             if let Some(failure) = failure {
                 let failed = failure.as_ref().map(|(a, e)| (*a, e.as_str()));
                 match ledger::retry_done(&work.client, request.id, failed).await {
+                    Ok(()) if left_out => tracing::info!(dead_letter = request.id, handler = %request.handler, "dead letter retried; the handler's filter leaves the event out now, nothing delivered"),
                     Ok(()) if failed.is_none() => tracing::info!(dead_letter = request.id, handler = %request.handler, "dead letter retried and delivered"),
                     Ok(()) => tracing::warn!(dead_letter = request.id, handler = %request.handler, "dead letter retried and failed again"),
                     Err(e) => tracing::warn!(dead_letter = request.id, error = %e, "could not record the retry; it will run again"),
