@@ -152,18 +152,18 @@ impl Receiver {
     }
 
     /// Whether the receiver's filter lets `event` through. A filter that cannot be evaluated
-    /// for this event (a missing field, a type error) is logged and the event is not delivered.
-    pub(crate) fn passes(&self, ctx: Option<&EventContext>) -> bool {
+    /// for this event (a missing field, a type error) is an error: the caller makes the event a
+    /// dead letter of this handler, so the save never vanishes for it.
+    pub(crate) fn passes(&self, ctx: Option<&EventContext>) -> Result<bool, FilterError> {
         let (Some(filter), Some(ctx)) = (&self.filter, ctx) else {
-            return true;
+            return Ok(true);
         };
-        match filter.matches(ctx) {
-            Ok(pass) => pass,
-            Err(e) => {
-                tracing::warn!(handler = %self.name, error = %e, "filter failed; event not delivered to this handler");
-                false
-            }
-        }
+        filter.matches(ctx).map_err(FilterError)
+    }
+
+    /// Whether the receiver has a filter (an [`EventContext`] is needed to apply it).
+    pub(crate) fn has_filter(&self) -> bool {
+        self.filter.is_some()
     }
 
     /// The receiver's name.
@@ -190,6 +190,13 @@ pub(crate) struct Route {
     /// Deliveries of this handler that may run at once (`permits` holds as many).
     pub concurrency: usize,
 }
+
+/// A handler's filter could not be evaluated for an event; the delivery's dead letter keeps
+/// this text as its `last_error`. It shows the expression's error itself (which has no source
+/// of its own), so that error is not also its source: a chain would print it twice.
+#[derive(Debug, thiserror::Error)]
+#[error("filter {0}")]
+pub(crate) struct FilterError(crate::expr::ExprError);
 
 /// A handler name used twice.
 #[derive(Debug, thiserror::Error)]
@@ -244,8 +251,9 @@ impl Registry {
         &self.routes
     }
 
-    /// Indexes of the routes `event` goes to.
-    pub(crate) fn matching(&self, event: &SaveEvent) -> Vec<usize> {
+    /// Indexes of the routes `event` goes to. A route whose filter fails on the event goes to
+    /// `failed` with the error instead (rare: the common path allocates nothing for it).
+    pub(crate) fn matching(&self, event: &SaveEvent, failed: &mut Vec<(usize, FilterError)>) -> Vec<usize> {
         let mut ctx = None;
         let mut out = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -255,8 +263,10 @@ impl Registry {
             if r.receiver.filter.is_some() && ctx.is_none() {
                 ctx = Some(EventContext::new(event));
             }
-            if r.receiver.passes(ctx.as_ref()) {
-                out.push(i);
+            match r.receiver.passes(ctx.as_ref()) {
+                Ok(true) => out.push(i),
+                Ok(false) => {}
+                Err(e) => failed.push((i, e)),
             }
         }
         out
@@ -339,5 +349,22 @@ mod tests {
         assert!(!Receiver::new("a").columns(["quantity"]).accepts(&update));
         assert!(Receiver::new("a").columns(["quantity"]).accepts(&insert));
         assert!(!Receiver::new("a").signal(Signal::PostDelete).accepts(&insert));
+    }
+
+    #[test]
+    fn a_filter_that_fails_is_reported_not_dropped() {
+        let mut registry = Registry::new();
+        let ok = || crate::handler::handler_fn(|_| async { Ok::<(), crate::handler::HandlerError>(()) });
+        let filter = |src: &str| Expr::compile(src).unwrap();
+        registry.register(Receiver::new("gone").filter(filter("instance.discount > 0")), ok()).unwrap();
+        registry.register(Receiver::new("no").filter(filter("instance.id > 1")), ok()).unwrap();
+        registry.register(Receiver::new("yes").filter(filter("instance.id == 1")), ok()).unwrap();
+        registry.register(Receiver::new("all"), ok()).unwrap();
+        let mut failed = Vec::new();
+        assert_eq!(registry.matching(&event("insert", "null"), &mut failed), [2, 3]);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, 0);
+        let error = failed[0].1.to_string();
+        assert!(error.starts_with("filter `instance.discount > 0`: "), "{error}");
     }
 }
