@@ -379,21 +379,22 @@ impl<'a> Generator<'a> {
             if !self.watch.redact.is_empty() {
                 k.push_str(&format!(", {} AS redact", resolved("v_redact", &self.watch.redact)));
             }
-            let group = if self.watch.redact.is_empty() { "k.keys" } else { "k.keys, k.redact" };
             return format!(
                 "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
-                 SELECT {sender}, 'insert', count(*),\n               \
+                 SELECT {sender}, 'insert', e.n,\n               \
                  json_build_object('raw', v_raw, 'txid', v_txid, 'at', {AT_UTC}, 'actor', v_actor,\n                                 \
                  'origin', v_origin, 'keys', to_json(k.keys)),\n               \
-                 json_agg(e.item)\n          \
+                 e.items\n          \
                  FROM (SELECT {k}) k,\n               \
-                 LATERAL (SELECT {first} AS item FROM {NEW_TABLE} n LIMIT {CHUNK}) e\n         \
-                 GROUP BY {group}\n        \
-                 RETURNING n, head INTO v_rows, v_head;\n        \
+                 LATERAL (SELECT count(*) AS n, json_agg(r.item) AS items\n                          \
+                 FROM (SELECT {first} AS item FROM {NEW_TABLE} n LIMIT {CHUNK}) r) e\n         \
+                 WHERE e.n > 0\n        \
+                 RETURNING n INTO v_rows;\n        \
                  IF v_rows = {CHUNK} THEN\n            \
                  IF NOT {current} THEN\n\
                  {resolve}            \
-                 END IF;\n            \
+                 END IF;\n\
+                 {head}            \
                  INSERT INTO post_save.event (sender, op, n, head, rows)\n            \
                  SELECT {sender}, 'insert', count(*), v_head, json_agg(e.item)\n              \
                  FROM (SELECT {rest} AS item, (row_number() OVER () - 1) / {CHUNK} AS chunk\n                      \
@@ -404,6 +405,7 @@ impl<'a> Generator<'a> {
                 sender = self.sender,
                 first = self.insert_item("k.keys", "k.redact"),
                 rest = self.insert_item("v_keys", "v_redact"),
+                head = indent(&self.head_sql()) + "\n",
             );
         }
         let mut sql = format!("        IF NOT {current} THEN\n{resolve}        END IF;\n");
