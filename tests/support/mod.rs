@@ -292,6 +292,16 @@ impl BinaryDaemon {
         }
     }
 
+    /// The events that arrive until none has for `quiet`: what else a statement caused, after
+    /// the event awaited.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<serde_json::Value> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next_within(quiet).await {
+            events.push(event);
+        }
+        events
+    }
+
     /// Asserts that no event arrives within `quiet`.
     pub async fn assert_quiet(&mut self, quiet: Duration, after: &str) {
         if let Some(event) = self.next_within(quiet).await {
