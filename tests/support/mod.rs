@@ -263,10 +263,10 @@ impl BinaryDaemon {
     /// The next event the log handlers wrote, or a panic after [`PATIENCE`] naming `what` was
     /// awaited and showing the daemon's last log lines.
     pub async fn next_event(&mut self, what: &str) -> serde_json::Value {
-        match self.next_within(PATIENCE).await {
-            Some(event) => event,
-            None => panic!("no event for {what} within {PATIENCE:?}; the daemon's last lines:\n{}", self.tail()),
-        }
+        let Some(event) = self.next_within(PATIENCE).await else {
+            panic!("no event for {what} within {PATIENCE:?}; the daemon's last lines:\n{}", self.tail())
+        };
+        event
     }
 
     /// Events until (and including) the first for which `last` holds.
@@ -277,12 +277,11 @@ impl BinaryDaemon {
     ) -> Vec<serde_json::Value> {
         let mut events = Vec::new();
         loop {
-            let event = match self.next_within(PATIENCE).await {
-                Some(event) => event,
-                None => panic!(
+            let Some(event) = self.next_within(PATIENCE).await else {
+                panic!(
                     "no event for {what} within {PATIENCE:?}; events so far: {events:?}; the daemon's last lines:\n{}",
                     self.tail()
-                ),
+                )
             };
             let done = last(&event);
             events.push(event);
