@@ -3,10 +3,18 @@
 //! Identifiers reach SQL text only through [`quote_ident`] and [`quote_literal`], never by
 //! concatenation.
 
+use std::cmp::Ordering;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 /// A schema-qualified table name, exactly as PostgreSQL stores it (no case folding).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Two names are equal when their `schema.table` texts are: that text is an event's `sender`,
+/// all that a save's event or note says of its table, so `"a.b"."c"` and `"a"."b.c"` could not
+/// be told apart by their events anyway (and a config cannot watch both). It is also what lets
+/// a sender be parsed back ([`TableName::parse`]) to find its watch, whichever dot separates
+/// the schema from the table.
+#[derive(Debug, Clone)]
 pub struct TableName {
     /// The schema; `public` when the config names none.
     pub schema: String,
@@ -22,20 +30,61 @@ impl TableName {
 
     /// Parses `table`, `schema.table`, or SQL-quoted parts (`"Sales"."Order Items"`).
     ///
-    /// Unquoted parts are taken verbatim, so `Sales.Order Items` names the same table; quote a
-    /// part that itself contains a dot.
+    /// Unquoted parts are taken verbatim, whitespace included, so `Sales.Order Items` names the
+    /// same table; quote a part that itself contains a dot. Text that is none of these but can
+    /// be a sender (`sales.eu.orders`, `public."draft`: a part with a dot, or starting with a
+    /// double quote) names the table whose sender it is: it is split at its first dot, which
+    /// makes a name equal to the watched one whichever dot that was.
     pub fn parse(text: &str) -> Result<TableName, String> {
-        let parts = split_parts(text)?;
-        match parts.as_slice() {
+        let parsed = split_parts(text).and_then(|parts| match parts.as_slice() {
             [name] => Ok(TableName::new("public", name.clone())),
             [schema, name] => Ok(TableName::new(schema.clone(), name.clone())),
             _ => Err(format!("`{text}` is not a table name; expected `schema.table`")),
-        }
+        });
+        parsed.or_else(|error| match text.split_once('.') {
+            Some((schema, name)) if !schema.is_empty() && !name.is_empty() => Ok(TableName::new(schema, name)),
+            _ => Err(error),
+        })
+    }
+
+    /// The bytes of `schema.table`, the sender text, without building it.
+    fn sender_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.schema.bytes().chain([b'.']).chain(self.name.bytes())
     }
 
     /// The name quoted for SQL: `"schema"."table"`.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl PartialEq for TableName {
+    fn eq(&self, other: &Self) -> bool {
+        self.schema.len() + self.name.len() == other.schema.len() + other.name.len()
+            && self.sender_bytes().eq(other.sender_bytes())
+    }
+}
+
+impl Eq for TableName {}
+
+/// Hashes the sender text byte by byte: equal texts split at different dots must hash alike,
+/// whichever way a hasher treats the boundaries of its writes.
+impl Hash for TableName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.sender_bytes().for_each(|b| state.write_u8(b));
+    }
+}
+
+impl PartialOrd for TableName {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// In the order of the sender texts, to agree with equality.
+impl Ord for TableName {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.sender_bytes().cmp(other.sender_bytes())
     }
 }
 
@@ -48,7 +97,7 @@ impl fmt::Display for TableName {
 
 fn split_parts(text: &str) -> Result<Vec<String>, String> {
     let mut parts = Vec::new();
-    let mut chars = text.trim().chars().peekable();
+    let mut chars = text.chars().peekable();
     loop {
         let mut part = String::new();
         if chars.peek() == Some(&'"') {
@@ -122,9 +171,46 @@ mod tests {
         assert_eq!(TableName::parse("Sales.Order Items").unwrap(), TableName::new("Sales", "Order Items"));
         assert_eq!(TableName::parse(r#""Sales"."Order Items""#).unwrap(), TableName::new("Sales", "Order Items"));
         assert_eq!(TableName::parse(r#""a.b"."c""d""#).unwrap(), TableName::new("a.b", "c\"d"));
-        assert!(TableName::parse("a.b.c").is_err());
         assert!(TableName::parse("a.").is_err());
+        assert!(TableName::parse(".a").is_err());
         assert!(TableName::parse("\"a").is_err());
+        assert!(TableName::parse("").is_err());
+    }
+
+    /// A sender, `schema.table` as events carry it, parses to a name equal to its table's,
+    /// however many dots and quotes its parts hold.
+    #[test]
+    fn parses_senders_back_to_their_table() {
+        let tables = [
+            TableName::new("sales.eu", "orders"),
+            TableName::new("sales", "order.items"),
+            TableName::new("a.b", "c.d"),
+            TableName::new("public", "\"draft"),
+            TableName::new("public", "it's \"x\" y"),
+            TableName::new("$capture$", "x$capture$; DROP TABLE t; --"),
+            TableName::new(" padded", "name\n"),
+            TableName::new("雪", "🦀.é"),
+        ];
+        for table in &tables {
+            let sender = table.to_string();
+            let parsed = TableName::parse(&sender).unwrap_or_else(|e| panic!("{sender:?}: {e}"));
+            assert_eq!(&parsed, table, "{sender:?}");
+            assert_eq!(parsed.to_string(), sender);
+        }
+    }
+
+    #[test]
+    fn names_are_equal_hashed_and_ordered_by_their_sender_text() {
+        use std::collections::{BTreeSet, HashSet};
+        let (a, b) = (TableName::new("a.b", "c"), TableName::new("a", "b.c"));
+        assert_eq!(a, b);
+        assert_eq!(HashSet::from([a.clone(), b.clone()]).len(), 1);
+        assert_eq!(BTreeSet::from([a.clone(), b.clone()]).len(), 1);
+        assert_eq!(a.cmp(&b), Ordering::Equal);
+        assert_ne!(TableName::new("a", "b"), TableName::new("a", "bc"));
+        assert_ne!(TableName::new("ab", "c"), TableName::new("a", "bc"));
+        assert!(TableName::new("public", "a") < TableName::new("public", "b"));
+        assert!(TableName::new("a", "z") < TableName::new("b", "a"));
     }
 
     #[test]

@@ -422,3 +422,30 @@ pub fn python_venv() -> PathBuf {
     })
     .clone()
 }
+
+impl TestDb {
+    /// Runs `psql -X <args>` against this database with `input` piped into its stdin (no
+    /// `ON_ERROR_STOP` unless `args` asks for it, so a caller can see what a script does on
+    /// its own).
+    pub fn psql_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = Command::new(psql_program())
+            .args(["-X", "-d", &self.conninfo])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("could not run psql");
+        let mut stdin = child.stdin.take().expect("psql stdin");
+        let input = input.to_vec();
+        // A thread of its own: psql may fill its output pipes before it has read all the input.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("waiting for psql");
+        let _ = writer.join();
+        out
+    }
+}
