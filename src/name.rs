@@ -52,6 +52,14 @@ impl TableName {
         self.schema.bytes().chain([b'.']).chain(self.name.bytes())
     }
 
+    /// Whether `sender` (an event's `sender`, `schema.table`) names this table.
+    pub fn is_sender(&self, sender: &str) -> bool {
+        sender.len() == self.schema.len() + 1 + self.name.len()
+            && sender.starts_with(self.schema.as_str())
+            && sender[self.schema.len()..].starts_with('.')
+            && sender.ends_with(self.name.as_str())
+    }
+
     /// The name quoted for SQL: `"schema"."table"`.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
@@ -145,10 +153,12 @@ pub fn quote_ident(ident: &str) -> String {
 /// Quotes a string literal for SQL text (`standard_conforming_strings = on`, the default since
 /// PostgreSQL 9.1): `it's` → `'it''s'`.
 pub fn quote_literal(text: &str) -> String {
-    // As PostgreSQL's own quote_literal: with a backslash, an E'' string whose backslashes are
-    // doubled means the same text whatever `standard_conforming_strings` says.
-    if text.contains('\\') {
-        format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+    // With a backslash, an E'' string whose backslashes are doubled (as PostgreSQL's own
+    // quote_literal writes it) means the same text whatever `standard_conforming_strings` says.
+    // Line breaks are escaped too, so a literal never spans lines of generated code.
+    if text.contains(['\\', '\n', '\r']) {
+        let escaped = text.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\'', "''");
+        format!("E'{escaped}'")
     } else {
         format!("'{}'", text.replace('\'', "''"))
     }
@@ -175,6 +185,16 @@ mod tests {
         assert!(TableName::parse(".a").is_err());
         assert!(TableName::parse("\"a").is_err());
         assert!(TableName::parse("").is_err());
+    }
+
+    #[test]
+    fn literals_never_span_lines_and_keep_backslashes() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b"), r"E'a\\b'");
+        assert_eq!(quote_literal("a\nb\r'"), r"E'a\nb\r'''");
+        assert!(TableName::new("a.b", "\"c\"").is_sender("a.b.\"c\""));
+        assert!(!TableName::new("a", "b.c").is_sender("a.b"));
+        assert!(!TableName::new("a", "b").is_sender("ab.b"));
     }
 
     /// A sender, `schema.table` as events carry it, parses to a name equal to its table's,
