@@ -758,6 +758,11 @@ mode = "notify"
 columns = ["Unit €", "it's"]
 redact = ['say "hi"']
 include_old = true
+
+[[watch]]
+table = "public.signup"
+mode = "notify"
+redact = ["password"]
 "#,
         )
         .unwrap();
@@ -779,7 +784,17 @@ include_old = true
             pk: vec!["Order Id".to_owned(), "line".to_owned()],
             partitioned: true,
         };
-        let sql = format!("{}{}", trigger_ddl(&config.watches[0], &shop), trigger_ddl(&config.watches[1], &items));
+        let signup = TableShape {
+            columns: vec![col("id", 1), col("email", 2), col("password", 3)],
+            pk: vec!["id".to_owned()],
+            partitioned: false,
+        };
+        let sql = format!(
+            "{}{}{}",
+            trigger_ddl(&config.watches[0], &shop),
+            trigger_ddl(&config.watches[1], &items),
+            trigger_ddl(&config.watches[2], &signup)
+        );
         insta::assert_snapshot!(sql);
     }
 
