@@ -530,15 +530,19 @@ impl<'a> Generator<'a> {
         } else {
             format!("ARRAY[{}]::text[]", diff.join(",\n                                          "))
         };
+        let names: Vec<String> = self.shape.columns.iter().map(|c| c.name.clone()).collect();
+        // Only a column added or renamed since install is left once the known names are taken
+        // out; that one minus is cheaper than the two of the full comparison it guards.
         sql.push_str(&format!(
             "        v_changed := array_remove({known}, NULL);\n        \
              -- a column added or renamed since install changed too: ask the catalog\n        \
-             IF (v_new - v_changed) <> (v_old - v_changed) THEN\n            \
+             IF (v_new - {names}) <> '{{}}'::jsonb AND (v_new - v_changed) <> (v_old - v_changed) THEN\n            \
              v_changed := post_save.changed_columns(TG_RELID, v_new, v_old);\n        \
              END IF;\n        \
              IF cardinality(v_changed) = 0 THEN\n            \
              RETURN NULL;\n        \
-             END IF;\n"
+             END IF;\n",
+            names = text_array(&names)
         ));
         if !self.watch.columns.is_empty() {
             sql.push_str("        IF NOT (v_changed && v_watch) THEN\n            RETURN NULL;\n        END IF;\n");
