@@ -283,8 +283,22 @@ impl TempCluster {
 
     /// Reuses an existing cluster in `self.dir`; `Ok(false)` when there is none.
     fn reuse(&mut self, opts: &ClusterOptions) -> Result<bool, ClusterError> {
-        if !self.data_dir.join("PG_VERSION").exists() {
+        let Ok(kept) = fs::read_to_string(self.data_dir.join("PG_VERSION")) else {
             return Ok(false);
+        };
+        // A data directory made by another major version cannot be run by these binaries (and
+        // a server of that version may still be running on it): it is made again.
+        let major = server_major(&self.bindir)?;
+        if kept.trim() != major.to_string() {
+            return Err(ClusterError::Start {
+                reason: format!(
+                    "the kept cluster is PostgreSQL {}, the binaries in {} are {major}",
+                    kept.trim(),
+                    self.bindir.display()
+                ),
+                output: String::new(),
+                log: String::new(),
+            });
         }
         let kept_port = read_port(&self.data_dir.join(CONF_FILE))?;
         self.port = choose_port(opts, Some(kept_port))?;
@@ -464,6 +478,26 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
         return if has_server_programs(&dir) { Ok(dir) } else { Err(ClusterError::NotFound) };
     }
     bindir_from_path().or_else(bindir_from_pg_config).or_else(bindir_from_debian_layout).ok_or(ClusterError::NotFound)
+}
+
+/// The major version of the server binaries in `bindir` (`postgres --version`): 15 for
+/// "postgres (PostgreSQL) 15.10 (Debian 15.10-0+deb12u1)".
+pub fn server_major(bindir: &Path) -> Result<u32, ClusterError> {
+    let program = bindir.join("postgres");
+    let out = Command::new(&program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("could not run {} --version", program.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|word| word.split('.').next().and_then(|m| m.parse().ok()))
+        .filter(|_| out.status.success())
+        .ok_or_else(|| ClusterError::Command {
+            what: format!("{} --version", program.display()),
+            status: out.status,
+            output: output_tail(&out),
+        })
 }
 
 fn has_server_programs(dir: &Path) -> bool {
