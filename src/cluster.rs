@@ -170,6 +170,9 @@ impl TempCluster {
             .keep();
         // From here on, dropping `cluster` on an error cleans up.
         let mut cluster = TempCluster::new(dir, bindir, owner, false);
+        // Private: anyone who can reach the socket is a superuser (trust authentication).
+        fs::set_permissions(&cluster.dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("could not make {} private", cluster.dir.display())))?;
         cluster.give_dir_to_owner()?;
         cluster.create(&opts)?;
         cluster.start_again()?;
@@ -600,6 +603,8 @@ fn conf_text(socket_dir: &Path, port: u16, opts: &ClusterOptions) -> String {
         ("listen_addresses", listen.to_owned()),
         ("port", port.to_string()),
         ("unix_socket_directories", socket_dir.to_string_lossy().into_owned()),
+        // Only the server's user (and root) may connect, whatever the directory's mode.
+        ("unix_socket_permissions", "0700".to_owned()),
         ("fsync", if opts.fsync { "on" } else { "off" }.to_owned()),
     ];
     let extra = opts.settings.iter().map(|(k, v)| (k.as_str(), v.clone()));

@@ -45,8 +45,17 @@ timeout = "10s"
 "#;
 
 pub async fn run(global: &Global) -> Result<u8> {
-    // Ctrl-C at any point, even while the cluster starts, ends in the cleanup below.
+    // Ctrl-C at any point, even while the cluster starts, ends in the cleanup below; so do
+    // SIGTERM and a closed terminal (SIGHUP).
     let shutdown = shutdown_signal()?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let hung_up = shutdown.clone();
+    tokio::spawn(async move {
+        if hangup.recv().await.is_some() {
+            hung_up.cancel();
+            tracing::info!("SIGHUP received");
+        }
+    });
     let url = global.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()));
     let (cluster, conninfo) = match url {
         Some(url) => (None, url),
@@ -62,7 +71,8 @@ pub async fn run(global: &Global) -> Result<u8> {
     let result = if shutdown.is_cancelled() { Ok(0) } else { demo(&conninfo, cluster.is_some(), shutdown).await };
     if let Some(cluster) = cluster {
         tokio::task::spawn_blocking(move || drop(cluster)).await.ok();
-        eprintln!("temporary PostgreSQL stopped and removed");
+        // The terminal may be gone (SIGHUP): a failed write is no reason to panic.
+        let _ = writeln!(std::io::stderr(), "temporary PostgreSQL stopped and removed");
     }
     result
 }

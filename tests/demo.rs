@@ -149,6 +149,18 @@ impl Demo {
         self.status.unwrap()
     }
 
+    /// Sends `signal` and waits for the exit and the end of both streams.
+    fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        kill(self.pid, signal).unwrap_or_else(|e| panic!("sending {signal}: {e}"));
+        let deadline = Instant::now() + EXIT_PATIENCE;
+        while self.status.is_none() || self.open_streams > 0 {
+            if !self.pump(deadline) {
+                panic!("the demo did not exit within {EXIT_PATIENCE:?} of {signal}\n{}", self.transcript());
+            }
+        }
+        self.status.unwrap()
+    }
+
     fn transcript(&self) -> String {
         format!("--- stdout\n{}\n--- stderr\n{}", self.stdout.join("\n"), self.stderr.join("\n"))
     }
@@ -362,6 +374,58 @@ fn ctrl_c_while_the_cluster_starts_still_removes_it() {
         assert!(status.code().is_some(), "killed by {status} ({stop_at:?})\n{}", demo.transcript());
         assert!(left.is_empty(), "left behind ({stop_at:?}): {left:?}\n{}", demo.transcript());
     }
+}
+
+/// A closed terminal (SIGHUP) and a plain `kill` (SIGTERM) stop the demo as Ctrl-C does: its
+/// cluster's server stops and its directory is removed.
+#[test]
+fn a_closed_terminal_or_sigterm_removes_the_throwaway_cluster() {
+    for signal in [Signal::SIGHUP, Signal::SIGTERM] {
+        let mut demo = Demo::start(&[], &[]);
+        let line = demo.wait_for(Stream::Stdout, "the banner's database line", |l| l.starts_with("  database:  "));
+        let (conninfo, _) = banner_database(&line);
+        let host = PathBuf::from(conninfo_value(&conninfo, "host").expect("a host"));
+        wait_for_the_demo_order(&mut demo);
+        let pid = std::fs::read_to_string(host.join("data/postmaster.pid")).expect("the server's pid file");
+        let server = Pid::from_raw(pid.lines().next().and_then(|l| l.trim().parse().ok()).expect("a pid"));
+        let status = demo.stop_with(signal);
+        stop_servers_in(std::slice::from_ref(&host));
+        assert_eq!(status.code(), Some(0), "{signal}: exit status {status}\n{}", demo.transcript());
+        assert!(!host.exists(), "{signal}: {} is still there\n{}", host.display(), demo.transcript());
+        assert!(kill(server, None).is_err(), "{signal}: the server (pid {server}) still runs");
+    }
+}
+
+/// Only the invoking user (and the server's, and root) can reach the throwaway cluster: its
+/// directory and socket are private, though it trusts whoever connects. Checked by connecting
+/// as `nobody`, which needs root to switch to.
+#[test]
+fn another_local_user_cannot_connect_to_the_throwaway_cluster() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("note: skipping: switching to another user needs root");
+        return;
+    }
+    let mut demo = Demo::start(&[], &[]);
+    let line = demo.wait_for(Stream::Stdout, "the banner's database line", |l| l.starts_with("  database:  "));
+    let (conninfo, _) = banner_database(&line);
+    let host = PathBuf::from(conninfo_value(&conninfo, "host").expect("a host"));
+    wait_for_the_demo_order(&mut demo);
+    let mode = std::fs::metadata(&host).expect("the cluster directory").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the cluster directory {} has mode {mode:o}", host.display());
+    // The owner itself connects.
+    run_psql(&conninfo, "SELECT 1");
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(psql())
+        .args([conninfo.as_str(), "-XAtc", "SELECT 1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running psql as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody connected to the demo's cluster: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("Permission denied") || stderr.contains("permission denied"), "{stderr}");
+    assert_eq!(demo.interrupt().code(), Some(0), "{}", demo.transcript());
 }
 
 /// Stops (immediate shutdown, SIGQUIT) any server still running in one of these cluster

@@ -135,7 +135,7 @@ pub fn server_conninfo() -> String {
 
 /// The admin connection string of a server with `wal_level = logical`: the one named by
 /// `POST_SAVE_TEST_DATABASE_URL` when it writes logical WAL, else a second private cluster
-/// (`post-save-test-logical-<major>-<uid>`, kept running like the first).
+/// (`post-save-test-logical-<major>-<bindir hash>-<uid>`, kept running like the first).
 pub fn logical_server_conninfo() -> String {
     static ADMIN: OnceLock<String> = OnceLock::new();
     ADMIN
@@ -161,26 +161,31 @@ pub fn logical_server_conninfo() -> String {
 ///
 /// nextest runs every test in a process of its own, so a cluster per process would cost
 /// seconds per test. Instead all test processes share one cluster in a fixed directory,
-/// `$TMPDIR/post-save-test-cluster-<major>-<uid>`: the first process to get there creates and starts
-/// it (under a lock, see [`TempCluster::start_persistent`]) and it is **left running** after the
-/// tests, to be reused by the next run. Stop it with
-/// `pg_ctl stop -D $TMPDIR/post-save-test-cluster-<major>-<uid>/data` (as the `postgres` user when
-/// root), or just remove the directory after stopping it.
+/// `$TMPDIR/post-save-test-cluster-<major>-<bindir hash>-<uid>`: the first process to get there
+/// creates and starts it (under a lock, see [`TempCluster::start_persistent`]) and it is **left
+/// running** after the tests, to be reused by the next run. Stop it with `pg_ctl stop -D <that
+/// directory>/data` (as the `postgres` user when root), or just remove the directory after
+/// stopping it.
 fn private_cluster() -> String {
     private_cluster_named("post-save-test-cluster", &[])
 }
 
-/// Starts (or reuses) the shared private cluster in `$TMPDIR/<name>-<major>-<uid>` with `settings` on
-/// top of the common ones, sweeps abandoned test databases, and returns its admin connection
-/// string.
+/// Starts (or reuses) the shared private cluster in `$TMPDIR/<name>-<major>-<bindir hash>-<uid>`
+/// with `settings` on top of the common ones, sweeps abandoned test databases, and returns its
+/// admin connection string.
 fn private_cluster_named(name: &str, settings: &[(&str, &str)]) -> String {
     let uid = nix::unistd::geteuid();
-    // One kept cluster per major version: a run against other binaries (POST_SAVE_PG_BINDIR)
-    // never tests the server a previous run left behind.
-    let major = find_bindir()
-        .and_then(|bindir| post_save::cluster::server_major(&bindir))
+    // One kept cluster per major version and binary directory: a run against other binaries
+    // (POST_SAVE_PG_BINDIR) never tests the server a previous run left behind.
+    let bindir = find_bindir()
         .unwrap_or_else(|e| panic!("no PostgreSQL server binaries for the test cluster: {}", error_chain(&e)));
-    let dir = std::env::temp_dir().join(format!("{name}-{major}-{uid}"));
+    let major = post_save::cluster::server_major(&bindir)
+        .unwrap_or_else(|e| panic!("no PostgreSQL server binaries for the test cluster: {}", error_chain(&e)));
+    // FNV-1a of the binaries' directory: two builds of one major version keep a cluster each.
+    let place = bindir.as_os_str().as_encoded_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let dir = std::env::temp_dir().join(format!("{name}-{major}-{:08x}-{uid}", place as u32));
     let opts = ClusterOptions {
         settings: [("max_connections", "200")]
             .iter()
