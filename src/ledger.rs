@@ -37,32 +37,30 @@ macro_rules! snapshot_columns {
     };
 }
 
-/// A page holds at most $3 ledger rows and, counting each row's events, about $4 events (a row
+/// A page holds at most $2 ledger rows and, counting each row's events, about $3 events (a row
 /// is never split): a 100-event row counts as 100 against the page, so memory stays bounded.
-///
-/// Rows past the cursor and the cursor's gaps (ids below it not seen yet) are read by two
-/// branches, so that the first is an index scan in id order that stops after $3 rows; one
-/// `id > $1 OR id = ANY($2)` condition made it a bitmap scan of every pending row, sorted, on
-/// every fetch.
 ///
 /// One more row, with a null id, carries the statement's snapshot (see [`Snapshot`]): the same
 /// snapshot the page was read with, so that an id missing from the page is known to belong to a
 /// transaction that snapshot saw running (or rolled back).
 const FETCH_NEW: &str = concat!(
     "(SELECT id, sender, op, head::text, rows::text, NULL::text, NULL::int8 FROM ( \
-       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM ( \
-         (SELECT id, sender, op, n, head, rows FROM post_save.event \
-           WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $3) \
-         UNION ALL \
-         (SELECT id, sender, op, n, head, rows FROM post_save.event \
-           WHERE handled_at IS NULL AND id = ANY($2) AND id <= $1) \
-       ) candidates ORDER BY id LIMIT $3) page \
-     WHERE before < $4 ORDER BY id) \
+       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
+        WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2) page \
+     WHERE before < $3 ORDER BY id) \
      UNION ALL \
      SELECT NULL, NULL, NULL, NULL, NULL, ",
     snapshot_columns!(),
     " FROM pg_catalog.pg_current_snapshot() s"
 );
+
+/// A page of the pending rows among the ids $1 (the cursor's gaps), as [`FETCH_PENDING`]. Not a
+/// branch of [`FETCH_NEW`]: with `id > $1 OR id = ANY($2)` in one condition the page became a
+/// bitmap scan of every pending row, sorted, on every fetch.
+const FETCH_GAPS: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
+       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
+        WHERE handled_at IS NULL AND id = ANY($1) ORDER BY id LIMIT $2) page \
+     WHERE before < $3 ORDER BY id";
 
 /// What a ledger read's snapshot says about transactions, in 64-bit transaction ids (which never
 /// wrap): every transaction below `xmin` had ended; of those from `xmin` up to `xmax`, the ones in
@@ -139,6 +137,7 @@ pub(crate) struct LedgerRow {
 pub(crate) struct Work {
     pub client: Client,
     fetch_new: Statement,
+    fetch_gaps: Statement,
     fetch_pending: Statement,
     write_outcomes: Statement,
 }
@@ -147,9 +146,10 @@ impl Work {
     /// Prepares the statements on `client`.
     pub(crate) async fn new(client: Client) -> Result<Work, tokio_postgres::Error> {
         let fetch_new = client.prepare(FETCH_NEW).await?;
+        let fetch_gaps = client.prepare(FETCH_GAPS).await?;
         let fetch_pending = client.prepare(FETCH_PENDING).await?;
         let write_outcomes = client.prepare(WRITE_OUTCOMES).await?;
-        Ok(Work { client, fetch_new, fetch_pending, write_outcomes })
+        Ok(Work { client, fetch_new, fetch_gaps, fetch_pending, write_outcomes })
     }
 }
 
@@ -164,16 +164,15 @@ pub(crate) struct NewPage {
     pub snapshot: Option<Snapshot>,
 }
 
-/// A page of pending ledger rows with ids above `after` or among `gaps`, in id order, within
-/// `limit`, and the snapshot it was read with.
+/// A page of pending ledger rows with ids above `after`, in id order, within `limit`, and the
+/// snapshot it was read with.
 pub(crate) async fn fetch_new(
     work: &Work,
     after: i64,
-    gaps: &[i64],
     limit: PageLimit,
     using: &str,
 ) -> Result<NewPage, tokio_postgres::Error> {
-    let mut rows = work.client.query(&work.fetch_new, &[&after, &gaps, &limit.rows, &limit.events]).await?;
+    let mut rows = work.client.query(&work.fetch_new, &[&after, &limit.rows, &limit.events]).await?;
     // UNION ALL keeps its branches' order in practice, but nothing promises it: the snapshot
     // row is looked for anywhere.
     let marker = rows.iter().position(|r| r.get::<_, Option<i64>>(0).is_none());
@@ -181,6 +180,20 @@ pub(crate) async fn fetch_new(
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
     Ok(NewPage { rows: good, bad, more, snapshot })
+}
+
+/// A page of the pending ledger rows among `ids`, in id order, within `limit`; `more` is true
+/// when the page was cut short by a limit.
+pub(crate) async fn fetch_gaps(
+    work: &Work,
+    ids: &[i64],
+    limit: PageLimit,
+    using: &str,
+) -> Result<(Vec<LedgerRow>, Vec<BadRow>, bool), tokio_postgres::Error> {
+    let rows = work.client.query(&work.fetch_gaps, &[&ids, &limit.rows, &limit.events]).await?;
+    let (good, bad) = decode_rows(rows, using);
+    let more = page_full(&good, &bad, limit);
+    Ok((good, bad, more))
 }
 
 fn page_full(good: &[LedgerRow], bad: &[BadRow], limit: PageLimit) -> bool {

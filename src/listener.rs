@@ -393,38 +393,65 @@ impl Listener {
     async fn drain(&self, work: &Work, cursor: &mut Cursor) -> Result<usize, SessionError> {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut total = 0;
-        let mut looked_again = false;
         loop {
             if !cursor.gaps.is_empty() && cursor.settled_at.elapsed() >= SETTLE_EVERY {
                 let local = ledger::local_xids(&work.client).await.map_err(DbError::Query)?;
                 cursor.gaps.settle(&local);
                 cursor.settled_at = Instant::now();
             }
-            let gaps = cursor.gaps.due();
             let epoch = self.in_flight.epoch();
             let page = PageLimit::for_events(limit, cursor.per_row);
             let ledger::NewPage { rows, bad, more, snapshot } =
-                ledger::fetch_new(work, cursor.after, &gaps, page, &cursor.using).await.map_err(DbError::Query)?;
+                ledger::fetch_new(work, cursor.after, page, &cursor.using).await.map_err(DbError::Query)?;
             self.alive.send_replace(Instant::now());
             cursor.per_row = events_per_row(&rows).unwrap_or(cursor.per_row);
             let mut ids: Vec<i64> = bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)).collect();
             let evicted = cursor.gaps.evicted;
-            let taken = cursor.take(&mut ids, snapshot, !more);
+            let taken = cursor.take(&mut ids, snapshot);
             log_gaps(&taken.dropped, &cursor.gaps, evicted);
+            // The gaps first: a later event of the same table row may be on this page, and it
+            // was saved after the transaction that fills the gap ended.
+            match self.fill_gaps(work, cursor).await? {
+                Some(n) => total += n,
+                None => return Ok(total),
+            }
             self.reject_rows(bad);
             match self.admit(epoch, rows).await {
                 Some(n) => total += n,
                 None => return Ok(total),
             }
-            // A transaction that held gaps has just ended: its row, if it committed, is read
-            // now rather than at the next poll (up to `idle_poll` away, when its commit rang no
-            // doorbell). Once per drain, so that writers ending all the time cannot keep it here.
-            let again = taken.due > 0 && !looked_again;
-            looked_again |= again;
-            if !more && !again {
+            if !more {
                 return Ok(total);
             }
         }
+    }
+
+    /// Reads and dispatches the rows of the due gaps, all of them, page by page. Returns how
+    /// many events were dispatched, or `None` when stopping.
+    async fn fill_gaps(&self, work: &Work, cursor: &mut Cursor) -> Result<Option<usize>, SessionError> {
+        let due = cursor.gaps.due();
+        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
+        let (mut from, mut found, mut total) = (0, Vec::new(), 0);
+        while from < due.len() {
+            let epoch = self.in_flight.epoch();
+            let page = PageLimit::for_events(limit, cursor.per_row);
+            let (rows, bad, more) =
+                ledger::fetch_gaps(work, &due[from..], page, &cursor.using).await.map_err(DbError::Query)?;
+            let ids: Vec<i64> = bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)).collect();
+            let last = ids.iter().copied().max();
+            found.extend(ids);
+            self.reject_rows(bad);
+            match self.admit(epoch, rows).await {
+                Some(n) => total += n,
+                None => return Ok(None),
+            }
+            match last {
+                Some(last) if more => from = due.partition_point(|&id| id <= last),
+                _ => break,
+            }
+        }
+        cursor.gaps.looked_up(&found);
+        Ok(Some(total))
     }
 
     /// Re-reads what the cursor has passed, for events whose gap was not remembered: more gaps

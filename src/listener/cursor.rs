@@ -9,11 +9,13 @@
 //! (`txid_current()`) before its ledger id, so every transaction that can fill a gap has an id
 //! below the next transaction id of the fetch that found the gap: the gap's *horizon*. Then:
 //!
-//! * a gap is looked up again only after a transaction below its horizon has ended (two
-//!   consecutive snapshots tell which ended), by the next fetch. So a fetch costs what the
-//!   transactions that ended since the last one cost, not what the number of gaps does: a gap
-//!   held by a transaction open for an hour costs nothing until that transaction ends, and is
-//!   read at the first fetch after it does;
+//! * a gap is looked up only when a fetch's snapshot shows that a transaction below its horizon
+//!   has ended since the last fetch's (two consecutive snapshots tell which ended), right after
+//!   that fetch and before its page is dispatched. So a fetch costs what the transactions that
+//!   ended since the last one cost, not what the number of gaps does: a gap held by a
+//!   transaction open for an hour costs nothing until that transaction ends, and is read at the
+//!   first fetch after it does. And a row's events keep their order: a later event of the same
+//!   row (in the page) needs that transaction to have ended first;
 //! * a gap is dropped once no transaction below its horizon can still run and it was looked up
 //!   after they ended: the snapshot's xmin (every transaction of the cluster below it has ended)
 //!   passed the horizon, or every transaction of this database below it had ended when last
@@ -55,8 +57,8 @@ pub(super) struct Cursor {
 /// What taking in one fetch did to the gaps.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Taken {
-    /// Gaps that a transaction ended since the last fetch may have filled: the next fetch looks
-    /// them up.
+    /// Gaps that a transaction ended since the last fetch may have filled: to be looked up
+    /// before the page is dispatched.
     pub due: usize,
     /// Gaps given up on, in ascending order: no transaction that could fill them is open.
     pub dropped: Vec<i64>,
@@ -77,17 +79,17 @@ impl Cursor {
     }
 
     /// Takes in a fetch: `ids` are the ledger ids it read (any order), `snapshot` what it was
-    /// read with, `complete` whether it was not cut short by a limit (so every gap it was asked
-    /// for was looked at).
-    pub(super) fn take(&mut self, ids: &mut [i64], snapshot: Option<Snapshot>, complete: bool) -> Taken {
+    /// read with. The gaps it makes due are then looked up ([`Gaps::due`], [`Gaps::looked_up`]).
+    pub(super) fn take(&mut self, ids: &mut [i64], snapshot: Option<Snapshot>) -> Taken {
         ids.sort_unstable();
+        // Start-of-session gaps may lie above `after`, so the page itself can fill them.
         for id in ids.iter() {
             self.gaps.seen(*id);
         }
         let horizon = snapshot.as_ref().map(|s| s.next);
         // Before the new gaps are noted: whatever ended before this snapshot, it was not what
         // holds them (their transactions were running, or rolled back).
-        let taken = self.gaps.after_fetch(snapshot, complete);
+        let taken = self.gaps.after_fetch(snapshot);
         for &id in ids.iter() {
             self.advance(id, horizon);
         }
@@ -145,9 +147,17 @@ impl Gaps {
         self.horizon.is_empty()
     }
 
-    /// The gaps the next fetch looks up, in ascending order.
+    /// The gaps to look up, in ascending order.
     pub(super) fn due(&self) -> Vec<i64> {
         self.due.iter().copied().collect()
+    }
+
+    /// The due gaps were looked up, all of them, and the rows of `found` read.
+    pub(super) fn looked_up(&mut self, found: &[i64]) {
+        for &id in found {
+            self.seen(id);
+        }
+        self.due.clear();
     }
 
     fn note(&mut self, id: i64, horizon: i64) {
@@ -171,13 +181,10 @@ impl Gaps {
         }
     }
 
-    /// After a fetch read with `now`: the gaps it looked up are done with (when it was
-    /// complete); those an ended transaction may have filled are due; those no open transaction
-    /// can fill and that were looked up since are dropped.
-    fn after_fetch(&mut self, now: Option<Snapshot>, complete: bool) -> Taken {
-        if complete {
-            self.due.clear();
-        }
+    /// After a fetch read with `now`: the gaps that a transaction ended since the last fetch
+    /// may have filled are due; those no open transaction can fill, and that were looked up
+    /// since theirs ended, are dropped.
+    fn after_fetch(&mut self, now: Option<Snapshot>) -> Taken {
         let Some(now) = now else { return Taken::default() };
         let mut taken = Taken::default();
         if let Some(ended) = self.last.as_ref().and_then(|last| first_ended(last, &now)) {
@@ -206,8 +213,8 @@ impl Gaps {
     /// the last fetch ([`crate::ledger::local_xids`]). A transaction below the last fetch's
     /// next id that is not among them has ended, and an ended one that could have filled a gap
     /// was running at that fetch or an earlier one, so the fetches' snapshots have made the gap
-    /// due, or will at the next fetch, before it can be dropped. Transactions of other databases
-    /// are left out: they cannot write this ledger.
+    /// due (and it was looked up), or will at the next fetch, before it can be dropped.
+    /// Transactions of other databases are left out: they cannot write this ledger.
     pub(super) fn settle(&mut self, local: &[u32]) {
         let Some(last) = &self.last else { return };
         let base = last.next;
@@ -240,7 +247,7 @@ mod tests {
     /// A cursor past id 1 of a fresh ledger, at `snapshot`.
     fn cursor_at(s: Snapshot) -> Cursor {
         let mut c = Cursor::new(Some(1 - CHUNK), "db".into());
-        assert_eq!(c.take(&mut [1], Some(s), true), Taken::default());
+        assert_eq!(c.take(&mut [1], Some(s)), Taken::default());
         c
     }
 
@@ -248,44 +255,44 @@ mod tests {
     fn a_gap_is_kept_while_its_transaction_runs_and_looked_up_once_it_ends() {
         // Transaction 100 took id 1001 and is open; 2001 was committed.
         let mut c = cursor_at(snapshot(100, 101, &[100], 105));
-        assert_eq!(c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106)), true), Taken::default());
+        assert_eq!(c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106))), Taken::default());
         assert_eq!(c.gaps.due(), Vec::<i64>::new(), "nothing ended that could fill it");
         // Fetch after fetch while 100 runs and others come and go: never looked up, never dropped.
         for x in 106..200 {
-            let t = c.take(&mut [], Some(snapshot(100, x + 1, &[100], x + 1)), true);
-            assert_eq!(t.dropped, Vec::<i64>::new());
+            assert_eq!(c.take(&mut [], Some(snapshot(100, x + 1, &[100], x + 1))), Taken::default());
             assert_eq!(c.gaps.due(), Vec::<i64>::new(), "a gap held by a running transaction costs nothing");
         }
         assert_eq!(c.gaps.len(), 1);
-        // 100 commits: the next fetch looks 1001 up, and finds it.
-        let t = c.take(&mut [], Some(snapshot(201, 201, &[], 201)), true);
-        assert_eq!(t, Taken { due: 1, dropped: vec![] });
+        // 100 commits: the fetch that sees it ended has 1001 looked up, which finds it.
+        assert_eq!(c.take(&mut [3001], Some(snapshot(201, 201, &[], 201))), Taken { due: 1, dropped: vec![] });
         assert_eq!(c.gaps.due(), vec![1001]);
-        assert_eq!(c.take(&mut [1001], Some(snapshot(201, 201, &[], 201)), true), Taken::default());
+        c.gaps.looked_up(&[1001]);
         assert!(c.gaps.is_empty());
-        assert_eq!(c.after, 2001);
+        assert_eq!(c.after, 3001);
+        assert_eq!(c.take(&mut [], Some(snapshot(201, 201, &[], 201))), Taken::default());
     }
 
     #[test]
     fn a_rolled_back_gap_is_looked_up_once_then_dropped() {
         let mut c = cursor_at(snapshot(100, 101, &[100], 105));
-        c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106)), true);
-        // 100 rolls back: looked up by the next fetch (it is not there), then dropped.
-        assert_eq!(c.take(&mut [], Some(snapshot(107, 107, &[], 107)), true), Taken { due: 1, dropped: vec![] });
-        assert_eq!(c.take(&mut [], Some(snapshot(107, 107, &[], 107)), true), Taken { due: 0, dropped: vec![1001] });
+        c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106)));
+        // 100 rolls back: looked up (it is not there), then dropped by the next fetch.
+        assert_eq!(c.take(&mut [], Some(snapshot(107, 107, &[], 107))), Taken { due: 1, dropped: vec![] });
+        c.gaps.looked_up(&[]);
+        assert_eq!(c.take(&mut [], Some(snapshot(107, 107, &[], 107))), Taken { due: 0, dropped: vec![1001] });
         assert!(c.gaps.is_empty());
     }
 
     #[test]
-    fn a_due_gap_stays_due_until_a_page_that_was_not_cut_short() {
+    fn a_due_gap_is_not_dropped_before_it_was_looked_up() {
         let mut c = cursor_at(snapshot(100, 101, &[100], 105));
-        c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106)), true);
-        c.take(&mut [], Some(snapshot(107, 107, &[], 107)), true);
+        c.take(&mut [2001], Some(snapshot(100, 106, &[100], 106)));
+        c.take(&mut [], Some(snapshot(107, 107, &[], 107)));
+        // The look-up did not happen (the session stopped, say): still due, still kept.
+        assert_eq!(c.take(&mut [], Some(snapshot(108, 108, &[], 108))), Taken::default());
         assert_eq!(c.gaps.due(), vec![1001]);
-        let t = c.take(&mut [3001], Some(snapshot(107, 107, &[], 107)), false);
-        assert_eq!(t.dropped, Vec::<i64>::new(), "not dropped before a complete look");
-        assert_eq!(c.gaps.due(), vec![1001]);
-        assert_eq!(c.take(&mut [], Some(snapshot(107, 107, &[], 107)), true).dropped, vec![1001]);
+        c.gaps.looked_up(&[]);
+        assert_eq!(c.take(&mut [], Some(snapshot(108, 108, &[], 108))).dropped, vec![1001]);
     }
 
     #[test]
@@ -293,9 +300,8 @@ mod tests {
         // 120 was not running at the first snapshot (at or above its xmax), took id 1001 and
         // ended before the next: it is among the ids handed out in between that no longer run.
         let mut c = cursor_at(snapshot(110, 110, &[], 110));
-        c.take(&mut [2001], Some(snapshot(110, 125, &[120], 125)), true);
-        let t = c.take(&mut [], Some(snapshot(130, 130, &[], 130)), true);
-        assert_eq!(t.due, 1);
+        c.take(&mut [2001], Some(snapshot(110, 125, &[120], 125)));
+        assert_eq!(c.take(&mut [], Some(snapshot(130, 130, &[], 130))).due, 1);
         assert_eq!(first_ended(&snapshot(110, 110, &[], 110), &snapshot(110, 125, &[110, 111, 113], 125)), Some(112));
         assert_eq!(first_ended(&snapshot(100, 110, &[100, 105], 110), &snapshot(100, 110, &[100, 105], 112)), None);
         assert_eq!(
@@ -308,17 +314,18 @@ mod tests {
     fn only_gaps_an_ended_transaction_could_fill_are_looked_up() {
         // A thousand gaps held back by transaction 100, open all along.
         let mut c = cursor_at(snapshot(100, 101, &[100], 101));
-        c.take(&mut [1001 * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)), true);
+        c.take(&mut [1001 * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)));
         assert_eq!(c.gaps.len(), 1000);
-        // Transaction 150 takes id 1001001 + CHUNK and then ends with 200 running: only the new
-        // gap (horizon 201) is due, not the thousand (horizon 101).
-        c.take(&mut [1003 * CHUNK + 1], Some(snapshot(100, 201, &[100, 150], 201)), true);
-        let t = c.take(&mut [], Some(snapshot(100, 201, &[100], 201)), true);
+        // Transaction 150 takes id 1002001 and then ends with 100 running: only that gap
+        // (horizon 201) is due, not the thousand (horizon 101).
+        c.take(&mut [1003 * CHUNK + 1], Some(snapshot(100, 201, &[100, 150], 201)));
+        let t = c.take(&mut [], Some(snapshot(100, 201, &[100], 201)));
         assert_eq!((t.due, c.gaps.due()), (1, vec![1002 * CHUNK + 1]));
-        assert_eq!(c.take(&mut [1002 * CHUNK + 1], Some(snapshot(100, 201, &[100], 201)), true), Taken::default());
+        c.gaps.looked_up(&[1002 * CHUNK + 1]);
         // 100 ends: all of them are due, once, then dropped.
-        assert_eq!(c.take(&mut [], Some(snapshot(201, 201, &[], 201)), true).due, 1000);
-        assert_eq!(c.take(&mut [], Some(snapshot(201, 201, &[], 201)), true).dropped.len(), 1000);
+        assert_eq!(c.take(&mut [], Some(snapshot(201, 201, &[], 201))).due, 1000);
+        c.gaps.looked_up(&[]);
+        assert_eq!(c.take(&mut [], Some(snapshot(201, 201, &[], 201))).dropped.len(), 1000);
         assert!(c.gaps.is_empty());
     }
 
@@ -326,14 +333,15 @@ mod tests {
     fn a_transaction_of_another_database_does_not_keep_gaps() {
         // Transaction 100 (another database) holds the cluster's xmin; 150 took id 1001 here.
         let mut c = cursor_at(snapshot(100, 151, &[100, 150], 151));
-        c.take(&mut [2001], Some(snapshot(100, 152, &[100, 150], 152)), true);
+        c.take(&mut [2001], Some(snapshot(100, 152, &[100, 150], 152)));
         // While 150 runs here, nothing is dropped.
         c.gaps.settle(&[150]);
-        assert_eq!(c.take(&mut [], Some(snapshot(100, 152, &[100, 150], 152)), true), Taken::default());
+        assert_eq!(c.take(&mut [], Some(snapshot(100, 152, &[100, 150], 152))), Taken::default());
         // 150 rolls back: looked up once, then dropped although 100 still holds the xmin.
-        assert_eq!(c.take(&mut [], Some(snapshot(100, 153, &[100], 153)), true).due, 1);
+        assert_eq!(c.take(&mut [], Some(snapshot(100, 153, &[100], 153))).due, 1);
+        c.gaps.looked_up(&[]);
         c.gaps.settle(&[]);
-        assert_eq!(c.take(&mut [], Some(snapshot(100, 153, &[100], 153)), true).dropped, vec![1001]);
+        assert_eq!(c.take(&mut [], Some(snapshot(100, 153, &[100], 153))).dropped, vec![1001]);
     }
 
     #[test]
@@ -351,26 +359,29 @@ mod tests {
     fn start_of_session_gaps_are_kept_and_resolved_the_same_way() {
         let mut c = Cursor::new(Some(5001), "db".into());
         c.remember(&[3001, 5001], snapshot(100, 101, &[100], 101));
-        assert_eq!(c.take(&mut [4001], Some(snapshot(100, 101, &[100], 101)), true), Taken::default());
+        assert_eq!(c.take(&mut [4001], Some(snapshot(100, 101, &[100], 101))), Taken::default());
         assert_eq!(c.gaps.len(), 2);
-        assert_eq!(c.take(&mut [], Some(snapshot(102, 102, &[], 102)), true).due, 2);
-        assert_eq!(c.take(&mut [5001], Some(snapshot(102, 102, &[], 102)), true).dropped, vec![3001]);
+        // 100 commits 5001 (above the cursor: the page reads it) and 3001 was rolled back.
+        assert_eq!(c.take(&mut [5001], Some(snapshot(102, 102, &[], 102))).due, 1);
+        assert_eq!(c.gaps.due(), vec![3001]);
+        c.gaps.looked_up(&[]);
+        assert_eq!(c.take(&mut [], Some(snapshot(102, 102, &[], 102))).dropped, vec![3001]);
         assert!(c.gaps.is_empty());
     }
 
     #[test]
     fn past_the_limit_the_oldest_gaps_make_room() {
         let mut c = cursor_at(snapshot(100, 101, &[100], 101));
-        c.take(&mut [(MAX_GAPS as i64 + 1) * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)), true);
+        c.take(&mut [(MAX_GAPS as i64 + 1) * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)));
         assert_eq!((c.gaps.len(), c.gaps.evicted), (MAX_GAPS, 0));
         let next = (MAX_GAPS as i64 + 3) * CHUNK + 1;
-        c.take(&mut [next], Some(snapshot(100, 102, &[100], 102)), true);
+        c.take(&mut [next], Some(snapshot(100, 102, &[100], 102)));
         assert_eq!((c.gaps.len(), c.gaps.evicted), (MAX_GAPS, 1));
         assert!(!c.gaps.horizon.contains_key(&(CHUNK + 1)), "the oldest went");
         assert!(c.gaps.horizon.contains_key(&(next - CHUNK)), "the newest stayed");
         // A jump past more ids than can be remembered keeps the nearest.
         let mut c = cursor_at(snapshot(100, 101, &[100], 101));
-        c.take(&mut [3 * MAX_GAPS as i64 * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)), true);
+        c.take(&mut [3 * MAX_GAPS as i64 * CHUNK + 1], Some(snapshot(100, 101, &[100], 101)));
         assert_eq!(c.gaps.len(), MAX_GAPS);
         assert!(c.gaps.horizon.contains_key(&((3 * MAX_GAPS as i64 - 1) * CHUNK + 1)));
     }
