@@ -105,6 +105,44 @@ async fn a_save_whose_transaction_stayed_open_2_minutes_arrives_within_2_seconds
     late_commit_arrives(Duration::from_secs(120), true).await;
 }
 
+/// A late save and the next save of the same row, committed a moment after it (it waited for
+/// the late one's row lock), arrive in commit order. Both are read by the same fetch, the later
+/// above the cursor and the late one in a gap: the gap must be read and dispatched first.
+#[tokio::test]
+async fn a_late_save_arrives_before_the_next_save_of_its_row() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config(CONFIG);
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'contended')");
+    assert_eq!(daemon.next().await.instance["quantity"], 1);
+
+    // No NOTIFY with these commits: the daemon's poll finds both, in one fetch.
+    db.psql_ok("SELECT setval('post_save.doorbell', 0, true)");
+    let late = db.client().await;
+    late.batch_execute("BEGIN; UPDATE shop_order SET quantity = 2 WHERE product = 'contended'").await.unwrap();
+    db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'other')");
+    assert_eq!(daemon.next().await.instance["product"], "other", "the late save's id is a gap now");
+    let next = db.client().await;
+    let waiting = tokio::spawn(async move {
+        next.batch_execute("UPDATE shop_order SET quantity = 3 WHERE product = 'contended'").await.unwrap();
+    });
+    support::wait_for_sql(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        1,
+    )
+    .await;
+    late.batch_execute("COMMIT").await.unwrap();
+    waiting.await.unwrap();
+    db.psql_ok("SELECT setval('post_save.doorbell', 1, true)");
+    let quantities: Vec<_> = daemon.take(2).await.iter().map(|e| e.instance["quantity"].clone()).collect();
+    assert_eq!(quantities, [2, 3], "the row's saves in commit order");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
 /// What the daemon binary wrote on stderr, one JSON log line at a time.
 #[derive(Debug)]
 enum Line {
