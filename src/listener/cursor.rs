@@ -128,7 +128,7 @@ pub(super) struct Gaps {
     /// (horizon, id): those that an ended transaction may have filled, and those that no running
     /// one can fill, are each one range of it.
     by_horizon: BTreeSet<(i64, i64)>,
-    /// To be looked up by the next fetch.
+    /// To be looked up before the page that made them due is dispatched.
     due: BTreeSet<i64>,
     /// The last fetch's snapshot.
     last: Option<Snapshot>,
