@@ -409,8 +409,9 @@ impl Listener {
             let evicted = cursor.gaps.evicted;
             let taken = cursor.take(&mut ids, snapshot);
             log_gaps(&taken.dropped, &cursor.gaps, evicted);
-            // The gaps first: a later event of the same table row may be on this page, and it
-            // was saved after the transaction that fills the gap ended.
+            // The gaps first (all behind the cursor, so below the page): a later event of the
+            // same table row may be on this page, and it was saved after the transaction that
+            // fills the gap ended.
             match self.fill_gaps(work, cursor).await? {
                 Some(n) => total += n,
                 None => return Ok(total),

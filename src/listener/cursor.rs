@@ -15,7 +15,9 @@
 //!   ended since the last one cost, not what the number of gaps does: a gap held by a
 //!   transaction open for an hour costs nothing until that transaction ends, and is read at the
 //!   first fetch after it does. And a row's events keep their order: a later event of the same
-//!   row (in the page) needs that transaction to have ended first;
+//!   row (in the page) needs that transaction to have ended first. Only gaps behind the cursor
+//!   are looked up so: one remembered at the start of the session above it is left to the pages
+//!   (see [`Gaps::after_fetch`]);
 //! * a gap is dropped once no transaction below its horizon can still run and it was looked up
 //!   after they ended: the snapshot's xmin (every transaction of the cluster below it has ended)
 //!   passed the horizon, or every transaction of this database below it had ended when last
@@ -88,8 +90,9 @@ impl Cursor {
         }
         let horizon = snapshot.as_ref().map(|s| s.next);
         // Before the new gaps are noted: whatever ended before this snapshot, it was not what
-        // holds them (their transactions were running, or rolled back).
-        let taken = self.gaps.after_fetch(snapshot);
+        // holds them (their transactions were running, or rolled back). And before the cursor
+        // moves: only gaps behind the page are looked up before it.
+        let taken = self.gaps.after_fetch(snapshot, self.after);
         for &id in ids.iter() {
             self.advance(id, horizon);
         }
@@ -181,16 +184,25 @@ impl Gaps {
         }
     }
 
-    /// After a fetch read with `now`: the gaps that a transaction ended since the last fetch
-    /// may have filled are due; those no open transaction can fill, and that were looked up
-    /// since theirs ended, are dropped.
-    fn after_fetch(&mut self, now: Option<Snapshot>) -> Taken {
+    /// After a fetch read with `now`, from past `behind` (the cursor before its page): the gaps
+    /// up to `behind` that a transaction ended since the last fetch may have filled are due;
+    /// those no open transaction can fill, and that were looked up since theirs ended, are
+    /// dropped.
+    ///
+    /// A gap above `behind` (one remembered at the start of the session) is never due: the page
+    /// and those after it read every committed row above the cursor, in id order. Looked up
+    /// before them, its row would be dispatched ahead of earlier saves of the same table row
+    /// that they have still to read. For the same reason it is dropped without a look-up once
+    /// no open transaction can fill it.
+    fn after_fetch(&mut self, now: Option<Snapshot>, behind: i64) -> Taken {
         let Some(now) = now else { return Taken::default() };
         let mut taken = Taken::default();
         if let Some(ended) = self.last.as_ref().and_then(|last| first_ended(last, &now)) {
             // Only a transaction below a gap's horizon can fill it.
             for &(_, id) in self.by_horizon.range((ended + 1, i64::MIN)..) {
-                taken.due += usize::from(self.due.insert(id));
+                if id <= behind {
+                    taken.due += usize::from(self.due.insert(id));
+                }
             }
         }
         // A due gap was filled, if at all, before `now`: it is looked up once more first.
@@ -366,6 +378,49 @@ mod tests {
         assert_eq!(c.gaps.due(), vec![3001]);
         c.gaps.looked_up(&[]);
         assert_eq!(c.take(&mut [], Some(snapshot(102, 102, &[], 102))).dropped, vec![3001]);
+        assert!(c.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_start_of_session_gap_above_the_cursor_is_left_to_the_pages() {
+        // The session began after transaction 100 took id 5001 (open: a start gap) and saved the
+        // same table row as 2001 did, pending since before; the catch-up reads a page at a time.
+        let mut c = Cursor::new(Some(5001), "db".into());
+        // (98, in another database, stays open all along.)
+        c.remember(&[5001], snapshot(98, 101, &[98, 99, 100], 101));
+        // The first page stops at 1001; 99 has ended meanwhile, and 100 commits right after
+        // this snapshot. Looked up now, 5001 would be dispatched before 2001, which the next
+        // page reads.
+        assert_eq!(c.take(&mut [1001], Some(snapshot(98, 101, &[98, 100], 101))), Taken::default());
+        assert_eq!(c.gaps.due(), Vec::<i64>::new(), "not looked up ahead of the cursor");
+        // The next pages read 2001 and then 5001, in order.
+        assert_eq!(c.take(&mut [2001], Some(snapshot(98, 101, &[98], 101))), Taken::default());
+        assert_eq!(c.gaps.due(), Vec::<i64>::new());
+        assert_eq!(c.take(&mut [5001], Some(snapshot(98, 101, &[98], 101))), Taken::default());
+        assert!(c.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_start_of_session_gap_the_cursor_passes_is_looked_up_once_its_transaction_ends() {
+        let mut c = Cursor::new(Some(5001), "db".into());
+        c.remember(&[3001], snapshot(99, 101, &[99, 100], 101));
+        // 99 ends while 3001 is ahead: not due. The page passes 3001, which 100 still holds.
+        assert_eq!(c.take(&mut [1001, 2001, 4001], Some(snapshot(100, 102, &[100], 102))), Taken::default());
+        assert_eq!(c.gaps.due(), Vec::<i64>::new());
+        assert_eq!(c.gaps.len(), 1);
+        // 100 ends: 3001 is behind the cursor now, and looked up.
+        assert_eq!(c.take(&mut [], Some(snapshot(102, 102, &[], 102))).due, 1);
+        assert_eq!(c.gaps.due(), vec![3001]);
+        c.gaps.looked_up(&[3001]);
+        assert!(c.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_rolled_back_start_of_session_gap_ahead_of_the_cursor_is_dropped() {
+        let mut c = Cursor::new(Some(5001), "db".into());
+        c.remember(&[5001], snapshot(100, 101, &[100], 101));
+        // 100 rolled back: nothing to look up; the pages would have read its row, had it one.
+        assert_eq!(c.take(&mut [1001], Some(snapshot(101, 101, &[], 101))), Taken { due: 0, dropped: vec![5001] });
         assert!(c.gaps.is_empty());
     }
 
