@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use post_save::handler::{HandlerError, handler_fn};
+use post_save::{Receiver, Registry, SaveEvent};
 use support::{PATIENCE, config, install, start, wait_for_sql};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -139,6 +141,65 @@ async fn a_late_save_arrives_before_the_next_save_of_its_row() {
     db.psql_ok("SELECT setval('post_save.doorbell', 1, true)");
     let quantities: Vec<_> = daemon.take(2).await.iter().map(|e| e.instance["quantity"].clone()).collect();
     assert_eq!(quantities, [2, 3], "the row's saves in commit order");
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+}
+
+/// A save whose transaction took its ledger id before the daemon started, and commits while the
+/// start-up catch-up is still reading older saves of its row, arrives after them. Its id is a
+/// start-of-session gap ahead of the catch-up's cursor: the pages read it in its turn; looked up
+/// as soon as its transaction ends, it came before them (the row order the SIGKILL crash test saw
+/// broken once). One ledger row per page and one in flight, with the first held by a gate, make
+/// the commit land while the catch-up is at its first rows.
+#[tokio::test]
+async fn a_save_committed_during_the_catch_up_arrives_after_the_older_saves_of_its_row() {
+    let db = TestDb::new().await;
+    db.psql_ok(SHOP);
+    let config = config(
+        "[daemon]\nsweep_interval = \"1h\"\nfetch_batch = 1\nmax_in_flight = 1\n\
+         [[watch]]\ntable = \"public.shop_order\"\nmode = \"durable\"\n",
+    );
+    install(&db, &config).await;
+    db.psql_ok(
+        "INSERT INTO shop_order (user_id, product) VALUES (1, 'contended'); \
+         INSERT INTO shop_order (user_id, product) VALUES (2, 'other'); \
+         INSERT INTO shop_order (user_id, product) VALUES (3, 'other'); \
+         UPDATE shop_order SET quantity = 2 WHERE product = 'contended'",
+    );
+    let late = db.client().await;
+    late.batch_execute("BEGIN; UPDATE shop_order SET quantity = 3 WHERE product = 'contended'").await.unwrap();
+
+    // Every event waits at the gate until it opens; the first one to arrive says so.
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let mut registry = Registry::new();
+    registry
+        .register(
+            Receiver::new("gate"),
+            handler_fn(move |_: SaveEvent| {
+                let (entered, mut gate) = (entered_tx.clone(), gate.clone());
+                async move {
+                    let _ = entered.send(());
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+        )
+        .unwrap();
+    let pg = post_save::db::resolve(Some(&db.conninfo)).expect("conninfo");
+    let starting = tokio::spawn(async move { support::start_via(pg, config, &mut registry).await });
+    tokio::time::timeout(PATIENCE, entered.recv()).await.expect("the catch-up did not begin").unwrap();
+    late.batch_execute("COMMIT").await.unwrap();
+    open.send_replace(true);
+    let mut daemon = starting.await.expect("daemon start panicked");
+
+    let events = daemon.take(5).await;
+    let row: Vec<_> = events
+        .iter()
+        .filter(|e| e.instance["product"] == "contended")
+        .map(|e| e.instance["quantity"].clone())
+        .collect();
+    assert_eq!(row, [1, 2, 3], "the row's saves in commit order");
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 }
