@@ -22,22 +22,77 @@ pub(crate) struct BadRow {
     pub error: DecodeError,
 }
 
-/// A page holds at most $3 ledger rows and, counting each row's events, about $4 events (a row
+/// The snapshot `s` as text and the next transaction id, as [`Snapshot::parse`] takes them.
+///
+/// PostgreSQL has no function that reads the next transaction id without taking one, but
+/// `age(xid)` counts from it (read once per transaction, after the statement's snapshot was
+/// taken, so it is never below the snapshot's): the next id is the snapshot's xmin plus its age.
+/// The 32-bit xid of the xmin is its 64-bit value modulo 2^32. On the three xids that are not
+/// normal `age` answers `INT_MAX`: the next id then comes out too high, which only keeps gaps
+/// longer.
+macro_rules! snapshot_columns {
+    () => {
+        "s::text, pg_catalog.pg_snapshot_xmin(s)::text::int8 \
+           + pg_catalog.age((pg_catalog.pg_snapshot_xmin(s)::text::int8 % 4294967296)::text::xid)"
+    };
+}
+
+/// A page holds at most $2 ledger rows and, counting each row's events, about $3 events (a row
 /// is never split): a 100-event row counts as 100 against the page, so memory stays bounded.
 ///
-/// Rows past the cursor and the cursor's gaps (ids below it not seen yet) are read by two
-/// branches, so that the first is an index scan in id order that stops after $3 rows; one
-/// `id > $1 OR id = ANY($2)` condition made it a bitmap scan of every pending row, sorted, on
-/// every fetch.
-const FETCH_NEW: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
-       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM ( \
-         (SELECT id, sender, op, n, head, rows FROM post_save.event \
-           WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $3) \
-         UNION ALL \
-         (SELECT id, sender, op, n, head, rows FROM post_save.event \
-           WHERE handled_at IS NULL AND id = ANY($2) AND id <= $1) \
-       ) candidates ORDER BY id LIMIT $3) page \
-     WHERE before < $4 ORDER BY id";
+/// One more row, with a null id, carries the statement's snapshot (see [`Snapshot`]): the same
+/// snapshot the page was read with, so that an id missing from the page is known to belong to a
+/// transaction that snapshot saw running (or rolled back).
+const FETCH_NEW: &str = concat!(
+    "(SELECT id, sender, op, head::text, rows::text, NULL::text, NULL::int8 FROM ( \
+       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
+        WHERE handled_at IS NULL AND id > $1 ORDER BY id LIMIT $2) page \
+     WHERE before < $3 ORDER BY id) \
+     UNION ALL \
+     SELECT NULL, NULL, NULL, NULL, NULL, ",
+    snapshot_columns!(),
+    " FROM pg_catalog.pg_current_snapshot() s"
+);
+
+/// A page of the pending rows among the ids $1 (the cursor's gaps), as [`FETCH_PENDING`]. Not a
+/// branch of [`FETCH_NEW`]: with `id > $1 OR id = ANY($2)` in one condition the page became a
+/// bitmap scan of every pending row, sorted, on every fetch.
+const FETCH_GAPS: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
+       SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
+        WHERE handled_at IS NULL AND id = ANY($1) ORDER BY id LIMIT $2) page \
+     WHERE before < $3 ORDER BY id";
+
+/// What a ledger read's snapshot says about transactions, in 64-bit transaction ids (which never
+/// wrap): every transaction below `xmin` had ended; of those from `xmin` up to `xmax`, the ones in
+/// `running` had not; those from `xmax` up had not ended, or not begun. `next` is above every id
+/// handed out before the read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+    /// In ascending order.
+    pub running: Vec<i64>,
+    pub next: i64,
+}
+
+impl Snapshot {
+    /// From `pg_current_snapshot()::text` (`xmin:xmax:xip,xip,…`) and the next transaction id.
+    pub(crate) fn parse(text: &str, next: i64) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = parts.next()?;
+        let mut running: Vec<i64> =
+            xip.split(',').filter(|x| !x.is_empty()).map(str::parse).collect::<Result<_, _>>().ok()?;
+        running.sort_unstable();
+        (parts.next().is_none() && xmin <= xmax).then_some(Snapshot { xmin, xmax, running, next: next.max(xmax) })
+    }
+
+    /// Whether transaction `xid` had not ended at this snapshot (or not begun).
+    pub(crate) fn runs(&self, xid: i64) -> bool {
+        xid >= self.xmax || self.running.binary_search(&xid).is_ok()
+    }
+}
 
 const FETCH_PENDING: &str = "SELECT id, sender, op, head::text, rows::text FROM ( \
        SELECT id, sender, op, head, rows, sum(n) OVER (ORDER BY id) - n AS before FROM post_save.event \
@@ -82,6 +137,7 @@ pub(crate) struct LedgerRow {
 pub(crate) struct Work {
     pub client: Client,
     fetch_new: Statement,
+    fetch_gaps: Statement,
     fetch_pending: Statement,
     write_outcomes: Statement,
 }
@@ -90,22 +146,51 @@ impl Work {
     /// Prepares the statements on `client`.
     pub(crate) async fn new(client: Client) -> Result<Work, tokio_postgres::Error> {
         let fetch_new = client.prepare(FETCH_NEW).await?;
+        let fetch_gaps = client.prepare(FETCH_GAPS).await?;
         let fetch_pending = client.prepare(FETCH_PENDING).await?;
         let write_outcomes = client.prepare(WRITE_OUTCOMES).await?;
-        Ok(Work { client, fetch_new, fetch_pending, write_outcomes })
+        Ok(Work { client, fetch_new, fetch_gaps, fetch_pending, write_outcomes })
     }
 }
 
-/// A page of pending ledger rows with ids above `after` or among `gaps`, in id order, within
-/// `limit`. `more` is true when the page was cut short by a limit.
+/// What [`fetch_new`] read.
+#[derive(Debug)]
+pub(crate) struct NewPage {
+    pub rows: Vec<LedgerRow>,
+    pub bad: Vec<BadRow>,
+    /// The page was cut short by a limit.
+    pub more: bool,
+    /// The snapshot the page was read with; `None` only if the server sent something unexpected.
+    pub snapshot: Option<Snapshot>,
+}
+
+/// A page of pending ledger rows with ids above `after`, in id order, within `limit`, and the
+/// snapshot it was read with.
 pub(crate) async fn fetch_new(
     work: &Work,
     after: i64,
-    gaps: &[i64],
+    limit: PageLimit,
+    using: &str,
+) -> Result<NewPage, tokio_postgres::Error> {
+    let mut rows = work.client.query(&work.fetch_new, &[&after, &limit.rows, &limit.events]).await?;
+    // UNION ALL keeps its branches' order in practice, but nothing promises it: the snapshot
+    // row is looked for anywhere.
+    let marker = rows.iter().position(|r| r.get::<_, Option<i64>>(0).is_none());
+    let snapshot = marker.map(|i| rows.remove(i)).and_then(|r| Snapshot::parse(r.get(5), r.get(6)));
+    let (good, bad) = decode_rows(rows, using);
+    let more = page_full(&good, &bad, limit);
+    Ok(NewPage { rows: good, bad, more, snapshot })
+}
+
+/// A page of the pending ledger rows among `ids`, in id order, within `limit`; `more` is true
+/// when the page was cut short by a limit.
+pub(crate) async fn fetch_gaps(
+    work: &Work,
+    ids: &[i64],
     limit: PageLimit,
     using: &str,
 ) -> Result<(Vec<LedgerRow>, Vec<BadRow>, bool), tokio_postgres::Error> {
-    let rows = work.client.query(&work.fetch_new, &[&after, &gaps, &limit.rows, &limit.events]).await?;
+    let rows = work.client.query(&work.fetch_gaps, &[&ids, &limit.rows, &limit.events]).await?;
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
     Ok((good, bad, more))
@@ -133,22 +218,50 @@ pub(crate) async fn last_id(client: &Client) -> Result<i64, tokio_postgres::Erro
 }
 
 /// Of the `window` ledger ids up to and including `last` (ids step by `step`), those no row
-/// holds: ids that a transaction took before `last` was read and has not committed yet (or that
-/// were rolled back, or whose rows are gone). Ids are positive.
+/// holds, in ascending order: ids that a transaction took before `last` was read and has not
+/// committed yet (or that were rolled back, or whose rows are gone). Ids are positive. With the
+/// snapshot they were looked for with (`None` only if the server sent something unexpected).
 pub(crate) async fn absent_ids(
     client: &Client,
     last: i64,
     window: i64,
     step: i64,
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT g FROM (SELECT $1::int8 - k * $3::int8 AS g FROM generate_series(0, $2::int8 - 1) k) ids \
-              WHERE g > 0 AND NOT EXISTS (SELECT FROM post_save.event e WHERE e.id = ids.g) ORDER BY g",
+) -> Result<(Vec<i64>, Option<Snapshot>), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            concat!(
+                "SELECT ARRAY(SELECT g FROM (SELECT $1::int8 - k * $3::int8 AS g \
+                                              FROM generate_series(0, $2::int8 - 1) k) ids \
+                               WHERE g > 0 AND NOT EXISTS (SELECT FROM post_save.event e WHERE e.id = ids.g) \
+                               ORDER BY g), ",
+                snapshot_columns!(),
+                " FROM pg_catalog.pg_current_snapshot() s"
+            ),
             &[&last, &window, &step],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok((row.get(0), Snapshot::parse(row.get(1), row.get(2))))
+}
+
+/// The 32-bit ids of this database's transactions that have one: backends' and then prepared
+/// transactions'. In that order, because `PREPARE TRANSACTION` puts the transaction among the
+/// prepared ones before it leaves its backend, so one being prepared is never missed by both.
+/// (Any role may read `backend_xid` of any backend.)
+pub(crate) async fn local_xids(client: &Client) -> Result<Vec<u32>, tokio_postgres::Error> {
+    let backends = client
+        .query(
+            "SELECT backend_xid::text::int8 FROM pg_catalog.pg_stat_activity \
+              WHERE datname = current_database() AND backend_xid IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let prepared = client
+        .query(
+            "SELECT transaction::text::int8 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(backends.iter().chain(&prepared).filter_map(|r| u32::try_from(r.get::<_, i64>(0)).ok()).collect())
 }
 
 /// Backends of this database waiting for the lock every notifying commit takes: commits are
@@ -391,7 +504,23 @@ pub(crate) async fn retry_done(
 
 #[cfg(test)]
 mod tests {
-    use super::PageLimit;
+    use super::{PageLimit, Snapshot};
+
+    #[test]
+    fn snapshots_parse_from_their_text() {
+        let s = Snapshot::parse("745:760:751,745,758", 770).expect("parses");
+        assert_eq!(s, Snapshot { xmin: 745, xmax: 760, running: vec![745, 751, 758], next: 770 });
+        assert!(s.runs(745) && s.runs(758) && s.runs(760) && s.runs(10_000));
+        assert!(!s.runs(744) && !s.runs(746) && !s.runs(759));
+        // nothing running; a next id read below xmax is raised to it
+        assert_eq!(
+            Snapshot::parse("747:747:", 700),
+            Some(Snapshot { xmin: 747, xmax: 747, running: vec![], next: 747 })
+        );
+        for bad in ["", "1:2", "1:2:x", "3:2:", "1:2:3:4"] {
+            assert_eq!(Snapshot::parse(bad, 5), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_page_reads_about_the_rows_it_keeps() {

@@ -5,7 +5,6 @@
 //! nobody listens. The LISTEN connection is dedicated: never pooled, never in a transaction.
 //! Ledger reads and acknowledgements use a second connection.
 
-use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,10 @@ use crate::router::Router;
 use crate::stats::Stats;
 use crate::triggers::CHUNK;
 
+mod cursor;
+
+use cursor::{Cursor, Gaps};
+
 /// Notifications buffered between the connection and the listener loop; when full, the
 /// connection stops being read and the rest wait in PostgreSQL's queue.
 const NOTICE_BUFFER: usize = 4096;
@@ -33,70 +36,15 @@ const NOTICE_BUFFER: usize = 4096;
 /// Most notifications handled as one batch.
 const NOTICE_BATCH: usize = 1024;
 
-/// Gaps below the cursor are ids not seen yet: a transaction that took the id may still commit.
-/// They are re-checked on every fetch until seen or this old.
-const GAP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// More remembered gaps than this are left to the sweep.
-const MAX_GAPS: usize = 10_000;
-
 /// At the start of a session, this many ledger ids up to the sequence's last value that no row
 /// holds are remembered as gaps: a writer may have taken one just before the sequence was read
 /// and commit after the catch-up has looked.
 const START_GAPS: i64 = 1_000;
 
-/// Where the live fetch stands: the highest ledger id seen, and the ids below it not seen yet.
-struct Cursor {
-    after: i64,
-    /// The last ledger id handed out when the session began (one step below the first id of a
-    /// fresh ledger). Ids up to it that the catch-up does not see are history (handled, or left
-    /// to the sweep), except the last `START_GAPS` of them that no row holds, which start as
-    /// gaps; ids above it that are not seen are gaps, from the first fetch on. `None`
-    /// when the sequence could not be read: then the first id seen is the boundary.
-    floor: Option<i64>,
-    gaps: BTreeMap<i64, Instant>,
-    /// The database name, the events' `using`.
-    using: String,
-    /// Events per ledger row in the last page read, which sizes the next page.
-    per_row: i64,
-}
-
-impl Cursor {
-    fn saw(&mut self, id: i64) {
-        self.gaps.remove(&id);
-        if id <= self.after {
-            return;
-        }
-        // Ledger ids step by CHUNK, so the ids not seen between the last one seen (at least the
-        // floor; ids start at 1, so `after` 0 means none seen yet) and this one are gaps.
-        let base = match (self.after, self.floor) {
-            (0, floor) => floor,
-            (after, floor) => Some(floor.map_or(after, |f| after.max(f))),
-        };
-        if let Some(base) = base
-            && id > base
-        {
-            let missing = usize::try_from((id - base) / CHUNK - 1).unwrap_or(usize::MAX);
-            if self.gaps.len().saturating_add(missing) <= MAX_GAPS {
-                let now = Instant::now();
-                self.gaps.extend((1..=missing as i64).map(|k| (base + k * CHUNK, now)));
-            }
-        }
-        self.after = id;
-    }
-
-    /// Remembers `ids` (below the floor, not seen) as gaps.
-    fn remember(&mut self, ids: Vec<i64>) {
-        let now = Instant::now();
-        let room = MAX_GAPS.saturating_sub(self.gaps.len());
-        self.gaps.extend(ids.into_iter().take(room).map(|id| (id, now)));
-    }
-
-    fn expire(&mut self) {
-        let now = Instant::now();
-        self.gaps.retain(|_, since| now.duration_since(*since) < GAP_TIMEOUT);
-    }
-}
+/// How often, at most, the transactions of this database are listed while gaps are remembered:
+/// a gap that a transaction of another database keeps below the cluster's oldest running one is
+/// dropped within about this much of its own transaction's end ([`Gaps::settle`]).
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 /// The doorbell: armed (durable captures NOTIFY) while the daemon waits idle; silenced while it
 /// is busy, when it polls the ledger every `busy_poll` instead and most commits carry no NOTIFY.
@@ -332,10 +280,13 @@ impl Listener {
                 None
             }
         };
-        let mut cursor = Cursor { after: 0, floor, gaps: BTreeMap::new(), using, per_row: 1 };
+        let mut cursor = Cursor::new(floor, using);
         if let Some(floor) = floor {
-            let absent = ledger::absent_ids(&work.client, floor, START_GAPS, CHUNK).await.map_err(DbError::Query)?;
-            cursor.remember(absent);
+            let (absent, snapshot) =
+                ledger::absent_ids(&work.client, floor, START_GAPS, CHUNK).await.map_err(DbError::Query)?;
+            if let Some(snapshot) = snapshot {
+                cursor.remember(&absent, snapshot);
+            }
         }
         let caught_up = self.drain(&work, &mut cursor).await?;
         if caught_up > 0 {
@@ -437,22 +388,33 @@ impl Listener {
         tracing::warn!(%reason, payload = %excerpt(payload), invalid_total = total, "skipped a notification that is not an event");
     }
 
-    /// Dispatches every ledger event past the cursor (and in its gaps), page by page. Returns
+    /// Dispatches every ledger event past the cursor (and in its due gaps), page by page. Returns
     /// how many were dispatched.
     async fn drain(&self, work: &Work, cursor: &mut Cursor) -> Result<usize, SessionError> {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut total = 0;
         loop {
-            cursor.expire();
-            let gaps: Vec<i64> = cursor.gaps.keys().copied().collect();
+            if !cursor.gaps.is_empty() && cursor.settled_at.elapsed() >= SETTLE_EVERY {
+                let local = ledger::local_xids(&work.client).await.map_err(DbError::Query)?;
+                cursor.gaps.settle(&local);
+                cursor.settled_at = Instant::now();
+            }
             let epoch = self.in_flight.epoch();
             let page = PageLimit::for_events(limit, cursor.per_row);
-            let (rows, bad, more) =
-                ledger::fetch_new(work, cursor.after, &gaps, page, &cursor.using).await.map_err(DbError::Query)?;
+            let ledger::NewPage { rows, bad, more, snapshot } =
+                ledger::fetch_new(work, cursor.after, page, &cursor.using).await.map_err(DbError::Query)?;
             self.alive.send_replace(Instant::now());
             cursor.per_row = events_per_row(&rows).unwrap_or(cursor.per_row);
-            for id in bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)) {
-                cursor.saw(id);
+            let mut ids: Vec<i64> = bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)).collect();
+            let evicted = cursor.gaps.evicted;
+            let taken = cursor.take(&mut ids, snapshot);
+            log_gaps(&taken.dropped, &cursor.gaps, evicted);
+            // The gaps first (all behind the cursor, so below the page): a later event of the
+            // same table row may be on this page, and it was saved after the transaction that
+            // fills the gap ended.
+            match self.fill_gaps(work, cursor).await? {
+                Some(n) => total += n,
+                None => return Ok(total),
             }
             self.reject_rows(bad);
             match self.admit(epoch, rows).await {
@@ -465,8 +427,36 @@ impl Listener {
         }
     }
 
-    /// Re-reads what the cursor has passed, for events committed too late for their gap to be
-    /// remembered (a transaction open longer than the gap timeout).
+    /// Reads and dispatches the rows of the due gaps, all of them, page by page. Returns how
+    /// many events were dispatched, or `None` when stopping.
+    async fn fill_gaps(&self, work: &Work, cursor: &mut Cursor) -> Result<Option<usize>, SessionError> {
+        let due = cursor.gaps.due();
+        let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
+        let (mut from, mut found, mut total) = (0, Vec::new(), 0);
+        while from < due.len() {
+            let epoch = self.in_flight.epoch();
+            let page = PageLimit::for_events(limit, cursor.per_row);
+            let (rows, bad, more) =
+                ledger::fetch_gaps(work, &due[from..], page, &cursor.using).await.map_err(DbError::Query)?;
+            let ids: Vec<i64> = bad.iter().map(|r| r.id).chain(rows.iter().map(|r| r.id)).collect();
+            let last = ids.iter().copied().max();
+            found.extend(ids);
+            self.reject_rows(bad);
+            match self.admit(epoch, rows).await {
+                Some(n) => total += n,
+                None => return Ok(None),
+            }
+            match last {
+                Some(last) if more => from = due.partition_point(|&id| id <= last),
+                _ => break,
+            }
+        }
+        cursor.gaps.looked_up(&found);
+        Ok(Some(total))
+    }
+
+    /// Re-reads what the cursor has passed, for events whose gap was not remembered: more gaps
+    /// than can be, a session that could not read the ledger's sequence, a row written by hand.
     async fn sweep(&self, work: &Work, cursor: &Cursor) -> Result<(), SessionError> {
         let limit = i64::try_from(self.config.daemon.fetch_batch.max(1)).unwrap_or(1000);
         let mut after = 0i64;
@@ -724,6 +714,32 @@ async fn reread(work: &Work, table: &TableName, event: &SaveEvent) -> Result<ser
     let pk = serde_json::Value::Object(event.pk.clone()).to_string();
     let row = work.client.query_opt(&sql, &[&pk]).await?;
     Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()).unwrap_or(serde_json::Value::Null))
+}
+
+/// Logs the gaps a fetch dropped, and gaps given up on for want of room (`evicted` is the count
+/// before the fetch): a warning the first time in a session, which is when it starts to matter.
+fn log_gaps(dropped: &[i64], gaps: &Gaps, evicted: u64) {
+    if let (Some(lowest), Some(highest)) = (dropped.first(), dropped.last()) {
+        tracing::debug!(
+            gaps = dropped.len(),
+            lowest,
+            highest,
+            remembered = gaps.len(),
+            "dropped ledger gaps that no open transaction can fill"
+        );
+    }
+    if gaps.evicted > evicted {
+        let given_up = gaps.evicted - evicted;
+        if evicted == 0 {
+            tracing::warn!(
+                given_up,
+                remembered = gaps.len(),
+                "too many ledger gaps to remember; the oldest are left to the sweep"
+            );
+        } else {
+            tracing::debug!(given_up, remembered = gaps.len(), "ledger gaps left to the sweep");
+        }
+    }
 }
 
 /// Events per ledger row on a page (rounded down, at least 1); `None` for an empty page.
