@@ -275,7 +275,7 @@ impl Replication {
     /// Connects to the first host of `config` that answers, as a logical replication client of
     /// its database. The walsender's session writes dates in ISO and UTC, so values decode the
     /// same whatever the server's defaults.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Replication, StreamError> {
+    pub async fn connect(config: &crate::db::Settings) -> Result<Replication, StreamError> {
         let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
         let mut last = None;
         let ports = config.get_ports();

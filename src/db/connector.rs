@@ -1,0 +1,96 @@
+//! How a connection gets its TLS: libpq's attempts for each `sslmode`, and the connector
+//! tokio-postgres calls for a handshake.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_postgres::config::{Host, SslMode as WireMode};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::tls::{SslMode, Tls};
+
+/// The stream of a tokio-postgres connection that is (or could have been) encrypted.
+pub type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens a connection as libpq would for the `sslmode` of `tls`: `allow` tries unencrypted
+/// first and TLS when the server refuses that; `prefer` tries TLS when the server offers it,
+/// and unencrypted when the server refused the encrypted session. Unix sockets never use TLS.
+pub(crate) async fn open(
+    pg: &tokio_postgres::Config,
+    tls: &Arc<Tls>,
+) -> Result<(Client, Connection<Socket, TlsStream>), tokio_postgres::Error> {
+    let local = pg.get_hostaddrs().is_empty() && pg.get_hosts().iter().all(|h| matches!(h, Host::Unix(_)));
+    let mode = if local { SslMode::Disable } else { tls.mode() };
+    match mode {
+        SslMode::Disable => attempt(pg, tls, WireMode::Disable).await.0,
+        SslMode::Allow => match attempt(pg, tls, WireMode::Disable).await.0 {
+            Err(e) if e.as_db_error().is_some() => attempt(pg, tls, WireMode::Require).await.0,
+            done => done,
+        },
+        SslMode::Prefer => match attempt(pg, tls, WireMode::Prefer).await {
+            (Err(e), true) if e.as_db_error().is_some() => attempt(pg, tls, WireMode::Disable).await.0,
+            (done, _) => done,
+        },
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => attempt(pg, tls, WireMode::Require).await.0,
+    }
+}
+
+/// One attempt with tokio-postgres's `mode`; also says whether a TLS handshake began.
+async fn attempt(
+    pg: &tokio_postgres::Config,
+    tls: &Arc<Tls>,
+    mode: WireMode,
+) -> (Result<(Client, Connection<Socket, TlsStream>), tokio_postgres::Error>, bool) {
+    let mut pg = pg.clone();
+    pg.ssl_mode(mode);
+    let began = Arc::new(AtomicBool::new(false));
+    let result = pg.connect(Connector { tls: Arc::clone(tls), began: Arc::clone(&began) }).await;
+    (result, began.load(Ordering::Relaxed))
+}
+
+/// tokio-postgres's maker of handshakes for one connection attempt.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    tls: Arc<Tls>,
+    /// Set when the server agreed to TLS and a handshake began.
+    began: Arc<AtomicBool>,
+}
+
+impl MakeTlsConnect<Socket> for Connector {
+    type Stream = TlsStream;
+    type TlsConnect = Handshake;
+    type Error = std::convert::Infallible;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<Handshake, Self::Error> {
+        Ok(Handshake { host: host.to_owned(), tls: Arc::clone(&self.tls), began: Arc::clone(&self.began) })
+    }
+}
+
+/// The handshake with one host, once the server agreed to TLS: the rustls configuration is
+/// made (the files read) then.
+pub(crate) struct Handshake {
+    host: String,
+    tls: Arc<Tls>,
+    began: Arc<AtomicBool>,
+}
+
+impl TlsConnect<Socket> for Handshake {
+    type Stream = TlsStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<TlsStream, BoxError>> + Send>>;
+
+    fn connect(self, socket: Socket) -> Self::Future {
+        self.began.store(true, Ordering::Relaxed);
+        Box::pin(async move {
+            let mut make = MakeRustlsConnect::new(self.tls.client_config()?);
+            let Ok(handshake) = MakeTlsConnect::<Socket>::make_tls_connect(&mut make, &self.host);
+            Ok(handshake.connect(socket).await?)
+        })
+    }
+}
