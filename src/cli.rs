@@ -216,7 +216,7 @@ pub fn load_config(global: &Global) -> Result<Config> {
 /// The connection settings the global options and the config point at.
 pub fn pg_config(global: &Global, config: &Config) -> Result<db::Settings> {
     let url = global.database_url.as_deref().or(config.database.url.as_deref());
-    Ok(db::resolve(url)?)
+    Ok(db::resolve_with(url, &config.database.tls())?)
 }
 
 async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Client> {
@@ -299,7 +299,7 @@ fn warn_needs_restart(old: &Config, new: &Config) {
             "watched tables changed: run `post-save triggers install`, then restart the daemon for them to take effect"
         );
     }
-    if old.database.url != new.database.url || format!("{:?}", old.daemon) != format!("{:?}", new.daemon) {
+    if old.database != new.database || format!("{:?}", old.daemon) != format!("{:?}", new.daemon) {
         tracing::warn!("[database] or [daemon] settings changed: they take effect at the next restart");
     }
 }
