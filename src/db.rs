@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 pub(crate) use connector::TlsStream;
-pub(crate) use connector::open;
+pub(crate) use connector::{handshake, open, server_end_point};
 pub use tls::{SslMode, Tls, TlsFailure, TlsParams, TlsSetupError};
 
 /// The channel every capture trigger notifies.

@@ -1,11 +1,14 @@
-//! How a connection gets its TLS: libpq's attempts for each `sslmode`, and the connector
-//! tokio-postgres calls for a handshake.
+//! How a connection gets its TLS: libpq's attempts for each `sslmode`, the connector
+//! tokio-postgres calls for a handshake, and the handshake of the replication stream (which
+//! speaks the wire protocol itself).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::config::{Host, SslMode as WireMode};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Connection, Socket};
@@ -93,4 +96,42 @@ impl TlsConnect<Socket> for Handshake {
             Ok(handshake.connect(socket).await?)
         })
     }
+}
+
+/// The replication stream's handshake with `host` over `stream`, checking what every
+/// connection checks.
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    host: &str,
+    tls: &Tls,
+) -> Result<tokio_rustls::client::TlsStream<S>, BoxError> {
+    let config = tls.client_config()?;
+    let name = ServerName::try_from(host.to_owned())?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await?)
+}
+
+/// SCRAM's `tls-server-end-point` channel binding data (RFC 5929): the hash of the server's
+/// certificate with the hash function of its signature (SHA-256 for MD5 and SHA-1). `None`
+/// for a signature without one (Ed25519), as in PostgreSQL.
+pub(crate) fn server_end_point(session: &rustls::ClientConnection) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    use x509_cert::der::oid::db::rfc5912 as oid;
+    let der = session.peer_certificates()?.first()?;
+    let algorithm = x509_cert::Certificate::from_der(der).ok()?.signature_algorithm.oid;
+    let bytes = der.as_ref();
+    Some(match algorithm {
+        oid::MD_5_WITH_RSA_ENCRYPTION
+        | oid::SHA_1_WITH_RSA_ENCRYPTION
+        | oid::DSA_WITH_SHA_1
+        | oid::SHA_256_WITH_RSA_ENCRYPTION
+        | oid::ECDSA_WITH_SHA_256
+        | oid::DSA_WITH_SHA_256 => sha2::Sha256::digest(bytes).to_vec(),
+        oid::SHA_224_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_224 | oid::DSA_WITH_SHA_224 => {
+            sha2::Sha224::digest(bytes).to_vec()
+        }
+        oid::SHA_384_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_384 => sha2::Sha384::digest(bytes).to_vec(),
+        oid::SHA_512_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_512 => sha2::Sha512::digest(bytes).to_vec(),
+        _ => return None,
+    })
 }
