@@ -18,12 +18,13 @@ use post_save::triggers::{self, TriggerError};
 
 /// Exit code: a check found drift, or a command failed.
 pub const EXIT_DRIFT: u8 = 1;
-/// Exit code `EX_UNAVAILABLE`: the database cannot be reached.
+/// Exit code `EX_UNAVAILABLE`: the database cannot be reached, or is not one to trust (its
+/// TLS certificate refused, no TLS where `sslmode` requires it).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code `EX_NOPERM`: the database refused the role (wrong password, unknown role,
-/// `pg_hba.conf`).
+/// `pg_hba.conf`, client certificate, an unencrypted connection where only TLS is accepted).
 pub const EXIT_NOPERM: u8 = 77;
-/// Exit code `EX_CONFIG`: the configuration is invalid.
+/// Exit code `EX_CONFIG`: the configuration is invalid (TLS files included).
 pub const EXIT_CONFIG: u8 = 78;
 
 /// post-save: Django's post_save signal for PostgreSQL itself.
@@ -170,6 +171,9 @@ fn code_of(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
         _ => cause.downcast_ref::<DbError>(),
     };
     if let Some(e) = db {
+        if e.is_misconfigured() {
+            return Some(EXIT_CONFIG);
+        }
         if e.is_auth_failure() {
             return Some(EXIT_NOPERM);
         }
@@ -210,9 +214,9 @@ pub fn load_config(global: &Global) -> Result<Config> {
 }
 
 /// The connection settings the global options and the config point at.
-pub fn pg_config(global: &Global, config: &Config) -> Result<tokio_postgres::Config> {
+pub fn pg_config(global: &Global, config: &Config) -> Result<db::Settings> {
     let url = global.database_url.as_deref().or(config.database.url.as_deref());
-    Ok(db::resolve(url)?)
+    Ok(db::resolve_with(url, &config.database.tls())?)
 }
 
 async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Client> {
@@ -249,7 +253,7 @@ async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
     path: Option<PathBuf>,
     mut current: Config,
-    pg: tokio_postgres::Config,
+    pg: db::Settings,
     reloader: Reloader,
     state: tokio::sync::watch::Receiver<State>,
 ) {
@@ -281,7 +285,7 @@ async fn reload_on_hangup(
 }
 
 /// The new config and its handlers, built but not started.
-fn reload_config(global: &Global, pg: &tokio_postgres::Config) -> Result<(Config, Registry)> {
+fn reload_config(global: &Global, pg: &db::Settings) -> Result<(Config, Registry)> {
     let mut config = load_config(global)?;
     config.handlers.iter_mut().for_each(|h| h.kind.default_database(pg));
     let registry = Registry::from_config(&config)?;
@@ -295,7 +299,7 @@ fn warn_needs_restart(old: &Config, new: &Config) {
             "watched tables changed: run `post-save triggers install`, then restart the daemon for them to take effect"
         );
     }
-    if old.database.url != new.database.url || format!("{:?}", old.daemon) != format!("{:?}", new.daemon) {
+    if old.database != new.database || format!("{:?}", old.daemon) != format!("{:?}", new.daemon) {
         tracing::warn!("[database] or [daemon] settings changed: they take effect at the next restart");
     }
 }

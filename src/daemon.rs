@@ -89,7 +89,7 @@ pub enum DaemonError {
 pub struct Daemon {
     config: Arc<Config>,
     registry: Arc<Registry>,
-    pg: tokio_postgres::Config,
+    pg: crate::db::Settings,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
     alive: watch::Sender<Instant>,
@@ -120,12 +120,12 @@ impl Reloader {
 
 impl Daemon {
     /// A daemon for `config`, running the handlers of `registry`, connecting with `pg`.
-    pub fn new(config: Config, registry: Registry, pg: tokio_postgres::Config) -> Self {
+    pub fn new(config: Config, registry: Registry, pg: impl Into<crate::db::Settings>) -> Self {
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         Daemon {
             config: Arc::new(config),
             registry: Arc::new(registry),
-            pg,
+            pg: pg.into(),
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(State::Starting),
             alive: watch::Sender::new(Instant::now()),
@@ -336,7 +336,7 @@ impl Daemon {
 
 /// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
 /// when shorter), on a connection of its own so a long DELETE never delays the listener.
-async fn keep_ledger_small(pg: tokio_postgres::Config, keep: Duration, stop: CancellationToken) {
+async fn keep_ledger_small(pg: crate::db::Settings, keep: Duration, stop: CancellationToken) {
     let period = crate::ledger::rotation_period(keep);
     let every = (period / 2).clamp(Duration::from_millis(250), Duration::from_secs(60));
     let mut client = None;

@@ -1,21 +1,90 @@
 //! Connecting to PostgreSQL and migrating the `post_save` schema.
+//!
+//! Every connection the daemon and the CLI make is opened here (the `sql` handler's pools and
+//! the replication stream use the same TLS), with libpq's meaning for `sslmode`, `sslrootcert`,
+//! `sslcert` and `sslkey` ([`Settings`]).
 
+mod connector;
+mod conninfo;
+mod tls;
+
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+pub(crate) use connector::TlsStream;
+pub(crate) use connector::{handshake, open, server_end_point};
+pub use tls::{SslMode, Tls, TlsFailure, TlsParams, TlsSetupError};
 
 /// The channel every capture trigger notifies.
 pub const CHANNEL: &str = "post_save";
 
 /// Where to connect could not be worked out.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid connection string from {origin}")]
+#[error("invalid connection settings ({origin})")]
 pub struct BadConnectionString {
     /// Which setting held it.
     pub origin: &'static str,
-    /// The parse error.
+    /// What is wrong.
     #[source]
-    pub source: tokio_postgres::Error,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BadConnectionString {
+    fn new(origin: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        BadConnectionString { origin, source: source.into() }
+    }
+}
+
+/// Where and how to connect: tokio-postgres's settings, and the TLS settings it does not know
+/// (libpq's `sslmode` in full, `sslrootcert`, `sslcert`, `sslkey`). Reads as the
+/// [`tokio_postgres::Config`] it holds.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pg: tokio_postgres::Config,
+    tls: Arc<Tls>,
+}
+
+impl Settings {
+    /// `pg` with the TLS settings `tls`.
+    pub fn new(mut pg: tokio_postgres::Config, tls: Tls) -> Self {
+        // What tokio-postgres shows of it; connecting goes by `tls`.
+        pg.ssl_mode(match tls.mode() {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
+        Settings { pg, tls: Arc::new(tls) }
+    }
+
+    /// The TLS settings.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+}
+
+impl Deref for Settings {
+    type Target = tokio_postgres::Config;
+
+    fn deref(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+}
+
+impl From<tokio_postgres::Config> for Settings {
+    /// TLS as the config's own `sslmode` says (`disable`, `prefer` or `require`), with
+    /// libpq's default files under `~/.postgresql`.
+    fn from(pg: tokio_postgres::Config) -> Self {
+        let mode = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        let tls = Tls::resolve(TlsParams { sslmode: Some(mode), ..TlsParams::default() }).unwrap_or_default();
+        Settings::new(pg, tls)
+    }
 }
 
 /// Failures talking to the database.
@@ -46,6 +115,21 @@ pub enum DbError {
     /// server): the `connect_timeout` covers the whole start-up, not only the TCP handshake.
     #[error("connecting to the database timed out after {0:?}")]
     ConnectTimeout(Duration),
+    /// TLS failed: the server's certificate is not trusted or names another host, the server
+    /// has no TLS and `sslmode` requires it (or the reverse), or it refused the client
+    /// certificate.
+    #[error("cannot connect to the database: {failure}")]
+    Tls {
+        /// What failed, in the user's words.
+        failure: TlsFailure,
+        /// What tokio-postgres said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The TLS settings cannot be used: a certificate or key file missing, unreadable or
+    /// malformed.
+    #[error("cannot connect to the database: the TLS settings cannot be used")]
+    TlsSetup(#[source] tokio_postgres::Error),
 }
 
 impl DbError {
@@ -55,15 +139,66 @@ impl DbError {
             DbError::Connect(e) => e.as_db_error().is_none(),
             DbError::Auth { .. } => false,
             DbError::Query(e) => e.is_closed(),
-            DbError::Migrate(_) => false,
+            DbError::Migrate(_) | DbError::TlsSetup(_) => false,
             DbError::ConnectTimeout(_) => true,
+            // Not a server to trust (or to talk TLS with): as good as none.
+            DbError::Tls { failure, .. } => !failure.is_refusal(),
         }
     }
 
-    /// Whether the server refused the credentials (exit code 77).
+    /// Whether the server refused the credentials (exit code 77): the role or its password,
+    /// the client certificate, or an unencrypted connection where only TLS is accepted.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, DbError::Auth { .. })
+        match self {
+            DbError::Auth { .. } => true,
+            DbError::Tls { failure, .. } => failure.is_refusal(),
+            _ => false,
+        }
     }
+
+    /// Whether the settings themselves cannot be used (exit code 78): TLS files missing,
+    /// unreadable or malformed.
+    pub fn is_misconfigured(&self) -> bool {
+        matches!(self, DbError::TlsSetup(_))
+    }
+
+    /// Classifies a failed connection start-up with `settings`.
+    fn start_up_failed(source: tokio_postgres::Error, settings: &Settings) -> DbError {
+        if find_cause::<TlsSetupError>(&source) {
+            return DbError::TlsSetup(source);
+        }
+        if let Some(failure) = settings.tls.failure(&source) {
+            return DbError::Tls { failure, source };
+        }
+        if settings.tls.mode() == SslMode::Disable && refused_unencrypted(&source) {
+            return DbError::Tls { failure: TlsFailure::ServerRequiresTls, source };
+        }
+        if is_auth_error(&source) {
+            return DbError::Auth { user: settings.get_user().unwrap_or_default().to_owned(), source };
+        }
+        DbError::Connect(source)
+    }
+}
+
+/// Whether `T` is among the causes of `error`.
+fn find_cause<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<T>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The server's `pg_hba.conf` has no entry for this role without encryption (its message ends
+/// "no encryption", in English).
+fn refused_unencrypted(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            && db.message().ends_with("no encryption")
+    })
 }
 
 /// Whether a connection start-up failed at authentication. The server says so with SQLSTATE
@@ -79,15 +214,22 @@ fn is_auth_error(e: &tokio_postgres::Error) -> bool {
 
 /// The connection settings: `url` from the config, else `DATABASE_URL`, else the libpq `PG*`
 /// variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
-/// `PGCONNECT_TIMEOUT`), with libpq's defaults for what is unset.
-pub fn resolve(config_url: Option<&str>) -> Result<tokio_postgres::Config, BadConnectionString> {
+/// `PGCONNECT_TIMEOUT`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`), with libpq's
+/// defaults for what is unset.
+pub fn resolve(config_url: Option<&str>) -> Result<Settings, BadConnectionString> {
+    resolve_with(config_url, &TlsParams::default())
+}
+
+/// As [`resolve`], with TLS parameters from the config (`[database]`) for those the URL leaves
+/// unset; the `PGSSL*` variables come after them.
+pub fn resolve_with(config_url: Option<&str>, config_tls: &TlsParams) -> Result<Settings, BadConnectionString> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let mut config = if let Some(url) = config_url {
-        url.parse().map_err(|source| BadConnectionString { origin: "database.url", source })?
+    let (mut config, url_tls) = if let Some(url) = config_url {
+        parse(url).map_err(|source| BadConnectionString::new("database.url", source))?
     } else if let Some(url) = env("DATABASE_URL") {
-        url.parse().map_err(|source| BadConnectionString { origin: "DATABASE_URL", source })?
+        parse(&url).map_err(|source| BadConnectionString::new("DATABASE_URL", source))?
     } else {
-        tokio_postgres::Config::new()
+        (tokio_postgres::Config::new(), TlsParams::default())
     };
     if config.get_hosts().is_empty() {
         match env("PGHOST") {
@@ -127,12 +269,24 @@ pub fn resolve(config_url: Option<&str>) -> Result<tokio_postgres::Config, BadCo
         config.connect_timeout(Duration::from_secs(secs));
     }
     config.keepalives_idle(Duration::from_secs(30));
-    Ok(config)
+    let env_tls = TlsParams::from_env().map_err(|m| BadConnectionString::new("PGSSLMODE", m))?;
+    let tls = Tls::resolve(url_tls.or(config_tls.clone()).or(env_tls))
+        .map_err(|m| BadConnectionString::new("sslmode and sslrootcert", m))?;
+    Ok(Settings::new(config, tls))
+}
+
+/// Reads a libpq URL or `key=value` string: tokio-postgres's settings, and the TLS parameters
+/// it does not know.
+pub(crate) fn parse(
+    conninfo: &str,
+) -> Result<(tokio_postgres::Config, TlsParams), Box<dyn std::error::Error + Send + Sync>> {
+    let (rest, tls) = conninfo::split_tls(conninfo)?;
+    Ok((rest.parse()?, tls))
 }
 
 /// Opens a connection and drives it on a task. The task ends when the connection does.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<(Client, tokio::task::JoinHandle<()>), DbError> {
-    let (client, connection) = start_up(config).await?;
+pub async fn connect(settings: &Settings) -> Result<(Client, tokio::task::JoinHandle<()>), DbError> {
+    let (client, connection) = start_up(settings).await?;
     let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection ended");
@@ -145,15 +299,12 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<(Client, tokio::
 /// tokio-postgres bounds only the TCP handshake, and a proxy that accepts but never answers
 /// would otherwise hang the start-up for ever.
 pub(crate) async fn start_up(
-    config: &tokio_postgres::Config,
-) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), DbError> {
-    let limit = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
-    match tokio::time::timeout(limit, config.connect(NoTls)).await {
+    settings: &Settings,
+) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, TlsStream>), DbError> {
+    let limit = settings.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+    match tokio::time::timeout(limit, open(&settings.pg, &settings.tls)).await {
         Ok(Ok(pair)) => Ok(pair),
-        Ok(Err(source)) if is_auth_error(&source) => {
-            Err(DbError::Auth { user: config.get_user().unwrap_or_default().to_owned(), source })
-        }
-        Ok(Err(e)) => Err(DbError::Connect(e)),
+        Ok(Err(source)) => Err(DbError::start_up_failed(source, settings)),
         Err(_) => Err(DbError::ConnectTimeout(limit)),
     }
 }

@@ -70,7 +70,7 @@ const BACKLOG_WARN: Duration = Duration::from_secs(300);
 const ECHO_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs every check against the database of `pg` for `config`.
-pub async fn run(pg: &tokio_postgres::Config, config: &Config) -> Vec<Check> {
+pub async fn run(pg: &crate::db::Settings, config: &Config) -> Vec<Check> {
     match db::connect(pg).await {
         Ok((client, _task)) => run_on(pg, &client, config).await,
         Err(e) => vec![connect_failed(&e)],
@@ -79,16 +79,17 @@ pub async fn run(pg: &tokio_postgres::Config, config: &Config) -> Vec<Check> {
 
 /// The one check there is when connecting failed with `e`.
 pub fn connect_failed(e: &DbError) -> Check {
-    Check::bad(
-        "connect",
-        Verdict::Fail,
-        format!("{e}: {}", source_text(e)),
-        "check database.url (or DATABASE_URL / PG* variables), the server and pg_hba.conf",
-    )
+    let fix = match e {
+        DbError::Tls { .. } | DbError::TlsSetup(_) => {
+            "check the TLS settings (sslmode, sslrootcert, sslcert, sslkey in database.url, [database] or PGSSL* variables), the server's certificate and pg_hba.conf"
+        }
+        _ => "check database.url (or DATABASE_URL / PG* variables), the server and pg_hba.conf",
+    };
+    Check::bad("connect", Verdict::Fail, format!("{e}: {}", source_text(e)), fix)
 }
 
 /// Runs every check on `client`, already connected to the database of `pg`.
-pub async fn run_on(pg: &tokio_postgres::Config, client: &Client, config: &Config) -> Vec<Check> {
+pub async fn run_on(pg: &crate::db::Settings, client: &Client, config: &Config) -> Vec<Check> {
     let mut checks = vec![Check::ok("connect", "connected")];
     checks.push(standby(client).await);
     checks.push(listen_round_trip(pg, client).await);
@@ -135,7 +136,7 @@ async fn standby(client: &Client) -> Check {
 /// A NOTIFY from a second connection must come back on a listening one. Fails behind a
 /// transaction-mode pooler (the LISTEN lands on a server connection the client does not keep)
 /// and behind proxies that drop asynchronous messages.
-async fn listen_round_trip(pg: &tokio_postgres::Config, sender: &Client) -> Check {
+async fn listen_round_trip(pg: &crate::db::Settings, sender: &Client) -> Check {
     let channel = format!("post_save_doctor_{}", uuid::Uuid::new_v4().simple());
     let (listener, mut connection) = match db::start_up(pg).await {
         Ok(pair) => pair,

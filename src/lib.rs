@@ -25,7 +25,8 @@
 //!             Ok::<(), HandlerError>(())
 //!         }),
 //!     )?;
-//!     let pg = post_save::db::resolve(config.database.url.as_deref())?;
+//!     // The URL, TLS settings (sslmode, sslrootcert, …) of `[database]`, and the PG* variables.
+//!     let pg = post_save::db::resolve_with(config.database.url.as_deref(), &config.database.tls())?;
 //!     let shutdown = async {
 //!         let _ = tokio::signal::ctrl_c().await;
 //!     };

@@ -107,7 +107,7 @@ impl Bell {
 
 /// Everything a listening session needs.
 pub(crate) struct Listener {
-    pub pg: tokio_postgres::Config,
+    pub pg: crate::db::Settings,
     pub config: Arc<Config>,
     /// The router new events go to; replaced when the handlers are reloaded.
     pub router: watch::Receiver<Arc<Router>>,
@@ -611,7 +611,7 @@ impl Listener {
 /// The LISTEN connection: notifications on the post_save channel go to the first receiver,
 /// the echoes of this session's liveness pings (on its private `ping_channel`) to the second.
 async fn open_listener(
-    pg: &tokio_postgres::Config,
+    pg: &crate::db::Settings,
     ping_channel: &str,
 ) -> Result<(Client, mpsc::Receiver<String>, mpsc::Receiver<String>, tokio::task::JoinHandle<()>), DbError> {
     let (client, mut connection) = db::start_up(pg).await?;

@@ -31,12 +31,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Endpoint {
     pub stats: Arc<Stats>,
     pub state: watch::Receiver<State>,
-    pub pg: tokio_postgres::Config,
+    pub pg: crate::db::Settings,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl Endpoint {
-    pub(crate) fn new(stats: Arc<Stats>, state: watch::Receiver<State>, pg: tokio_postgres::Config) -> Self {
+    pub(crate) fn new(stats: Arc<Stats>, state: watch::Receiver<State>, pg: crate::db::Settings) -> Self {
         Endpoint { stats, state, pg, client: Mutex::new(None) }
     }
 }

@@ -65,11 +65,34 @@ pub struct Config {
 }
 
 /// `[database]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// A libpq URL or key=value string; else `DATABASE_URL`, else the `PG*` variables.
     pub url: Option<String>,
+    /// libpq's `sslmode`, when the URL has none; else `PGSSLMODE`, else `prefer`.
+    pub sslmode: Option<crate::db::SslMode>,
+    /// libpq's `sslrootcert` (a PEM file of trusted CAs, or `system`), when the URL has none;
+    /// else `PGSSLROOTCERT`, else `~/.postgresql/root.crt` when it exists.
+    pub sslrootcert: Option<String>,
+    /// libpq's `sslcert`, the client certificate, when the URL has none; else `PGSSLCERT`,
+    /// else `~/.postgresql/postgresql.crt` when it exists.
+    pub sslcert: Option<PathBuf>,
+    /// libpq's `sslkey`, the client certificate's key, when the URL has none; else
+    /// `PGSSLKEY`, else `~/.postgresql/postgresql.key`.
+    pub sslkey: Option<PathBuf>,
+}
+
+impl DatabaseConfig {
+    /// The TLS parameters of this section.
+    pub fn tls(&self) -> crate::db::TlsParams {
+        crate::db::TlsParams {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+        }
+    }
 }
 
 /// `[daemon]`: tuning with safe defaults.

@@ -258,7 +258,7 @@ kinds! {
 impl KindOptions {
     /// Gives kinds that write to PostgreSQL the daemon's connection settings, used when their
     /// options name no database.
-    pub fn default_database(&mut self, pg: &tokio_postgres::Config) {
+    pub fn default_database(&mut self, pg: &crate::db::Settings) {
         #[cfg(feature = "sql")]
         if let KindOptions::Sql(o) = self {
             o.default_database(pg);

@@ -67,11 +67,11 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
 use super::{BuildError, Delivery, Failure, Handler, HandlerError, SecretSource, origin_for};
 use crate::config::{ConfigError, Section};
+use crate::db::{Settings, Tls};
 use crate::event::SaveEvent;
 use crate::expr::{EventContext, Expr};
 
@@ -121,7 +121,7 @@ pub struct SqlOptions {
 pub enum SqlDatabase {
     /// No `url`: the daemon's database. `None` until [`SqlOptions::default_database`] gives
     /// the daemon's settings; then `DATABASE_URL` and the `PG*` variables are used.
-    Daemon(Option<Box<tokio_postgres::Config>>),
+    Daemon(Option<Box<Settings>>),
     /// `url`.
     Url(DatabaseUrl),
     /// `url_file` or `url_env`, read when the handler is built.
@@ -171,7 +171,9 @@ impl SqlOptions {
         let database = match (url, secret) {
             (Some(_), Some(_)) => return Err(s.error("url", "give `url`, `url_file` or `url_env`, only one")),
             (Some(url), None) => SqlDatabase::Url(DatabaseUrl {
-                parsed: Box::new(url.parse().map_err(|e| s.error("url", &format!("invalid connection string: {e}")))?),
+                parsed: Box::new(
+                    crate::db::parse(&url).map_err(|e| s.error("url", &format!("invalid connection string: {e}")))?.0,
+                ),
                 text: SecretString::from(url),
             }),
             (None, Some(secret)) => SqlDatabase::Secret(secret),
@@ -187,7 +189,7 @@ impl SqlOptions {
     /// Gives the daemon's connection settings, used when the options name no database. Call it
     /// before [`SqlOptions::build`]; without it such a handler connects per `DATABASE_URL` and
     /// the `PG*` variables.
-    pub fn default_database(&mut self, pg: &tokio_postgres::Config) {
+    pub fn default_database(&mut self, pg: &Settings) {
         if let SqlDatabase::Daemon(own) = &mut self.database {
             *own = Some(Box::new(pg.clone()));
         }
@@ -221,7 +223,12 @@ impl SqlOptions {
                 crate::db::resolve(Some(url.expose_secret())).map_err(bad_url)?
             }
         };
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = Arc::new(pg.tls().clone());
+        let manager = Manager::from_connect(
+            (*pg).clone(),
+            PoolConnect(Arc::clone(&tls)),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .build()
@@ -231,6 +238,7 @@ impl SqlOptions {
             statement: self.statement.clone(),
             params: self.params.clone(),
             pool,
+            tls,
             keyed_origin: tokio::sync::OnceCell::new(),
         }))
     }
@@ -277,6 +285,8 @@ pub struct SqlHandler {
     statement: String,
     params: Vec<Expr>,
     pool: Pool,
+    /// The pool's TLS settings, for what a failed connection says.
+    tls: Arc<Tls>,
     /// Whether the database has `post_save.set_origin` for this role: asked once.
     keyed_origin: tokio::sync::OnceCell<bool>,
 }
@@ -340,7 +350,7 @@ impl SqlHandler {
 impl Handler for SqlHandler {
     async fn handle(&self, event: &SaveEvent, delivery: &Delivery) -> Result<(), HandlerError> {
         let values = self.values(event)?;
-        let mut client = self.pool.get().await.map_err(pool_failure)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_failure(e, &self.tls))?;
         match self.run(&mut client, event, &values).await {
             Ok(rows) => {
                 tracing::debug!(handler = %delivery.handler, rows, "sql handler ran");
@@ -357,13 +367,41 @@ impl Handler for SqlHandler {
     }
 }
 
+/// Opens the pool's connections as the daemon opens its own: with libpq's `sslmode`.
+struct PoolConnect(Arc<Tls>);
+
+impl deadpool_postgres::Connect for PoolConnect {
+    fn connect(
+        &self,
+        pg: &tokio_postgres::Config,
+    ) -> std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>>
+                + Send
+                + '_,
+        >,
+    > {
+        let pg = pg.clone();
+        Box::pin(async move {
+            let (client, connection) = crate::db::open(&pg, &self.0).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "sql handler connection ended");
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
 /// A failure to get a connection: always worth another attempt.
-fn pool_failure(e: PoolError) -> HandlerError {
+fn pool_failure(e: PoolError, tls: &Tls) -> HandlerError {
     match e {
         PoolError::Backend(e) => {
-            let message = match e.as_db_error() {
-                Some(db) => format!("cannot connect: {} {}", db.code().code(), db.message()),
-                None => format!("cannot connect: {e}"),
+            let message = match (e.as_db_error(), tls.failure(&e)) {
+                (_, Some(failure)) => format!("cannot connect: {failure}"),
+                (Some(db), None) => format!("cannot connect: {} {}", db.code().code(), db.message()),
+                (None, None) => format!("cannot connect: {e}"),
             };
             HandlerError::retry(message).with_source(e)
         }
@@ -438,7 +476,9 @@ mod tests {
         let o = parse(&format!("{COUNT}\nurl_env = \"SHOP_URL\"")).unwrap();
         assert_eq!(o.target(), "UPDATE shop_customer SET … @ url from $SHOP_URL");
         let mut o = parse(COUNT).unwrap();
-        o.default_database(&"host=/run/pg port=5433 dbname=shop password=s3cret".parse().unwrap());
+        o.default_database(
+            &"host=/run/pg port=5433 dbname=shop password=s3cret".parse::<tokio_postgres::Config>().unwrap().into(),
+        );
         assert_eq!(o.target(), "UPDATE shop_customer SET … @ /run/pg:5433/shop");
     }
 

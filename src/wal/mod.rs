@@ -69,7 +69,7 @@ pub(crate) struct SettleTo {
 
 /// The WAL reader of a running daemon.
 pub(crate) struct WalCapture {
-    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) pg: crate::db::Settings,
     pub(crate) config: Arc<Config>,
     /// Dropped when stopping: the router it holds must go for the outcome writer to finish.
     pub(crate) router: Option<watch::Receiver<Arc<Router>>>,

@@ -18,7 +18,9 @@ use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256}
 use postgres_protocol::message::frontend;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{ChannelBinding as Binding, Host, SslNegotiation};
+
+use crate::db::{Settings, SslMode, TlsSetupError};
 
 /// Why the stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,9 @@ pub enum StreamError {
     /// The server said something this client does not expect.
     #[error("replication connection: {0}")]
     Protocol(String),
+    /// TLS failed, in the user's words (see [`crate::db::TlsFailure`]).
+    #[error("replication connection: {0}")]
+    Tls(String),
 }
 
 impl StreamError {
@@ -52,19 +57,36 @@ impl StreamError {
 }
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
-    /// The socket with the runtime's hands off it (still non-blocking).
-    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket>;
+    /// The socket with the runtime's hands off it (still non-blocking), and its TLS session
+    /// when it is encrypted.
+    fn into_parts(self: Box<Self>) -> io::Result<(socket2::Socket, Option<rustls::ClientConnection>)>;
+
+    /// SCRAM's channel binding data, when the socket is encrypted.
+    fn end_point(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
-    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket> {
-        Ok((*self).into_std()?.into())
+    fn into_parts(self: Box<Self>) -> io::Result<(socket2::Socket, Option<rustls::ClientConnection>)> {
+        Ok(((*self).into_std()?.into(), None))
     }
 }
 
 impl Socket for tokio::net::UnixStream {
-    fn into_plain(self: Box<Self>) -> io::Result<socket2::Socket> {
-        Ok((*self).into_std()?.into())
+    fn into_parts(self: Box<Self>) -> io::Result<(socket2::Socket, Option<rustls::ClientConnection>)> {
+        Ok(((*self).into_std()?.into(), None))
+    }
+}
+
+impl Socket for tokio_rustls::client::TlsStream<Box<dyn Socket>> {
+    fn into_parts(self: Box<Self>) -> io::Result<(socket2::Socket, Option<rustls::ClientConnection>)> {
+        let (socket, session) = (*self).into_inner();
+        Ok((socket.into_parts()?.0, Some(session)))
+    }
+
+    fn end_point(&self) -> Option<Vec<u8>> {
+        crate::db::server_end_point(self.get_ref().1)
     }
 }
 
@@ -77,6 +99,8 @@ impl Socket for tokio::net::UnixStream {
 /// or not.
 struct Streaming {
     socket: Watched,
+    /// The TLS session of an encrypted stream: what `socket` carries are its records.
+    tls: Option<rustls::ClientConnection>,
     pause: Duration,
     /// Armed for the pause after a read that brought bytes: no read before it fires. A timer of
     /// the kernel's, not the runtime's, which counts whole milliseconds; it keeps its deadline
@@ -171,11 +195,20 @@ impl Streaming {
             match nix::sys::socket::recv(socket.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")),
                 Ok(n) => {
-                    read.extend_from_slice(&self.buf[..n]);
+                    let arrived = match self.tls.as_mut() {
+                        None => {
+                            read.extend_from_slice(&self.buf[..n]);
+                            true
+                        }
+                        Some(session) => decrypt(session, &self.buf[..n], read)?,
+                    };
                     if n < self.buf.len() {
                         self.pause()?;
                     }
-                    return Ok(());
+                    // (a part of a TLS record decrypts to nothing yet)
+                    if arrived {
+                        return Ok(());
+                    }
                 }
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => {
@@ -193,8 +226,21 @@ impl Streaming {
         Ok(())
     }
 
-    /// Writes all of `bytes`, waiting for room at most [`WRITE_TIMEOUT`].
+    /// Writes all of `bytes` (encrypted, over TLS), waiting for room at most [`WRITE_TIMEOUT`].
     async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let records;
+        let bytes = match self.tls.as_mut() {
+            None => bytes,
+            Some(session) => {
+                io::Write::write_all(&mut session.writer(), bytes)?;
+                let mut out = Vec::new();
+                while session.wants_write() {
+                    session.write_tls(&mut out)?;
+                }
+                records = out;
+                &records[..]
+            }
+        };
         let mut written = 0;
         while written < bytes.len() {
             let fd = self.socket.plain()?.as_raw_fd();
@@ -272,40 +318,70 @@ pub enum Copied {
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 impl Replication {
-    /// Connects to the first host of `config` that answers, as a logical replication client of
-    /// its database. The walsender's session writes dates in ISO and UTC, so values decode the
-    /// same whatever the server's defaults.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Replication, StreamError> {
-        let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+    /// Connects to the first host of `settings` that answers, as a logical replication client
+    /// of its database, with the TLS every connection has (libpq's `sslmode`). The
+    /// walsender's session writes dates in ISO and UTC, so values decode the same whatever the
+    /// server's defaults.
+    pub async fn connect(settings: &Settings) -> Result<Replication, StreamError> {
         let mut last = None;
-        let ports = config.get_ports();
-        for (i, host) in config.get_hosts().iter().enumerate() {
+        let ports = settings.get_ports();
+        for (i, host) in settings.get_hosts().iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let socket: io::Result<Box<dyn Socket>> = match tokio::time::timeout(timeout, open(host, port)).await {
-                Ok(s) => s,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connecting timed out")),
+            // libpq's order: `allow` tries unencrypted first, `prefer` TLS first (when offered);
+            // each tries the other way when the server refused the first. Unix sockets never
+            // use TLS.
+            let mode = if matches!(host, Host::Unix(_)) { SslMode::Disable } else { settings.tls().mode() };
+            let first = match mode {
+                SslMode::Disable | SslMode::Allow => Encrypt::Never,
+                SslMode::Prefer => Encrypt::IfOffered,
+                SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Encrypt::Always,
             };
-            match socket {
-                Ok(socket) => {
-                    let mut conn = Replication {
-                        socket: Some(socket),
-                        streaming: None,
-                        read: BytesMut::with_capacity(64 * 1024),
-                        write: BytesMut::new(),
-                    };
-                    conn.start_up(config).await?;
-                    return Ok(conn);
+            let attempt = match Replication::attempt(settings, host, port, first).await {
+                Err(Attempt::Refused { encrypted: false, .. }) if mode == SslMode::Allow => {
+                    Replication::attempt(settings, host, port, Encrypt::Always).await
                 }
-                Err(e) => last = Some(e),
+                Err(Attempt::Refused { encrypted: true, .. }) if mode == SslMode::Prefer => {
+                    Replication::attempt(settings, host, port, Encrypt::Never).await
+                }
+                other => other,
+            };
+            match attempt {
+                Ok(conn) => return Ok(conn),
+                Err(Attempt::Unreachable(e)) => last = Some(e),
+                Err(Attempt::Refused { error, .. } | Attempt::Failed(error)) => return Err(error),
             }
         }
         Err(StreamError::Io(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no host to connect to"))))
     }
 
-    async fn start_up(&mut self, config: &tokio_postgres::Config) -> Result<(), StreamError> {
-        let user = config.get_user().ok_or_else(|| StreamError::Protocol("no user name to connect as".into()))?;
-        let dbname = config.get_dbname().unwrap_or(user);
-        let app = config.get_application_name().unwrap_or("post-save wal");
+    /// One connection to `host`, encrypted as `encrypt` says.
+    async fn attempt(settings: &Settings, host: &Host, port: u16, encrypt: Encrypt) -> Result<Replication, Attempt> {
+        let timeout = settings.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+        let socket = match tokio::time::timeout(timeout, open(host, port)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return Err(Attempt::Unreachable(e)),
+            Err(_) => {
+                return Err(Attempt::Unreachable(io::Error::new(io::ErrorKind::TimedOut, "connecting timed out")));
+            }
+        };
+        let (socket, encrypted) = negotiate(socket, host, settings, encrypt).await.map_err(Attempt::Failed)?;
+        let mut conn = Replication {
+            socket: Some(socket),
+            streaming: None,
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::new(),
+        };
+        match conn.start_up(settings).await {
+            Ok(()) => Ok(conn),
+            Err(error @ StreamError::Server { .. }) => Err(Attempt::Refused { error, encrypted }),
+            Err(error) => Err(Attempt::Failed(error)),
+        }
+    }
+
+    async fn start_up(&mut self, settings: &Settings) -> Result<(), StreamError> {
+        let user = settings.get_user().ok_or_else(|| StreamError::Protocol("no user name to connect as".into()))?;
+        let dbname = settings.get_dbname().unwrap_or(user);
+        let app = settings.get_application_name().unwrap_or("post-save wal");
         let params = [
             ("user", user),
             ("database", dbname),
@@ -316,10 +392,20 @@ impl Replication {
         ];
         frontend::startup_message(params.iter().copied(), &mut self.write)?;
         self.flush().await?;
-        let password = config.get_password();
+        let password = settings.get_password();
+        let binding = settings.get_channel_binding();
+        let end_point = self.socket.as_ref().and_then(|s| s.end_point()).filter(|_| binding != Binding::Disable);
+        let unbound = || {
+            if binding == Binding::Require {
+                Err(StreamError::Protocol("channel_binding=require, but the server authenticated without it".into()))
+            } else {
+                Ok(())
+            }
+        };
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
         loop {
-            let frame = self.frame().await?;
+            let frame = self.frame_or_error().await?;
             match frame.tag {
                 b'R' => {
                     let mut body = frame.body;
@@ -329,12 +415,15 @@ impl Replication {
                     let code = body.get_i32();
                     let need = || StreamError::Protocol("the server asks for a password and none is configured".into());
                     match code {
+                        0 if !bound => unbound()?,
                         0 => {}
                         3 => {
+                            unbound()?;
                             frontend::password_message(password.ok_or_else(need)?, &mut self.write)?;
                             self.flush().await?;
                         }
                         5 => {
+                            unbound()?;
                             if body.len() < 4 {
                                 return Err(StreamError::Protocol("short MD5 salt".into()));
                             }
@@ -345,13 +434,25 @@ impl Replication {
                         }
                         10 => {
                             let mechanisms: Vec<&[u8]> = body[..].split(|&b| b == 0).collect();
-                            if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
-                                return Err(StreamError::Protocol(
-                                    "the server offers no SASL mechanism this client has".into(),
-                                ));
+                            let plus = mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes());
+                            let (mechanism, channel) = match end_point.clone() {
+                                Some(hash) if plus => {
+                                    (sasl::SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash))
+                                }
+                                Some(_) => (sasl::SCRAM_SHA_256, ChannelBinding::unrequested()),
+                                None => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                            };
+                            if mechanism == sasl::SCRAM_SHA_256 {
+                                if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
+                                    return Err(StreamError::Protocol(
+                                        "the server offers no SASL mechanism this client has".into(),
+                                    ));
+                                }
+                                unbound()?;
                             }
-                            let s = ScramSha256::new(password.ok_or_else(need)?, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.write)?;
+                            bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
+                            let s = ScramSha256::new(password.ok_or_else(need)?, channel);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut self.write)?;
                             self.flush().await?;
                             scram = Some(s);
                         }
@@ -442,12 +543,22 @@ impl Replication {
 
     fn stream_paced(&mut self, pause: Duration) -> Result<(), StreamError> {
         let socket = self.socket.take().ok_or_else(|| StreamError::Protocol("the stream is already started".into()))?;
-        let socket = socket.into_plain()?;
+        let (socket, mut tls) = socket.into_parts()?;
+        if let Some(session) = tls.as_mut() {
+            // what the session decrypted already
+            read_plaintext(session, &mut self.read)?;
+        }
         let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)
             .map_err(io::Error::from)?;
         let pause_timer = register(PauseTimer(timer), Interest::READABLE)?;
-        self.streaming =
-            Some(Streaming { socket: Watched::Plain(socket), pause, pause_timer, pausing: false, buf: vec![0; CHUNK] });
+        self.streaming = Some(Streaming {
+            socket: Watched::Plain(socket),
+            tls,
+            pause,
+            pause_timer,
+            pausing: false,
+            buf: vec![0; CHUNK],
+        });
         Ok(())
     }
 
@@ -584,6 +695,101 @@ impl Replication {
             )));
         }
         Ok(())
+    }
+}
+
+/// How a connection attempt encrypts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encrypt {
+    Never,
+    /// When the server offers TLS.
+    IfOffered,
+    Always,
+}
+
+/// Why a connection attempt failed.
+enum Attempt {
+    /// The host could not be reached: the next one is tried.
+    Unreachable(io::Error),
+    /// The server refused the session, which was `encrypted` or not: libpq's `allow` and
+    /// `prefer` then try the other way.
+    Refused { error: StreamError, encrypted: bool },
+    /// Anything else.
+    Failed(StreamError),
+}
+
+/// TLS as `encrypt` asks: the request to the server (or, with `sslnegotiation=direct`, the
+/// handshake at once), then the handshake. Says whether the socket is encrypted.
+async fn negotiate(
+    mut socket: Box<dyn Socket>,
+    host: &Host,
+    settings: &Settings,
+    encrypt: Encrypt,
+) -> Result<(Box<dyn Socket>, bool), StreamError> {
+    let Host::Tcp(name) = host else { return Ok((socket, false)) };
+    if encrypt == Encrypt::Never {
+        return Ok((socket, false));
+    }
+    if settings.get_ssl_negotiation() != SslNegotiation::Direct {
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        socket.write_all(&request).await?;
+        socket.flush().await?;
+        match socket.read_u8().await? {
+            b'S' => {}
+            b'N' if encrypt == Encrypt::IfOffered => return Ok((socket, false)),
+            b'N' => {
+                let failure = crate::db::TlsFailure::ServerWithoutTls { mode: settings.tls().mode() };
+                return Err(StreamError::Tls(failure.to_string()));
+            }
+            other => {
+                return Err(StreamError::Protocol(format!("unexpected answer {:?} to the TLS request", other as char)));
+            }
+        }
+    }
+    match crate::db::handshake(socket, name, settings.tls()).await {
+        Ok(tls) => Ok((Box::new(tls), true)),
+        Err(e) => Err(StreamError::Tls(match settings.tls().failure(&*e) {
+            Some(failure) if !e.is::<TlsSetupError>() => failure.to_string(),
+            _ => error_text(&*e),
+        })),
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Feeds the TLS records in `data` to `session` and appends what they decrypt to `read`;
+/// whether anything did.
+fn decrypt(session: &mut rustls::ClientConnection, mut data: &[u8], read: &mut BytesMut) -> io::Result<bool> {
+    let before = read.len();
+    while !data.is_empty() {
+        session.read_tls(&mut data)?;
+        session.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        read_plaintext(session, read)?;
+    }
+    Ok(read.len() > before)
+}
+
+/// Appends what `session` has decrypted to `read`.
+fn read_plaintext(session: &mut rustls::ClientConnection, read: &mut BytesMut) -> io::Result<()> {
+    let mut chunk = [0; 16 * 1024];
+    loop {
+        match io::Read::read(&mut session.reader(), &mut chunk) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")),
+            Ok(n) => read.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
     }
 }
 

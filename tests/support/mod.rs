@@ -54,7 +54,7 @@ pub async fn start_with(db: &TestDb, config: Config, registry: &mut Registry) ->
 }
 
 /// As [`start_with`], connecting with `pg` (through a proxy, say).
-pub async fn start_via(pg: tokio_postgres::Config, config: Config, registry: &mut Registry) -> Running {
+pub async fn start_via(pg: impl Into<post_save::db::Settings>, config: Config, registry: &mut Registry) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "post_save=info".into()),
