@@ -182,9 +182,11 @@ fn private_cluster_named(name: &str, settings: &[(&str, &str)]) -> String {
     let major = post_save::cluster::server_major(&bindir)
         .unwrap_or_else(|e| panic!("no PostgreSQL server binaries for the test cluster: {}", error_chain(&e)));
     // FNV-1a of the binaries' directory: two builds of one major version keep a cluster each.
-    let place = bindir.as_os_str().as_encoded_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let place = bindir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
     let dir = std::env::temp_dir().join(format!("{name}-{major}-{:08x}-{uid}", place as u32));
     let opts = ClusterOptions {
         settings: [("max_connections", "200")]
