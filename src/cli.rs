@@ -93,6 +93,13 @@ pub enum Command {
     Replay(crate::ops::ReplayArgs),
     /// Synthetic raw=true insert events for rows that already exist, through the same handlers
     Backfill(crate::ops::BackfillArgs),
+    /// Print the statements that give a role, neither superuser nor table owner, exactly the
+    /// rights `run` needs for this config (pipe them to psql as the schema owner or an admin)
+    Grants {
+        /// The role `post-save run` connects as
+        #[arg(long)]
+        role: String,
+    },
     /// Check everything the daemon relies on; exit 0 when healthy, 1 when a problem was found,
     /// 77 when the database refuses the role
     Doctor {
@@ -141,6 +148,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Migrate => migrate(&cli.global).await,
         Command::Triggers(t) => triggers_command(&cli.global, t).await,
         Command::Handlers(HandlersCommand::List { json }) => list_handlers(&cli.global, *json),
+        Command::Grants { role } => print_grants(&cli.global, role),
         Command::Doctor { json } => crate::ops::doctor(&cli.global, *json).await,
         Command::Dead(d) => crate::ops::dead(&cli.global, d).await,
         Command::Events(e) => crate::ops::events(&cli.global, e).await,
@@ -395,6 +403,15 @@ fn trigger_error(e: TriggerError) -> anyhow::Error {
         TriggerError::Query(q) if q.is_closed() => DbError::Query(q).into(),
         other => other.into(),
     }
+}
+
+fn print_grants(global: &Global, role: &str) -> Result<u8> {
+    let config = load_config(global)?;
+    let mut out = std::io::stdout().lock();
+    for statement in post_save::grants::statements(&config, role) {
+        writeln!(out, "{statement}")?;
+    }
+    Ok(0)
 }
 
 fn list_handlers(global: &Global, json: bool) -> Result<u8> {

@@ -347,48 +347,29 @@ async fn dead_letters(client: &Client) -> Check {
     }
 }
 
-/// The rights the daemon's role needs: install triggers on the watched tables, read and
-/// acknowledge the ledger.
+/// The rights the daemon's role needs to run (`post-save grants` prints them): each one the
+/// connected role lacks is named, with the statement that grants it. Installing is the owner's
+/// work and is not checked here (see the `schema` and `triggers` checks).
 async fn rights(client: &Client, config: &Config) -> Check {
-    let mut missing = Vec::new();
-    for watch in &config.watches {
-        let table = watch.table.quoted();
-        let sql = "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE has_table_privilege($1, 'TRIGGER') END";
-        match client.query_one(sql, &[&table]).await.map(|r| r.get::<_, Option<bool>>(0)) {
-            Ok(Some(false)) => missing.push(format!("TRIGGER on {table}")),
-            Ok(_) => {}
-            Err(e) => return query_failed("rights", &e),
-        }
-    }
-    // Acknowledging needs UPDATE on the ledger; retention empties its partitions (TRUNCATE, and
-    // DELETE + INSERT for rows still pending) and moves writers to the next (the rotation row
-    // and the slot sequence).
-    let ledger = [
-        ("post_save.event", "table", "SELECT, INSERT, UPDATE, DELETE"),
-        ("post_save.event_0", "table", "TRUNCATE"),
-        ("post_save.event_1", "table", "TRUNCATE"),
-        ("post_save.event_2", "table", "TRUNCATE"),
-        ("post_save.ledger_rotation", "table", "SELECT, UPDATE"),
-        ("post_save.ledger_slot", "sequence", "SELECT, UPDATE"),
-    ];
-    for (object, kind, rights) in ledger {
-        let sql = format!("SELECT CASE WHEN to_regclass($1) IS NULL THEN true ELSE has_{kind}_privilege($1, $2) END");
-        match client.query_one(&sql, &[&object, &rights]).await.map(|r| r.get::<_, bool>(0)) {
-            Ok(false) => missing.push(format!("{rights} on {object}")),
-            Ok(true) => {}
-            Err(e) => return query_failed("rights", &e),
-        }
-    }
+    let missing = match crate::grants::missing(client, config).await {
+        Ok(missing) => missing,
+        Err(e) => return query_failed("rights", &e),
+    };
     if missing.is_empty() {
-        Check::ok("rights", "the role can install triggers and acknowledge events")
-    } else {
-        Check::bad(
-            "rights",
-            Verdict::Fail,
-            format!("the role lacks {}", missing.join(", ")),
-            "run post-save as the owner of the post_save schema and of the watched tables (or GRANT the rights)",
-        )
+        return Check::ok("rights", "the role holds every right `post-save grants` lists for this config");
     }
+    let role = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(row) => row.get::<_, String>(0),
+        Err(e) => return query_failed("rights", &e),
+    };
+    let lacks: Vec<String> = missing.iter().map(|r| format!("{} ({})", r.describe(), r.why)).collect();
+    let grants: Vec<String> = missing.iter().map(|r| r.statement(&role)).collect();
+    Check::bad(
+        "rights",
+        Verdict::Fail,
+        format!("role {role} lacks {}", lacks.join("; ")),
+        format!("as the owner of the post_save schema (or an admin), run: {}", grants.join(" ")),
+    )
 }
 
 fn query_failed(name: &'static str, e: &tokio_postgres::Error) -> Check {

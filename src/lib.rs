@@ -43,6 +43,7 @@ mod delivery;
 pub mod doctor;
 pub mod event;
 pub mod expr;
+pub mod grants;
 pub mod handler;
 mod lease;
 mod ledger;
