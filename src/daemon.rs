@@ -180,10 +180,16 @@ impl Daemon {
             tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
         }
         let (mut client, task) = db::connect(&self.pg).await?;
-        tracing::info!("applying post_save schema migrations");
-        let applied = db::migrate(&mut client).await?;
-        if !applied.is_empty() {
-            tracing::info!(applied = ?applied, "migrations applied");
+        // A role that runs without owning the schema (`post-save grants`) may read its version
+        // but not migrate it: only a schema that is behind is migrated.
+        if schema_version(&client).await.is_some_and(|v| v >= db::latest_migration()) {
+            tracing::debug!("post_save schema is up to date");
+        } else {
+            tracing::info!("applying post_save schema migrations");
+            let applied = db::migrate(&mut client).await?;
+            if !applied.is_empty() {
+                tracing::info!(applied = ?applied, "migrations applied");
+            }
         }
         match triggers::check(&client, &self.config).await {
             Ok(drift) => drift.iter().for_each(
@@ -332,6 +338,14 @@ impl Daemon {
             router.drained().await;
         }
     }
+}
+
+/// The newest migration applied to the `post_save` schema; `None` when there is no schema yet
+/// or the role may not read its history.
+async fn schema_version(client: &tokio_postgres::Client) -> Option<i64> {
+    let sql = "SELECT CASE WHEN to_regclass('post_save.schema_history') IS NULL THEN NULL \
+               ELSE (SELECT max(version)::bigint FROM post_save.schema_history) END";
+    client.query_one(sql, &[]).await.ok()?.get(0)
 }
 
 /// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
