@@ -65,11 +65,16 @@ impl LogDaemon {
     /// Starts `post-save --config <config> --database-url <db> --log-format json run` and waits
     /// until it listens (a notify-mode save made before that is lost by design).
     pub async fn start(config: &std::path::Path, db: &TestDb) -> LogDaemon {
+        LogDaemon::start_on(config, &db.conninfo).await
+    }
+
+    /// As [`LogDaemon::start`], connecting with `conninfo` (another role, for example).
+    pub async fn start_on(config: &std::path::Path, conninfo: &str) -> LogDaemon {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
             .arg("--config")
             .arg(config)
-            .args(["--database-url", &db.conninfo, "--log-format", "json", "run"])
+            .args(["--database-url", conninfo, "--log-format", "json", "run"])
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
             .stdin(std::process::Stdio::null())
