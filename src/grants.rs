@@ -290,6 +290,17 @@ mod tests {
         assert_eq!(all.last().unwrap(), r#"ALTER ROLE "a ""role""" WITH REPLICATION;"#);
     }
 
+    #[cfg(feature = "sql")]
+    #[test]
+    fn only_an_sql_handler_on_the_daemons_database_needs_set_origin() {
+        let watch = "[[watch]]\ntable = \"public.item\"\n";
+        let handler = "[[handler]]\nname = \"audit\"\nkind = \"sql\"\nstatement = \"SELECT 1\"\n";
+        let own = statements(&config(&format!("{watch}{handler}")), "r");
+        assert!(own.contains(&r#"GRANT EXECUTE ON FUNCTION post_save.set_origin(text) TO "r";"#.to_owned()), "{own:?}");
+        let elsewhere = statements(&config(&format!("{watch}{handler}url = \"postgres://other/db\"\n")), "r");
+        assert!(!elsewhere.iter().any(|s| s.contains("set_origin")), "{elsewhere:?}");
+    }
+
     #[test]
     fn a_missing_right_is_described_with_only_what_is_missing() {
         let right = Right::new(Kind::Table, "post_save.event", &["SELECT", "UPDATE"], "x").only(vec!["UPDATE"]);

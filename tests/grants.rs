@@ -166,7 +166,7 @@ async fn a_role_granted_only_what_grants_prints_runs_the_trigger_capture() {
     let config = write_config(
         &dir,
         &format!(
-            "[daemon]\nkeep_handled = \"2s\"\n\
+            "[daemon]\nkeep_handled = \"2s\"\nlease = \"5s\"\n\
              [[watch]]\ntable = \"public.item\"\noperations = [\"insert\", \"update\"]\n\
              [[watch]]\ntable = \"public.note\"\nmode = \"notify\"\n{}",
             log_handlers(false)
@@ -176,6 +176,7 @@ async fn a_role_granted_only_what_grants_prints_runs_the_trigger_capture() {
     assert!(!grants.contains("\"item\""), "a durable table needs no grant:\n{grants}");
     assert!(grants.contains(r#"GRANT SELECT ON TABLE "public"."note""#), "{grants}");
     assert!(!grants.contains("REPLICATION"), "{grants}");
+    assert!(grants.contains("post_save.lease"), "daemon.lease needs the lease table:\n{grants}");
 
     let runner = as_role(&db.conninfo, &roles.runner);
     let (code, checks) = doctor(&config, &runner);
