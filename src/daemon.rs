@@ -186,7 +186,12 @@ impl Daemon {
             tracing::debug!("post_save schema is up to date");
         } else {
             tracing::info!("applying post_save schema migrations");
-            let applied = db::migrate(&mut client).await?;
+            let applied = db::migrate(&mut client).await.inspect_err(|_| {
+                tracing::error!(
+                    "the post_save schema is missing, behind, or unreadable for this role: run `post-save migrate` \
+                     as the schema's owner, and grant this role what `post-save grants --role` prints"
+                );
+            })?;
             if !applied.is_empty() {
                 tracing::info!(applied = ?applied, "migrations applied");
             }
