@@ -334,7 +334,14 @@ pub async fn migrate_to(client: &mut Client, version: Option<u32>) -> Result<Vec
     // Two daemons starting together must not both migrate.
     client.batch_execute("SELECT pg_advisory_lock(hashtext('post_save.migrate'))").await.map_err(DbError::Query)?;
     let result = async {
-        client.batch_execute("CREATE SCHEMA IF NOT EXISTS post_save").await.map_err(DbError::Query)?;
+        // Only when missing: PostgreSQL checks CREATE on the database before it looks whether the
+        // schema exists, so a schema an admin created for a non-superuser owner would fail here.
+        client
+            .batch_execute(
+                "DO $$ BEGIN IF to_regnamespace('post_save') IS NULL THEN CREATE SCHEMA post_save; END IF; END $$",
+            )
+            .await
+            .map_err(DbError::Query)?;
         let mut runner = embedded::migrations::runner();
         runner.set_migration_table_name(MIGRATION_TABLE);
         runner
