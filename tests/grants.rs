@@ -275,31 +275,3 @@ async fn a_role_granted_only_what_grants_prints_runs_the_wal_capture() {
     );
     drop(db);
 }
-
-/// An owner without `CREATE` on the database installs into a `post_save` schema an admin made
-/// for it (`CREATE SCHEMA … AUTHORIZATION`): `migrate` does not ask to create what exists.
-#[tokio::test]
-async fn an_owner_without_create_on_the_database_installs_into_a_schema_made_for_it() {
-    let roles = Roles::new(tokio::task::spawn_blocking(common::server_conninfo).await.unwrap());
-    let db = TestDb::new().await;
-    db.psql_ok(&format!(
-        "REVOKE CREATE ON DATABASE {db} FROM PUBLIC; GRANT CREATE ON SCHEMA public TO {owner}; \
-         CREATE SCHEMA post_save AUTHORIZATION {owner}",
-        db = db.name,
-        owner = roles.owner
-    ));
-    let dir = TempDir::new().unwrap();
-    let config = write_config(&dir, "[[watch]]\ntable = \"public.item\"\n");
-    let owner = as_role(&db.conninfo, &roles.owner);
-    let created: i64 = db
-        .query_i64(&format!(
-            "SELECT count(*) FROM pg_roles WHERE rolname = '{}' AND has_database_privilege(oid, '{}', 'CREATE')",
-            roles.owner, db.name
-        ))
-        .await;
-    assert_eq!(created, 0, "the owner must not have CREATE on the database for this test");
-    psql_ok(&owner, "CREATE TABLE item (id bigserial PRIMARY KEY, name text NOT NULL)");
-    post_save_ok(&config, &owner, &["migrate"]);
-    post_save_ok(&config, &owner, &["triggers", "install"]);
-    post_save_ok(&config, &owner, &["triggers", "check"]);
-}
