@@ -16,10 +16,13 @@
 //! every redelivery. The SQL handler marks its writes for the chain-depth guard the same way,
 //! with a `post_save.origin` message.
 
+mod confirm;
 pub mod pgoutput;
 pub mod stream;
+mod time;
+mod types;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +36,11 @@ use crate::lease::Lease;
 use crate::name::TableName;
 use crate::router::Router;
 use crate::stats::Stats;
+use confirm::Confirmations;
 use pgoutput::{Datum, Message, Relation};
 use stream::{Copied, Replication, StreamError};
+use time::pg_time;
+use types::UserTypes;
 
 /// The publication that lists the tables captured from the WAL.
 pub const PUBLICATION: &str = "post_save";
@@ -115,63 +121,6 @@ impl Relations {
     }
 }
 
-/// The first OID of objects made after `initdb`: every type below it is built in.
-const FIRST_NORMAL_OID: u32 = 16_384;
-
-/// The database's own types as far as values are concerned: a domain's values are written as
-/// its base type's (as `row_to_json` does), an array of a domain's as an array of the base type.
-#[derive(Default)]
-struct UserTypes {
-    /// Domain (or array of a domain) → the built-in or other non-domain type it stands for.
-    base: HashMap<u32, u32>,
-    /// Types made after `initdb` that are not domains (enums, composites, ranges…): their text.
-    other: HashSet<u32>,
-}
-
-impl UserTypes {
-    fn base(&self, oid: u32) -> u32 {
-        self.base.get(&oid).copied().unwrap_or(oid)
-    }
-
-    /// Whether `rel` has a column of a type made after the types were read.
-    fn unknown_in(&self, rel: &Relation) -> bool {
-        rel.columns.iter().any(|c| {
-            c.type_oid >= FIRST_NORMAL_OID && !self.base.contains_key(&c.type_oid) && !self.other.contains(&c.type_oid)
-        })
-    }
-
-    /// Reads every domain's base type (through domains over domains) and every other type made
-    /// after `initdb`.
-    async fn load(client: &tokio_postgres::Client) -> Result<UserTypes, tokio_postgres::Error> {
-        let rows = client
-            .query(
-                "WITH RECURSIVE chain (domain, base) AS ( \
-                     SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd' \
-                     UNION ALL \
-                     SELECT c.domain, t.typbasetype FROM chain c JOIN pg_type t ON t.oid = c.base \
-                     WHERE t.typtype = 'd') \
-                 SELECT c.domain::int8, c.base::int8 FROM chain c JOIN pg_type b ON b.oid = c.base \
-                 WHERE b.typtype <> 'd' \
-                 UNION ALL \
-                 SELECT d.typarray::int8, b.typarray::int8 FROM chain c \
-                 JOIN pg_type b ON b.oid = c.base AND b.typtype <> 'd' JOIN pg_type d ON d.oid = c.domain \
-                 WHERE d.typarray <> 0 AND b.typarray <> 0",
-                &[],
-            )
-            .await?;
-        let oid = |v: i64| u32::try_from(v).unwrap_or(0);
-        let base: HashMap<u32, u32> = rows.iter().map(|r| (oid(r.get(0)), oid(r.get(1)))).collect();
-        let other = client
-            .query("SELECT oid::int8 FROM pg_type WHERE oid >= 16384 AND typtype <> 'd'", &[])
-            .await?
-            .iter()
-            .map(|r| oid(r.get(0)))
-            .filter(|o| !base.contains_key(o))
-            .collect();
-        Ok(UserTypes { base, other })
-    }
-}
-
 /// Most events a new transaction reserves room for, from the size of the last one.
 const MAX_EVENTS_RESERVED: usize = 1024;
 
@@ -183,47 +132,6 @@ struct Open {
     origin: Option<String>,
     actor: Option<String>,
     events: Vec<SaveEvent>,
-}
-
-/// Transactions dispatched and not yet confirmed, in commit order.
-#[derive(Default)]
-struct Confirmations {
-    queue: VecDeque<(u64, bool)>,
-    /// Everything up to here is consumed.
-    confirmed: u64,
-    /// A transaction was handed back: nothing after it may be confirmed in this session.
-    stuck: bool,
-    dirty: bool,
-}
-
-impl Confirmations {
-    fn push(&mut self, end_lsn: u64, done: bool) {
-        self.queue.push_back((end_lsn, done));
-        self.advance();
-    }
-
-    fn settle(&mut self, s: Settled) {
-        if s.handed_back {
-            self.stuck = true;
-        }
-        if let Some(entry) = self.queue.iter_mut().find(|(lsn, _)| *lsn == s.end_lsn) {
-            entry.1 = true;
-        }
-        self.advance();
-    }
-
-    fn advance(&mut self) {
-        if self.stuck {
-            return;
-        }
-        while let Some(&(lsn, true)) = self.queue.front() {
-            self.queue.pop_front();
-            if lsn > self.confirmed {
-                self.confirmed = lsn;
-                self.dirty = true;
-            }
-        }
-    }
 }
 
 /// What a replication session knows between messages.
@@ -503,62 +411,6 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
     Ok(!exists)
 }
 
-/// PostgreSQL time (µs since 2000-01-01 UTC) as RFC 3339.
-fn pg_time(us: i64) -> String {
-    const EPOCH_2000: i64 = 946_684_800;
-    let secs = us.div_euclid(1_000_000) + EPOCH_2000;
-    let micros = us.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    // written digit by digit: once per transaction, and `format!` was 4 % of the reader's CPU
-    let mut out = String::with_capacity(32);
-    if (0..=9999).contains(&y) {
-        push_digits(&mut out, y as u32, 4);
-    } else {
-        out.push_str(&format!("{y:04}"));
-    }
-    for (sep, value) in
-        [('-', m), ('-', d), ('T', (rem / 3600) as u32), (':', (rem % 3600 / 60) as u32), (':', (rem % 60) as u32)]
-    {
-        out.push(sep);
-        push_digits(&mut out, value, 2);
-    }
-    if micros != 0 {
-        out.push('.');
-        let mut micros = micros as u32;
-        let mut width = 6;
-        while micros.is_multiple_of(10) {
-            micros /= 10;
-            width -= 1;
-        }
-        push_digits(&mut out, micros, width);
-    }
-    out.push_str("+00:00");
-    out
-}
-
-/// `value`'s last `width` decimal digits, zero-padded.
-fn push_digits(out: &mut String, value: u32, width: u32) {
-    for i in (0..width).rev() {
-        out.push(char::from(b'0' + (value / 10u32.pow(i) % 10) as u8));
-    }
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// Adds the event of one change to the open transaction, when its table is watched for it.
 fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open, stats: &Stats) {
     let (rel_id, op) = match &change {
@@ -662,34 +514,5 @@ mod tests {
         assert_eq!(slot_name("shop"), "post_save_shop");
         assert_eq!(slot_name("My-DB.1"), "post_save_my_db_1");
         assert!(slot_name(&"x".repeat(100)).len() <= 63);
-    }
-
-    #[test]
-    fn commit_times_read_as_rfc3339() {
-        assert_eq!(pg_time(0), "2000-01-01T00:00:00+00:00");
-        // 2026-12-02 10:14:20.5 UTC
-        let us = (1_796_206_460 - 946_684_800) * 1_000_000 + 500_000;
-        assert_eq!(pg_time(us), "2026-12-02T10:14:20.5+00:00");
-        assert_eq!(pg_time(us + 1), "2026-12-02T10:14:20.500001+00:00");
-        assert_eq!(pg_time(us - 500_000 + 120), "2026-12-02T10:14:20.00012+00:00");
-        // before 2000 and past 9999
-        assert_eq!(pg_time(-1), "1999-12-31T23:59:59.999999+00:00");
-        assert_eq!(pg_time(253_402_300_800_000_000 - 946_684_800_000_000), "10000-01-01T00:00:00+00:00");
-    }
-
-    #[test]
-    fn only_a_fully_settled_prefix_is_confirmed() {
-        let mut c = Confirmations::default();
-        c.push(10, false);
-        c.push(20, false);
-        c.push(30, true);
-        c.settle(Settled { end_lsn: 20, handed_back: false });
-        assert_eq!(c.confirmed, 0);
-        c.settle(Settled { end_lsn: 10, handed_back: false });
-        assert_eq!(c.confirmed, 30);
-        c.push(40, false);
-        c.settle(Settled { end_lsn: 40, handed_back: true });
-        c.push(50, true);
-        assert_eq!(c.confirmed, 30, "a handed-back transaction stops confirmation");
     }
 }
