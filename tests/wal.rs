@@ -279,7 +279,8 @@ async fn check_names_a_published_table_the_config_no_longer_watches() {
         post_save::triggers::check(&client, &unwatched).await.expect("check").iter().map(ToString::to_string).collect();
     assert_eq!(
         drift,
-        ["public.shop_order: is in the `post_save` publication but is not watched (the slot still streams its saves)"]
+        ["public.shop_order: is in a post-save publication but is not watched (the slot still streams its saves; \
+             `post-save triggers install` takes it out)"]
     );
 }
 

@@ -14,8 +14,9 @@
 //! DDL, and a change never queues the table's readers behind a long transaction for long.
 
 mod generate;
+pub mod publication;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use tokio_postgres::{Client, GenericClient};
@@ -75,8 +76,8 @@ impl fmt::Display for Drift {
             Drift::Unwatched(t) => write!(f, "{t}: has a capture trigger but is not watched"),
             Drift::UnwatchedPublished(t) => write!(
                 f,
-                "{t}: is in the `{}` publication but is not watched (the slot still streams its saves)",
-                crate::wal::PUBLICATION
+                "{t}: is in a post-save publication but is not watched (the slot still streams its saves; \
+                 `post-save triggers install` takes it out)"
             ),
             Drift::Changed { table, what } => write!(f, "{table}: capture differs from the config ({what})"),
             Drift::NoTable(t) => write!(f, "{t}: watched table does not exist"),
@@ -122,6 +123,9 @@ pub enum TriggerError {
          `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)"
     )]
     WalLevel(String),
+    /// Publishing a table for `capture = "wal"` would make its own UPDATE or DELETE fail.
+    #[error("{0}; nothing was changed")]
+    Unpublishable(String),
     /// A watched table was renamed or moved: installing the config as it is would leave it
     /// without its capture.
     #[error(
@@ -260,93 +264,6 @@ fn trigger_changes(watch: &Watch, shape: &TableShape, have: Option<&Installed>) 
     sql
 }
 
-/// The DDL of a table captured from the WAL: no trigger; the old row in the WAL of an UPDATE or
-/// DELETE when either is captured (`update_fields`, `columns` and `include_old` need it). Its
-/// place in the publication is set by [`publication_ddl`].
-pub fn wal_ddl(watch: &Watch) -> String {
-    let mut sql =
-        format!("-- post-save capture for {}: read from the WAL (capture = \"wal\"); no trigger.\n", watch.table);
-    sql.push_str(&drop_ddl(&watch.table));
-    if watch.operations.update || watch.operations.delete {
-        sql.push_str(&format!("ALTER TABLE {} REPLICA IDENTITY FULL;\n", watch.table.quoted()));
-    }
-    sql
-}
-
-/// What a WAL-captured table still needs: its old capture trigger dropped, its replica
-/// identity made FULL. Empty when it has both.
-async fn wal_changes(client: &impl GenericClient, watch: &Watch, has_trigger: bool) -> Result<String, TriggerError> {
-    let mut sql = String::new();
-    if has_trigger {
-        sql.push_str(&drop_ddl(&watch.table));
-    }
-    if (watch.operations.update || watch.operations.delete) && !replica_identity_full(client, &watch.table).await? {
-        sql.push_str(&format!("ALTER TABLE {} REPLICA IDENTITY FULL;\n", watch.table.quoted()));
-    }
-    Ok(sql)
-}
-
-async fn replica_identity_full(client: &impl GenericClient, table: &TableName) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_opt("SELECT relreplident = 'f' FROM pg_class WHERE oid = to_regclass($1)", &[&table.quoted()])
-        .await?;
-    Ok(row.is_some_and(|r| r.get(0)))
-}
-
-/// The DDL that makes the `post_save` publication list exactly the WAL-captured tables (and
-/// drops it when there are none and it exists).
-fn publication_ddl(config: &Config, exists: bool) -> String {
-    let tables: Vec<String> =
-        config.watches.iter().filter(|w| w.capture == Capture::Wal).map(|w| w.table.quoted()).collect();
-    let publication = quote_ident(crate::wal::PUBLICATION);
-    if tables.is_empty() {
-        return if exists { format!("DROP PUBLICATION IF EXISTS {publication};\n") } else { String::new() };
-    }
-    let mut sql = String::new();
-    if !exists {
-        sql.push_str(&format!("CREATE PUBLICATION {publication} WITH (publish = 'insert, update, delete');\n"));
-    }
-    sql.push_str(&format!("ALTER PUBLICATION {publication} SET TABLE {};\n", tables.join(", ")));
-    sql
-}
-
-/// The publication's DDL when its tables differ from the config's WAL-captured ones.
-async fn publication_changes(client: &impl GenericClient, config: &Config) -> Result<String, tokio_postgres::Error> {
-    let want: BTreeSet<TableName> =
-        config.watches.iter().filter(|w| w.capture == Capture::Wal).map(|w| w.table.clone()).collect();
-    let have = published(client).await?;
-    if have.as_ref() == Some(&want) || (have.is_none() && want.is_empty()) {
-        return Ok(String::new());
-    }
-    Ok(publication_ddl(config, have.is_some()))
-}
-
-/// The tables in the `post_save` publication, or `None` when it does not exist.
-async fn published(client: &impl GenericClient) -> Result<Option<BTreeSet<TableName>>, tokio_postgres::Error> {
-    let exists =
-        client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&crate::wal::PUBLICATION]).await?;
-    if exists.is_none() {
-        return Ok(None);
-    }
-    let rows = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&crate::wal::PUBLICATION],
-        )
-        .await?;
-    Ok(Some(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect()))
-}
-
-/// Fails with [`TriggerError::WalLevel`] when a table is captured from the WAL and the server
-/// cannot stream it.
-async fn check_wal_level(client: &impl GenericClient, config: &Config) -> Result<(), TriggerError> {
-    if !crate::wal::wanted(config) {
-        return Ok(());
-    }
-    let level: String = client.query_one("SELECT current_setting('wal_level')", &[]).await?.get(0);
-    if level == "logical" { Ok(()) } else { Err(TriggerError::WalLevel(level)) }
-}
-
 /// The DDL that removes the capture of `table`.
 pub fn drop_ddl(table: &TableName) -> String {
     format!("DROP FUNCTION IF EXISTS {}() CASCADE;\n", function_name(table))
@@ -360,7 +277,7 @@ pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String
         let shape = table_shape(client, watch).await?;
         match watch.capture {
             Capture::Trigger => sql.push_str(&trigger_ddl(watch, &shape)),
-            Capture::Wal => sql.push_str(&wal_ddl(watch)),
+            Capture::Wal => sql.push_str(&publication::wal_ddl(client, watch).await?),
         }
     }
     for table in installed(client).await?.into_keys() {
@@ -368,7 +285,7 @@ pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String
             sql.push_str(&drop_ddl(&table));
         }
     }
-    sql.push_str(&publication_ddl(config, published(client).await?.is_some()));
+    sql.push_str(&publication::ddl(config, &publication::Published::read(client).await?, true));
     Ok(sql)
 }
 
@@ -376,7 +293,7 @@ pub async fn plan(client: &impl GenericClient, config: &Config) -> Result<String
 /// transaction of its own, with a short `lock_timeout`, tried again while another transaction
 /// holds the table. Returns the DDL run (empty when everything was in sync).
 pub async fn install(client: &mut Client, config: &Config) -> Result<String, TriggerError> {
-    check_wal_level(&*client, config).await?;
+    publication::preflight(&*client, config).await?;
     // Every table must exist before anything changes.
     let mut found = installed(&*client).await?;
     let mut shapes = Vec::with_capacity(config.watches.len());
@@ -398,7 +315,7 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<String, Tri
         let have = found.remove(&watch.table);
         let sql = match watch.capture {
             Capture::Trigger => trigger_changes(watch, shape, have.as_ref()),
-            Capture::Wal => wal_changes(&*client, watch, have.is_some()).await?,
+            Capture::Wal => publication::wal_changes(&*client, watch, have.is_some()).await?,
         };
         steps.push((watch.table.clone(), sql));
     }
@@ -409,7 +326,8 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<String, Tri
             steps.push((table.clone(), drop_ddl(&table)));
         }
     }
-    steps.push((TableName::new("", ""), publication_changes(&*client, config).await?));
+    let published = publication::Published::read(&*client).await?;
+    steps.push((TableName::new("", ""), publication::ddl(config, &published, false)));
     let mut run = String::new();
     for (table, sql) in steps.into_iter().filter(|(_, sql)| !sql.is_empty()) {
         apply(client, &table, &sql).await?;
@@ -468,9 +386,10 @@ pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError>
         sql.push_str(&format!("DROP FUNCTION IF EXISTS {} CASCADE;\n", row.get::<_, String>(0)));
     }
     let mut tables = tables;
-    if let Some(wal_tables) = published(&tx).await? {
-        tables.extend(wal_tables.into_iter().filter(|t| !tables.contains(t)).collect::<Vec<_>>());
-        sql.push_str(&format!("DROP PUBLICATION IF EXISTS {};\n", quote_ident(crate::wal::PUBLICATION)));
+    let published = publication::Published::read(&tx).await?;
+    tables.extend(published.tables().into_iter().filter(|t| !tables.contains(t)).collect::<Vec<_>>());
+    for name in published.members.keys() {
+        sql.push_str(&format!("DROP PUBLICATION IF EXISTS {};\n", quote_ident(name)));
     }
     tx.batch_execute(&sql).await?;
     tx.commit().await?;
@@ -489,7 +408,8 @@ pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError>
 pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<Drift>, TriggerError> {
     let mut found = installed(client).await?;
     let mut drift = Vec::new();
-    let mut published = published(client).await?.unwrap_or_default();
+    let publications = publication::Published::read(client).await?;
+    let mut published = publications.tables();
     let slot = if crate::wal::wanted(config) {
         let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
         let slot = crate::wal::slot_name(&dbname);
@@ -524,13 +444,25 @@ pub async fn check(client: &impl GenericClient, config: &Config) -> Result<Vec<D
             if found.remove(&watch.table).is_some() {
                 what.push("capture = \"wal\" but a capture trigger is installed".to_owned());
             }
-            if !published.remove(&watch.table) {
-                what.push(format!("not in the `{}` publication", crate::wal::PUBLICATION));
+            published.remove(&watch.table);
+            let belongs = publication::of(watch);
+            match publications.holding(&watch.table) {
+                None => what.push(format!("not in the `{belongs}` publication")),
+                Some(other) if other != belongs => {
+                    what.push(format!("in the `{other}` publication instead of `{belongs}`"));
+                }
+                Some(_) if publications.stale_options.contains(belongs) => {
+                    what.push(format!("the `{belongs}` publication's options are not post-save's"));
+                }
+                Some(_) => {}
             }
-            if (watch.operations.update || watch.operations.delete)
-                && !replica_identity_full(client, &watch.table).await?
-            {
-                what.push("REPLICA IDENTITY is not FULL".to_owned());
+            let missing = publication::identity_missing(client, watch).await?;
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                what.push(format!("REPLICA IDENTITY is not FULL on {}", names.join(", ")));
+            }
+            if let Some(why) = publication::unsafe_to_publish(client, watch, publications.major).await? {
+                what.push(why);
             }
             if let Some((slot, false)) = &slot {
                 what.push(format!("no replication slot `{slot}`"));

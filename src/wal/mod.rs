@@ -1,9 +1,9 @@
 //! `capture = "wal"`: saves read from the write-ahead log instead of a trigger.
 //!
 //! A watched table with this capture has no trigger at all: the writer's transaction does no
-//! more work than without post-save. `triggers install` puts the table in the `post_save`
-//! publication (with `REPLICA IDENTITY FULL` when UPDATE or DELETE is captured, so the stream
-//! carries the row before the change) and creates the database's logical replication slot. The
+//! more work than without post-save. `triggers install` puts the table in a publication
+//! (see [`crate::triggers::publication`]: `REPLICA IDENTITY FULL` when UPDATE or DELETE is
+//! captured, so the stream carries the row before the change) and creates the database's logical replication slot. The
 //! daemon streams the slot with `pgoutput`, turns each committed change into a [`SaveEvent`],
 //! dispatches a transaction's events together, and confirms a transaction to the slot once every
 //! handler is done with its events (dead letters written first). The slot keeps the WAL of
@@ -13,7 +13,9 @@
 //! What the WAL does not carry: who made the save. `actor` has an empty role and pid 0, unless
 //! the transaction names its actor with `pg_logical_emit_message(true, 'post_save.actor', …)`;
 //! `at` is the commit time; the event `id` is the change's WAL position, unique and the same on
-//! every redelivery. The SQL handler marks its writes for the chain-depth guard the same way,
+//! every redelivery. Tables are known by OID: a watched table renamed or moved while the daemon
+//! runs keeps its watch (and its sender); its key columns are read again when renamed.
+//! The SQL handler marks its writes for the chain-depth guard the same way,
 //! with a `post_save.origin` message.
 
 mod confirm;
@@ -22,7 +24,7 @@ pub mod stream;
 mod time;
 mod types;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +43,6 @@ use pgoutput::{Datum, Message, Relation};
 use stream::{Copied, Replication, StreamError};
 use time::pg_time;
 use types::UserTypes;
-
-/// The publication that lists the tables captured from the WAL.
-pub const PUBLICATION: &str = "post_save";
 
 /// The logical replication slot of the post-save install in database `dbname`: slots are
 /// cluster-wide, so the name carries the database's (letters, digits and `_` only).
@@ -89,7 +88,36 @@ pub(crate) struct WalCapture {
 struct Table {
     watch: Watch,
     sender: String,
+    /// Its OID while it exists: the stream names a table by OID, so a table renamed or moved
+    /// to another schema stays this watch's.
+    oid: Option<u32>,
     pk: Vec<String>,
+    /// Whether the log already said the table is now called something else.
+    told_renamed: bool,
+}
+
+impl Table {
+    /// The watch's table as it is now; a missing table is kept (it may be made later) and said.
+    async fn resolve(client: &tokio_postgres::Client, watch: &Watch) -> Result<Table, tokio_postgres::Error> {
+        let oid = client
+            .query_one("SELECT to_regclass($1)::oid::int8", &[&watch.table.quoted()])
+            .await?
+            .get::<_, Option<i64>>(0)
+            .and_then(|o| u32::try_from(o).ok());
+        let pk = match (oid, crate::triggers::table_shape(client, watch).await) {
+            (_, Ok(shape)) => shape.pk,
+            (None, _) => {
+                tracing::warn!(table = %watch.table, "WAL capture: a watched table does not exist; its saves are captured once it does");
+                watch.pk.clone().unwrap_or_default()
+            }
+            (Some(_), Err(crate::triggers::TriggerError::Query(e))) => return Err(e),
+            (Some(_), Err(e)) => {
+                tracing::error!(table = %watch.table, error = %e, "WAL capture: cannot read the watched table's key");
+                watch.pk.clone().unwrap_or_default()
+            }
+        };
+        Ok(Table { watch: watch.clone(), sender: watch.table.to_string(), oid, pk, told_renamed: false })
+    }
 }
 
 /// What is known of the stream's tables: the relation messages, by OID.
@@ -97,6 +125,8 @@ struct Relations {
     by_oid: HashMap<u32, Described>,
     tables: Vec<Table>,
     types: UserTypes,
+    /// Published tables no watch names, already reported this session.
+    unclaimed: HashSet<u32>,
 }
 
 /// A table as its last relation message describes it.
@@ -108,16 +138,33 @@ struct Described {
 }
 
 impl Relations {
-    fn learn(&mut self, mut rel: Relation) {
-        let name = TableName::new(rel.schema.clone(), rel.name.clone());
-        for column in &mut rel.columns {
-            column.type_oid = self.types.base(column.type_oid);
+    /// Where each of `table`'s key columns is in `rel`'s rows.
+    fn key_at(table: &Table, rel: &Relation) -> Vec<Option<usize>> {
+        table.pk.iter().map(|key| rel.columns.iter().position(|c| &c.name == key)).collect()
+    }
+}
+
+/// A connection for reading the catalog while streaming, made when first needed and again
+/// after it is lost.
+struct Catalog {
+    pg: crate::db::Settings,
+    client: Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>,
+}
+
+impl Catalog {
+    async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
+        if self.client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            self.client = Some(crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?);
         }
-        let watched = self.tables.iter().position(|t| t.watch.table == name).map(|i| {
-            let at = self.tables[i].pk.iter().map(|key| rel.columns.iter().position(|c| &c.name == key)).collect();
-            (i, at)
-        });
-        self.by_oid.insert(rel.id, Described { rel: Arc::new(rel), watched });
+        Ok(&self.client.as_ref().expect("connected above").0)
+    }
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.client.take() {
+            task.abort();
+        }
     }
 }
 
@@ -139,6 +186,8 @@ struct Session {
     /// The database's name (the events' `using`).
     using: String,
     relations: Relations,
+    /// For what the stream does not say: a table's key, new types.
+    catalog: Catalog,
     settle_tx: mpsc::UnboundedSender<Settled>,
     confirms: Confirmations,
     /// The transaction being read.
@@ -200,15 +249,27 @@ impl WalCapture {
         ensure_slot(&client, &slot).await.map_err(|e| e.to_string())?;
         let mut tables = Vec::new();
         for watch in self.config.watches.iter().filter(|w| w.capture == Capture::Wal) {
-            let shape = crate::triggers::table_shape(&client, watch).await.map_err(|e| e.to_string())?;
-            tables.push(Table { watch: watch.clone(), sender: watch.table.to_string(), pk: shape.pk });
+            tables.push(Table::resolve(&client, watch).await.map_err(|e| e.to_string())?);
         }
         let types = UserTypes::load(&client).await.map_err(|e| format!("reading the database's types: {e}"))?;
-        drop(client);
-        task.abort();
+        let publications: Vec<String> = client
+            .query(
+                "SELECT pubname::text FROM pg_publication WHERE pubname IN ($1, $2) ORDER BY pubname",
+                &[&crate::triggers::publication::ALL, &crate::triggers::publication::INSERTS],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if publications.is_empty() {
+            return Err("the `post_save` publication does not exist: run `post-save triggers install`".to_owned());
+        }
+        let catalog = Catalog { pg: self.pg.clone(), client: Some((client, task)) };
 
         let mut conn = Replication::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        match conn.start(&slot, PUBLICATION, 0, self.config.daemon.wal_read_pause).await {
+        let names: Vec<&str> = publications.iter().map(String::as_str).collect();
+        match conn.start(&slot, &names, 0, self.config.daemon.wal_read_pause).await {
             Ok(()) => {}
             Err(e) if e.code() == Some("55006") => return Err(format!("{e} (another daemon streams it)")),
             Err(e) => return Err(e.to_string()),
@@ -217,7 +278,8 @@ impl WalCapture {
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut st = Session {
             using,
-            relations: Relations { by_oid: HashMap::new(), tables, types },
+            relations: Relations { by_oid: HashMap::new(), tables, types, unclaimed: HashSet::new() },
+            catalog,
             settle_tx,
             confirms: Confirmations::default(),
             open: None,
@@ -333,18 +395,7 @@ impl WalCapture {
                             }
                         }
                     }
-                    Message::Relation(rel) => {
-                        if st.relations.types.unknown_in(&rel) {
-                            // a type made since the stream started (new DDL): read them again
-                            match self.read_types().await {
-                                Ok(types) => st.relations.types = types,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, table = %rel.name, "WAL capture: could not read the database's types; values of new types arrive as text")
-                                }
-                            }
-                        }
-                        st.relations.learn(rel);
-                    }
+                    Message::Relation(rel) => self.learn(rel, st).await,
                     change => {
                         if let Some(tx) = st.open.as_mut() {
                             change_event(&st.relations, change, start, tx, &self.stats);
@@ -356,12 +407,111 @@ impl WalCapture {
         Ok(())
     }
 
-    async fn read_types(&self) -> Result<UserTypes, String> {
-        let (client, task) = crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        let types = UserTypes::load(&client).await.map_err(|e| e.to_string());
-        drop(client);
-        task.abort();
-        types
+    /// A relation message: which watch the table is (by OID, or by name for a table made since
+    /// the session started), where its key columns are, and its values' types.
+    async fn learn(&self, mut rel: Relation, st: &mut Session) {
+        let relations = &mut st.relations;
+        if relations.types.unknown_in(&rel) {
+            // a type made since the stream started (new DDL): read them again
+            let types = match st.catalog.client().await {
+                Ok(client) => UserTypes::load(client).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match types {
+                Ok(types) => relations.types = types,
+                Err(e) => {
+                    tracing::warn!(error = %e, table = %rel.name, "WAL capture: could not read the database's types; values of new types arrive as text")
+                }
+            }
+        }
+        for column in &mut rel.columns {
+            column.type_oid = relations.types.base(column.type_oid);
+        }
+        let name = TableName::new(rel.schema.clone(), rel.name.clone());
+        let mut index = relations.tables.iter().position(|t| t.oid == Some(rel.id));
+        if index.is_none() {
+            // a watched table made (or dropped and made again) since its OID was read
+            index = relations.tables.iter().position(|t| t.watch.table == name);
+            if let Some(i) = index {
+                let table = &mut relations.tables[i];
+                if let Some(old) = table.oid.filter(|old| *old != rel.id)
+                    && Self::exists(&mut st.catalog, old).await
+                {
+                    // the watched table still exists under another name: this one is another table
+                    index = None;
+                } else {
+                    table.oid = Some(rel.id);
+                    table.told_renamed = false;
+                }
+            }
+        }
+        let watched = match index {
+            Some(i) => {
+                let table = &mut relations.tables[i];
+                if table.watch.table != name && !table.told_renamed {
+                    table.told_renamed = true;
+                    tracing::warn!(
+                        watched = %table.watch.table, now = %name,
+                        "WAL capture: a watched table was renamed or moved; its saves are still captured with the \
+                         watch's sender: set `table` in its [[watch]] (and the handlers' `sender`), then run \
+                         `post-save triggers install`"
+                    );
+                }
+                let mut key_at = Relations::key_at(table, &rel);
+                if key_at.iter().any(Option::is_none) && table.watch.pk.is_none() {
+                    // a key column renamed: its name now, from the catalog
+                    match Self::primary_key(&mut st.catalog, rel.id).await {
+                        Ok(pk) if !pk.is_empty() => {
+                            tracing::info!(sender = %table.sender, key = ?pk, "WAL capture: the table's key columns are now named differently");
+                            table.pk = pk;
+                            key_at = Relations::key_at(table, &rel);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(sender = %table.sender, error = %e, "WAL capture: could not read the table's key")
+                        }
+                    }
+                }
+                Some((i, key_at))
+            }
+            None => {
+                if relations.unclaimed.insert(rel.id) {
+                    Stats::bump(&self.stats.invalid);
+                    tracing::error!(
+                        table = %name,
+                        "WAL capture: a table in the post_save publication is not watched (renamed while the \
+                         daemon was stopped, or dropped from the config?); its saves are not delivered: watch it \
+                         under this name, or run `post-save triggers install` to take it out of the publication"
+                    );
+                }
+                None
+            }
+        };
+        relations.by_oid.insert(rel.id, Described { rel: Arc::new(rel), watched });
+    }
+
+    async fn exists(catalog: &mut Catalog, oid: u32) -> bool {
+        let Ok(client) = catalog.client().await else { return true };
+        client
+            .query_opt("SELECT 1 FROM pg_class WHERE oid = $1::int8::oid", &[&i64::from(oid)])
+            .await
+            .map_or(true, |row| row.is_some())
+    }
+
+    /// The names of a table's primary-key columns, in key order.
+    async fn primary_key(catalog: &mut Catalog, oid: u32) -> Result<Vec<String>, String> {
+        let client = catalog.client().await?;
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                  WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
+                  ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&i64::from(oid)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Hands a committed transaction's events to the router; its confirmation comes back on

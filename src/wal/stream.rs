@@ -505,14 +505,14 @@ impl Replication {
         }
     }
 
-    /// Starts streaming `slot` from `from` with pgoutput for `publication`; after this, only
+    /// Starts streaming `slot` from `from` with pgoutput for `publications`; after this, only
     /// [`Replication::next`] and [`Replication::confirm`] may be used. `pause` is how long the
     /// stream is let gather after a read that brought bytes before the next (see `Streaming`);
     /// zero reads it as it comes.
     pub async fn start(
         &mut self,
         slot: &str,
-        publication: &str,
+        publications: &[&str],
         from: u64,
         pause: Duration,
     ) -> Result<(), StreamError> {
@@ -520,7 +520,9 @@ impl Replication {
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
             crate::name::quote_ident(slot),
             format_lsn(from),
-            crate::name::quote_literal(&crate::name::quote_ident(publication)),
+            crate::name::quote_literal(
+                &publications.iter().map(|p| crate::name::quote_ident(p)).collect::<Vec<_>>().join(",")
+            ),
         );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;
