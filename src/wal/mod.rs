@@ -5,8 +5,10 @@
 //! (see [`crate::triggers::publication`]: `REPLICA IDENTITY FULL` when UPDATE or DELETE is
 //! captured, so the stream carries the row before the change) and creates the database's logical replication slot. The
 //! daemon streams the slot with `pgoutput`, turns each committed change into a [`SaveEvent`],
-//! dispatches a transaction's events together, and confirms a transaction to the slot once every
-//! handler is done with its events (dead letters written first). The slot keeps the WAL of
+//! dispatches a transaction's events in batches that fit the in-flight permits, and confirms a
+//! transaction to the slot once every handler is done with all of its events (dead letters
+//! written first). A transaction too big to hold waits for its commit in a temporary file
+//! ([`spill`]), so memory stays bounded whatever its size. The slot keeps the WAL of
 //! anything not yet confirmed, so a save made while the daemon is down, or one whose delivery
 //! was cut short by a stop or a crash, is streamed again: at least once, as in durable mode.
 //!
@@ -20,6 +22,7 @@
 
 mod confirm;
 pub mod pgoutput;
+mod spill;
 pub mod stream;
 mod time;
 mod types;
@@ -40,6 +43,7 @@ use crate::router::Router;
 use crate::stats::Stats;
 use confirm::Confirmations;
 use pgoutput::{Datum, Message, Relation};
+use spill::Spill;
 use stream::{Copied, Replication, StreamError};
 use time::pg_time;
 use types::UserTypes;
@@ -170,6 +174,13 @@ impl Drop for Catalog {
 
 /// Most events a new transaction reserves room for, from the size of the last one.
 const MAX_EVENTS_RESERVED: usize = 1024;
+/// Past this many events, or bytes of their messages, the rest of an open transaction goes to
+/// a temporary file (see [`spill`]).
+const SPILL_EVENTS: usize = 16_384;
+const SPILL_BYTES: usize = 16 << 20;
+/// A batch of a transaction's events takes one in-flight permit per event, or per this many
+/// bytes of their messages when that is more: wide rows hold fewer at once.
+const BYTES_PER_PERMIT: usize = 2048;
 
 /// The transaction being read.
 #[derive(Default)]
@@ -179,6 +190,10 @@ struct Open {
     origin: Option<String>,
     actor: Option<String>,
     events: Vec<SaveEvent>,
+    /// The bytes of the messages `events` were made from.
+    bytes: usize,
+    /// The rest of the transaction, once it holds too much.
+    spill: Option<Spill>,
 }
 
 /// What a replication session knows between messages.
@@ -359,14 +374,14 @@ impl WalCapture {
                 }
             }
             Ok(Copied::Data { start, payload }) => {
-                let message = match pgoutput::decode(&payload) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        Stats::bump(&self.stats.invalid);
-                        tracing::error!(error = %e, lsn = %stream::format_lsn(start), "WAL capture: skipped a message it cannot read");
-                        return Ok(());
-                    }
-                };
+                if let Some(spill) = st.open.as_mut().and_then(|tx| tx.spill.as_mut())
+                    && spilled(&payload)
+                {
+                    return spill.push(start, &payload).map_err(|e| {
+                        Ended::Lost(format!("writing a big transaction to a temporary file (TMPDIR): {e}"))
+                    });
+                }
+                let Some(message) = decode(&payload, start, &self.stats) else { return Ok(()) };
                 match message {
                     Message::Begin { commit_time, xid } => {
                         // room for as many events as the last transaction had: growing a vector
@@ -378,7 +393,7 @@ impl WalCapture {
                     Message::Commit { end_lsn } => {
                         let Some(tx) = st.open.take() else { return Ok(()) };
                         st.last_events = tx.events.len();
-                        self.dispatch(tx, end_lsn, st, conn).await?;
+                        self.commit(tx, end_lsn, st, conn).await?;
                     }
                     Message::Origin(name) => {
                         if let Some(tx) = st.open.as_mut() {
@@ -397,8 +412,20 @@ impl WalCapture {
                     }
                     Message::Relation(rel) => self.learn(rel, st).await,
                     change => {
-                        if let Some(tx) = st.open.as_mut() {
-                            change_event(&st.relations, change, start, tx, &self.stats);
+                        if let Some(tx) = st.open.as_mut()
+                            && change_event(&st.relations, change, start, &mut tx.events, &self.stats)
+                        {
+                            tx.bytes += payload.len();
+                            if tx.events.len() >= SPILL_EVENTS || tx.bytes >= SPILL_BYTES {
+                                tx.spill = Some(Spill::new().map_err(|e| {
+                                    Ended::Lost(format!("making a temporary file for a big transaction (TMPDIR): {e}"))
+                                })?);
+                                tracing::info!(
+                                    xid = tx.xid,
+                                    events = tx.events.len(),
+                                    "WAL capture: a big transaction; the rest of it goes to a temporary file until it commits"
+                                );
+                            }
                         }
                     }
                 }
@@ -514,40 +541,171 @@ impl WalCapture {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Hands a committed transaction's events to the router; its confirmation comes back on
-    /// `settle_tx` when they are all done.
-    async fn dispatch(&self, tx: Open, end_lsn: u64, st: &mut Session, conn: &mut Replication) -> Result<(), Ended> {
-        let confirms = &mut st.confirms;
-        if tx.events.is_empty() {
-            confirms.push(end_lsn, true);
+    /// Hands a committed transaction's events to the router in batches that fit the in-flight
+    /// permits, its spilled part read back as it goes. Each batch's confirmation comes back on
+    /// `settle_tx`; the slot moves past the transaction once all have, and its reader has
+    /// sent the last one.
+    async fn commit(&self, mut tx: Open, end_lsn: u64, st: &mut Session, conn: &mut Replication) -> Result<(), Ended> {
+        if tx.events.is_empty() && tx.spill.is_none() {
+            st.confirms.push(end_lsn, true);
             return Ok(());
         }
-        let n = u32::try_from(tx.events.len()).unwrap_or(u32::MAX);
-        let wanted = n.min(u32::try_from(self.config.daemon.max_in_flight.max(1)).unwrap_or(u32::MAX));
+        st.confirms.push(end_lsn, false);
+        let stamp = Stamp::new(&tx, &st.using);
+        let max = self.config.daemon.max_in_flight.max(1);
+        let per_event = tx.bytes / tx.events.len().max(1);
+        let fits = max.min(max * BYTES_PER_PERMIT / per_event.max(1)).max(1);
+        let mut rest = std::mem::take(&mut tx.events);
+        while rest.len() > fits {
+            let tail = rest.split_off(fits);
+            self.send(Batch { events: rest, bytes: fits * per_event }, &stamp, end_lsn, st, conn).await?;
+            rest = tail;
+        }
+        let mut batch = Batch { bytes: rest.len() * per_event, events: rest };
+        if let Some(spill) = tx.spill.take() {
+            tracing::info!(
+                xid = tx.xid,
+                messages = spill.len(),
+                "WAL capture: delivering a big transaction from its temporary file"
+            );
+            self.replay(spill, &mut batch, &stamp, end_lsn, st, conn).await?;
+        }
+        if !batch.events.is_empty() {
+            self.send(batch, &stamp, end_lsn, st, conn).await?;
+        }
+        st.confirms.settle(Settled { end_lsn, handed_back: false });
+        Ok(())
+    }
+
+    /// Reads a spilled transaction back, sending its events a batch at a time.
+    async fn replay(
+        &self,
+        spill: Spill,
+        batch: &mut Batch,
+        stamp: &Stamp,
+        end_lsn: u64,
+        st: &mut Session,
+        conn: &mut Replication,
+    ) -> Result<(), Ended> {
+        let max = self.config.daemon.max_in_flight.max(1);
+        let lost =
+            |e: std::io::Error| Ended::Lost(format!("reading a big transaction back from its temporary file: {e}"));
+        let mut replay = spill.replay().map_err(lost)?;
+        let mut told = tokio::time::Instant::now();
+        while let Some((lsn, payload)) = replay.next().map_err(lost)? {
+            let len = payload.len();
+            match decode(payload, lsn, &self.stats) {
+                Some(Message::Relation(rel)) => self.learn(rel, st).await,
+                Some(change) => {
+                    let made = change_event(&st.relations, change, lsn, &mut batch.events, &self.stats);
+                    batch.bytes += if made { len } else { 0 };
+                }
+                None => {}
+            }
+            if batch.events.len() >= max || batch.bytes >= max * BYTES_PER_PERMIT {
+                self.send(std::mem::take(batch), stamp, end_lsn, st, conn).await?;
+            }
+            if told.elapsed() >= STATUS_EVERY {
+                // the server hears from a reader busy with one long transaction
+                told = tokio::time::Instant::now();
+                conn.confirm(st.confirms.confirmed).await.map_err(|e| Ended::Lost(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one batch of a committed transaction to the router once the in-flight permits
+    /// allow it.
+    async fn send(
+        &self,
+        batch: Batch,
+        stamp: &Stamp,
+        end_lsn: u64,
+        st: &mut Session,
+        conn: &mut Replication,
+    ) -> Result<(), Ended> {
+        let max = self.config.daemon.max_in_flight.max(1);
+        let weight = batch.events.len().max(batch.bytes.div_ceil(BYTES_PER_PERMIT)).clamp(1, max);
+        let wanted = u32::try_from(weight).unwrap_or(u32::MAX);
         let permit = loop {
             tokio::select! {
                 p = Arc::clone(&self.permits).acquire_many_owned(wanted) => break p.map_err(|_| Ended::Stopping)?,
                 () = self.stop.cancelled() => return Err(Ended::Stopping),
                 () = tokio::time::sleep(STATUS_EVERY) => {
-                    conn.confirm(confirms.confirmed).await.map_err(|e: StreamError| Ended::Lost(e.to_string()))?;
+                    conn.confirm(st.confirms.confirmed).await.map_err(|e: StreamError| Ended::Lost(e.to_string()))?;
                 }
             }
         };
-        let at = pg_time(tx.commit_time);
-        let actor = Actor { role: String::new(), application_name: None, client_addr: None, pid: 0, actor: tx.actor };
-        // in place: an event is 552 bytes, and moving each out and back cost more than this
-        let mut events = tx.events;
-        for e in &mut events {
-            e.using.clone_from(&st.using);
-            e.txid = i64::from(tx.xid);
-            e.at.clone_from(&at);
-            e.actor = actor.clone();
-            e.origin.clone_from(&tx.origin);
-        }
-        confirms.push(end_lsn, false);
+        let mut events = batch.events;
+        stamp.apply(&mut events);
         let Some(router) = self.router.as_ref().map(|r| r.borrow().clone()) else { return Err(Ended::Stopping) };
+        st.confirms.hold(end_lsn);
         router.dispatch_wal(SettleTo { end_lsn, to: st.settle_tx.clone() }, events, permit);
         Ok(())
+    }
+}
+
+/// Events of one transaction on their way to the router.
+#[derive(Default)]
+struct Batch {
+    events: Vec<SaveEvent>,
+    /// The bytes of the messages they were made from.
+    bytes: usize,
+}
+
+/// What every event of a transaction shares, known at its commit.
+struct Stamp {
+    using: String,
+    txid: i64,
+    at: String,
+    actor: Actor,
+    origin: Option<String>,
+}
+
+impl Stamp {
+    fn new(tx: &Open, using: &str) -> Stamp {
+        Stamp {
+            using: using.to_owned(),
+            txid: i64::from(tx.xid),
+            at: pg_time(tx.commit_time),
+            actor: Actor {
+                role: String::new(),
+                application_name: None,
+                client_addr: None,
+                pid: 0,
+                actor: tx.actor.clone(),
+            },
+            origin: tx.origin.clone(),
+        }
+    }
+
+    fn apply(&self, events: &mut [SaveEvent]) {
+        // in place: an event is 552 bytes, and moving each out and back cost more than this
+        for e in events {
+            e.using.clone_from(&self.using);
+            e.txid = self.txid;
+            e.at.clone_from(&self.at);
+            e.actor = self.actor.clone();
+            e.origin.clone_from(&self.origin);
+        }
+    }
+}
+
+/// Whether a message of a spilling transaction goes to its file: its changes and the relation
+/// and type messages they depend on, in order. Its actor and origin are read at once.
+fn spilled(payload: &[u8]) -> bool {
+    matches!(payload.first(), Some(b'I' | b'U' | b'D' | b'R' | b'Y' | b'T'))
+}
+
+/// A message of the stream, or `None` (counted and logged) when it cannot be read.
+fn decode(payload: &[u8], lsn: u64, stats: &Stats) -> Option<Message> {
+    match pgoutput::decode(payload) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            Stats::bump(&stats.invalid);
+            tracing::error!(error = %e, lsn = %stream::format_lsn(lsn), "WAL capture: skipped a message it cannot read");
+            None
+        }
     }
 }
 
@@ -561,20 +719,20 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
     Ok(!exists)
 }
 
-/// Adds the event of one change to the open transaction, when its table is watched for it.
-fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open, stats: &Stats) {
+/// Adds the event of one change to `events` when its table is watched for it; whether it did.
+fn change_event(relations: &Relations, change: Message, lsn: u64, events: &mut Vec<SaveEvent>, stats: &Stats) -> bool {
     let (rel_id, op) = match &change {
         Message::Insert { rel, .. } => (*rel, Op::Insert),
         Message::Update { rel, .. } => (*rel, Op::Update),
         Message::Delete { rel, .. } => (*rel, Op::Delete),
-        _ => return,
+        _ => return false,
     };
     let Some(Described { rel, watched: Some((table, key_at)) }) = relations.by_oid.get(&rel_id) else {
         if !relations.by_oid.contains_key(&rel_id) {
             Stats::bump(&stats.invalid);
             tracing::error!(relation = rel_id, "WAL capture: a change of a table the stream never described; skipped");
         }
-        return;
+        return false;
     };
     let table = &relations.tables[*table];
     let watch = &table.watch;
@@ -586,7 +744,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
             if let Some(changed) = &changed {
                 let watched = watch.columns.is_empty() || changed.iter().any(|c| watch.columns.contains(c));
                 if changed.is_empty() || !watched {
-                    return;
+                    return false;
                 }
             }
             if let Some(old) = old.as_deref() {
@@ -595,7 +753,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
             (new, old.filter(|_| watch.include_old), changed)
         }
         Message::Delete { old, .. } if ops.delete => (old, None, None),
-        _ => return,
+        _ => return false,
     };
     let mut pk = Map::with_capacity(table.pk.len());
     for (key, at) in table.pk.iter().zip(key_at) {
@@ -607,7 +765,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
         let Some(value) = value else {
             Stats::bump(&stats.invalid);
             tracing::error!(sender = %table.sender, column = %key, "WAL capture: a change without its primary key; skipped");
-            return;
+            return false;
         };
         pk.insert(key.clone(), value);
     }
@@ -620,7 +778,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
     };
     let instance = image(new);
     let old = old.map(image).unwrap_or_default();
-    tx.events.push(SaveEvent {
+    events.push(SaveEvent {
         id: i64::try_from(lsn).ok(),
         signal: if op == Op::Delete { crate::config::Signal::PostDelete } else { crate::config::Signal::PostSave },
         sender: table.sender.clone(),
@@ -638,6 +796,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
         origin: None,
         reread: false,
     });
+    true
 }
 
 /// The columns whose values differ between the old and the new row (an unchanged out-of-line
