@@ -302,3 +302,38 @@ async fn a_watch_that_gains_updates_moves_its_table_to_the_full_publication() {
     assert_eq!(events[1].update_fields, Some(vec!["name".to_owned()]));
     daemon.stop().await;
 }
+
+/// PostgreSQL 18's generated columns: a stored one under `REPLICA IDENTITY FULL` keeps the
+/// application's UPDATE working (install publishes stored generated columns) and arrives in the
+/// event; a virtual one, which a publication cannot carry, makes install refuse an update watch.
+#[tokio::test]
+async fn on_postgresql_18_stored_generated_columns_publish_and_virtual_ones_are_refused() {
+    let db = TestDb::new_logical().await;
+    if db.query_i64("SELECT current_setting('server_version_num')::int8").await < 180_000 {
+        eprintln!("PostgreSQL before 18: no virtual generated columns, stored ones are not published");
+        return;
+    }
+    db.psql_ok(
+        "CREATE TABLE priced (id bigint PRIMARY KEY, net numeric NOT NULL,
+                              gross numeric GENERATED ALWAYS AS (net * 1.2) STORED);
+         CREATE TABLE sized (id bigint PRIMARY KEY, w int NOT NULL, area int GENERATED ALWAYS AS (w * w) VIRTUAL)",
+    );
+    let config = config(&wal_watch("public.priced", ALL_OPS));
+    install(&db, &config).await;
+    let mut daemon = start(&db, config).await;
+    app(&db, "INSERT INTO priced (id, net) VALUES (1, 10)");
+    app(&db, "UPDATE priced SET net = 20 WHERE id = 1");
+    let events = daemon.take(2).await;
+    assert_eq!(events[0].instance["gross"], json!(12.0), "{}", *events[0].instance);
+    assert_eq!(events[1].instance["gross"], json!(24.0), "{}", *events[1].instance);
+    daemon.stop().await;
+
+    let mut client = db.client().await;
+    let sized = support::config(&wal_watch("public.sized", ALL_OPS));
+    let e = post_save::triggers::install(&mut client, &sized).await.expect_err("install must refuse");
+    assert!(e.to_string().contains("public.sized has virtual generated columns (area)"), "{e}");
+    let published = db.query_i64("SELECT count(*) FROM pg_publication_tables WHERE tablename = 'sized'").await;
+    assert_eq!(published, 0, "nothing changed");
+    app(&db, "INSERT INTO sized (id, w) VALUES (1, 2)");
+    app(&db, "UPDATE sized SET w = 3");
+}
