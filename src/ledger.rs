@@ -480,6 +480,21 @@ pub(crate) async fn retry_requests(client: &Client, busy: &[i64]) -> Result<Vec<
     Ok(rows.iter().map(|r| RetryRequest { id: r.get(0), handler: r.get(1), event: r.get(2) }).collect())
 }
 
+/// Turns one dead letter into one per handler in `handlers`, each queued for a retry: the saves of
+/// a table no watch named, once handlers receive its sender.
+pub(crate) async fn fan_out(client: &Client, id: i64, handlers: &[String]) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH kept AS (DELETE FROM post_save.dead_letter WHERE id = $1 RETURNING *) \
+             INSERT INTO post_save.dead_letter (event_id, handler, sender, event, attempts, last_error, retry_requested_at) \
+             SELECT kept.event_id, h, kept.sender, kept.event, kept.attempts, kept.last_error, clock_timestamp() \
+               FROM kept, unnest($2::text[]) h",
+            &[&id, &handlers],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Records how a requested retry ended: `None` (delivered) deletes the dead letter; a failure
 /// adds its attempts, keeps its error and clears the request.
 pub(crate) async fn retry_done(

@@ -500,6 +500,10 @@ impl Listener {
                     continue;
                 }
             };
+            if request.handler == crate::wal::UNWATCHED {
+                self.route_unwatched(work, id, &event).await?;
+                continue;
+            }
             if let Ok(mut busy) = self.retrying.lock() {
                 busy.insert(id);
             }
@@ -519,6 +523,24 @@ impl Listener {
                 tracing::warn!(dead_letter = id, %handler, "cannot retry a dead letter: no such handler");
                 ledger::retry_done(&work.client, id, Some((0, &error))).await.map_err(DbError::Query)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A save of a table no watch named, retried: one dead letter per handler that receives it
+    /// now, each retried in turn; with none, it stays and says why.
+    async fn route_unwatched(&self, work: &Arc<Work>, id: i64, event: &SaveEvent) -> Result<(), SessionError> {
+        let handlers = self.router.borrow().receivers_of(event);
+        if handlers.is_empty() {
+            let error = format!(
+                "no handler receives saves of {} yet: watch the table under this name and give its handlers this sender",
+                event.sender
+            );
+            tracing::warn!(dead_letter = id, sender = %event.sender, "cannot retry a save of an unwatched table: no handler receives it");
+            ledger::retry_done(&work.client, id, Some((0, &error))).await.map_err(DbError::Query)?;
+        } else {
+            tracing::info!(dead_letter = id, sender = %event.sender, ?handlers, "a save of an unwatched table goes to its handlers");
+            ledger::fan_out(&work.client, id, &handlers).await.map_err(DbError::Query)?;
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use crate::delivery::{Delivered, Outcome, deliver, give_up};
 use crate::event::{Op, SaveEvent};
 use crate::expr::EventContext;
 use crate::lease::Lease;
-use crate::ledger::{self, RetryRequest, Work};
+use crate::ledger::{self, DeadLetter, RetryRequest, Work};
 use crate::registry::Registry;
 use crate::stats::{HandlerMetrics, Stats};
 use crate::wal::SettleTo;
@@ -257,6 +257,31 @@ impl Router {
     }
 
     /// Queues the events of one WAL transaction; `to` hears when all of them are done.
+    /// The names of the handlers `event` goes to (a filter that fails on it counts as one).
+    pub(crate) fn receivers_of(&self, event: &SaveEvent) -> Vec<String> {
+        let mut failed = Vec::new();
+        let mut routes = self.registry.matching(event, &mut failed);
+        routes.extend(failed.into_iter().map(|(route, _)| route));
+        routes.sort_unstable();
+        routes.into_iter().map(|r| self.registry.routes()[r].receiver.name().to_owned()).collect()
+    }
+
+    /// Keeps events no handler may receive as dead letters of `handler`, for an operator to
+    /// look at and retry (`post-save dead`).
+    pub(crate) fn keep_dead(&self, handler: &str, events: Vec<SaveEvent>, why: &str) {
+        for event in events {
+            Stats::bump(&self.stats.dead);
+            let _ = self.outcomes.send(Outcome::Dead(DeadLetter {
+                event_id: event.id,
+                handler: handler.to_owned(),
+                sender: event.sender.clone(),
+                event: event.to_json(),
+                attempts: 0,
+                last_error: why.to_owned(),
+            }));
+        }
+    }
+
     pub(crate) fn dispatch_wal(self: &Arc<Self>, to: SettleTo, events: Vec<SaveEvent>, permit: OwnedSemaphorePermit) {
         self.dispatch_reporting(Report::Wal(to), events, permit);
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::TestDb;
 use post_save::event::Op;
 use serde_json::{Value, json};
-use support::{Running, config, install, start};
+use support::{Running, config, install, start, wait_for_sql};
 
 /// Runs `sql` and checks its event's sender, operation and key.
 async fn save(db: &TestDb, daemon: &mut Running, sql: &str, sender: &str, op: Op, pk: Value) -> post_save::SaveEvent {
@@ -207,12 +207,36 @@ async fn renamed_moved_rekeyed_and_dropped_tables_leave_every_other_save_deliver
     daemon.assert_quiet(Duration::from_millis(300)).await;
     daemon.stop().await;
 
-    // A restarted daemon with the old config: the dropped table is gone, the renamed one's saves
-    // are reported, and the other table still delivers.
+    // A restarted daemon with the old config: the renamed table's saves are kept as dead letters
+    // (not delivered, not lost), and the other table still delivers.
     let config =
         support::config(&format!("{}{}", wal_watch("public.item", ALL_OPS), wal_watch("public.note", ALL_OPS)));
     let mut daemon = start(&db, config).await;
+    db.psql_ok("INSERT INTO archive.product VALUES (7, 'g')");
     save(&db, &mut daemon, "INSERT INTO note VALUES (3, 'z')", "public.note", Op::Insert, json!({"id": 3})).await;
+    daemon.stop().await;
+    let kept = "SELECT count(*) FROM post_save.dead_letter WHERE handler = '(unwatched)' AND sender = 'archive.product' \
+                AND (event -> 'pk' ->> 'product_id') = '7' AND (event -> 'instance' ->> 'name') = 'g'";
+    assert_eq!(db.query_i64(kept).await, 1, "the unwatched table's save is kept");
+
+    // Watched under its new name, the kept save is retried to the handlers that receive it now.
+    let config = support::config(&wal_watch("archive.product", ALL_OPS));
+    let mut daemon = start(&db, config).await;
+    db.psql_ok("UPDATE post_save.dead_letter SET retry_requested_at = clock_timestamp() WHERE handler = '(unwatched)'");
+    let e = daemon.next().await;
+    assert_eq!((e.sender.as_str(), e.pk["product_id"].as_i64(), e.op), ("archive.product", Some(7), Op::Insert));
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while db.query_i64("SELECT count(*) FROM post_save.dead_letter").await > 0 {
+        let left =
+            db.psql("SELECT handler, sender, attempts, last_error, retry_requested_at FROM post_save.dead_letter");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retried dead letter stayed: {}",
+            String::from_utf8_lossy(&left.stdout)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.assert_quiet(Duration::from_millis(200)).await;
     daemon.stop().await;
 }
 

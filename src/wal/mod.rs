@@ -27,7 +27,7 @@ pub mod stream;
 mod time;
 mod types;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +98,8 @@ struct Table {
     pk: Vec<String>,
     /// Whether the log already said the table is now called something else.
     told_renamed: bool,
+    /// A published table no watch names: its saves are kept as dead letters, not routed.
+    unwatched: bool,
 }
 
 impl Table {
@@ -120,7 +122,34 @@ impl Table {
                 watch.pk.clone().unwrap_or_default()
             }
         };
-        Ok(Table { watch: watch.clone(), sender: watch.table.to_string(), oid, pk, told_renamed: false })
+        Ok(Table {
+            watch: watch.clone(),
+            sender: watch.table.to_string(),
+            oid,
+            pk,
+            told_renamed: false,
+            unwatched: false,
+        })
+    }
+}
+
+impl Table {
+    /// A published table no watch names, keyed by its primary key (or, without one, every
+    /// column: its replica identity is FULL or it is published for inserts only).
+    fn unwatched(name: TableName, oid: u32, pk: Vec<String>, rel: &Relation) -> Table {
+        let pk = if pk.is_empty() { rel.columns.iter().map(|c| c.name.clone()).collect() } else { pk };
+        let watch = Watch {
+            table: name.clone(),
+            operations: crate::config::Operations { insert: true, update: true, delete: true },
+            mode: crate::config::Mode::Durable,
+            columns: Vec::new(),
+            redact: Vec::new(),
+            include_old: true,
+            pk: None,
+            insert_capture: crate::config::InsertCapture::Statement,
+            capture: Capture::Wal,
+        };
+        Table { watch, sender: name.to_string(), oid: Some(oid), pk, told_renamed: true, unwatched: true }
     }
 }
 
@@ -129,8 +158,6 @@ struct Relations {
     by_oid: HashMap<u32, Described>,
     tables: Vec<Table>,
     types: UserTypes,
-    /// Published tables no watch names, already reported this session.
-    unclaimed: HashSet<u32>,
 }
 
 /// A table as its last relation message describes it.
@@ -189,9 +216,7 @@ struct Open {
     commit_time: i64,
     origin: Option<String>,
     actor: Option<String>,
-    events: Vec<SaveEvent>,
-    /// The bytes of the messages `events` were made from.
-    bytes: usize,
+    made: Batch,
     /// The rest of the transaction, once it holds too much.
     spill: Option<Spill>,
 }
@@ -293,7 +318,7 @@ impl WalCapture {
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut st = Session {
             using,
-            relations: Relations { by_oid: HashMap::new(), tables, types, unclaimed: HashSet::new() },
+            relations: Relations { by_oid: HashMap::new(), tables, types },
             catalog,
             settle_tx,
             confirms: Confirmations::default(),
@@ -388,11 +413,12 @@ impl WalCapture {
                         // of events one doubling at a time moved each 100-row transaction's
                         // events about twice more
                         let events = Vec::with_capacity(st.last_events.min(MAX_EVENTS_RESERVED));
-                        st.open = Some(Open { xid, commit_time, events, ..Open::default() });
+                        let made = Batch { events, ..Batch::default() };
+                        st.open = Some(Open { xid, commit_time, made, ..Open::default() });
                     }
                     Message::Commit { end_lsn } => {
                         let Some(tx) = st.open.take() else { return Ok(()) };
-                        st.last_events = tx.events.len();
+                        st.last_events = tx.made.events.len();
                         self.commit(tx, end_lsn, st, conn).await?;
                     }
                     Message::Origin(name) => {
@@ -413,16 +439,15 @@ impl WalCapture {
                     Message::Relation(rel) => self.learn(rel, st).await,
                     change => {
                         if let Some(tx) = st.open.as_mut()
-                            && change_event(&st.relations, change, start, &mut tx.events, &self.stats)
+                            && change_event(&st.relations, change, start, payload.len(), &mut tx.made, &self.stats)
                         {
-                            tx.bytes += payload.len();
-                            if tx.events.len() >= SPILL_EVENTS || tx.bytes >= SPILL_BYTES {
+                            if tx.made.len() >= SPILL_EVENTS || tx.made.bytes >= SPILL_BYTES {
                                 tx.spill = Some(Spill::new().map_err(|e| {
                                     Ended::Lost(format!("making a temporary file for a big transaction (TMPDIR): {e}"))
                                 })?);
                                 tracing::info!(
                                     xid = tx.xid,
-                                    events = tx.events.len(),
+                                    events = tx.made.len(),
                                     "WAL capture: a big transaction; the rest of it goes to a temporary file until it commits"
                                 );
                             }
@@ -502,16 +527,18 @@ impl WalCapture {
                 Some((i, key_at))
             }
             None => {
-                if relations.unclaimed.insert(rel.id) {
-                    Stats::bump(&self.stats.invalid);
-                    tracing::error!(
-                        table = %name,
-                        "WAL capture: a table in the post_save publication is not watched (renamed while the \
-                         daemon was stopped, or dropped from the config?); its saves are not delivered: watch it \
-                         under this name, or run `post-save triggers install` to take it out of the publication"
-                    );
-                }
-                None
+                let pk = Self::primary_key(&mut st.catalog, rel.id).await.unwrap_or_default();
+                tracing::error!(
+                    table = %name,
+                    "WAL capture: a table in a post-save publication is not watched (renamed while the daemon was \
+                     stopped, or dropped from the config?); its saves are kept as dead letters of handler \
+                     `(unwatched)`: watch it under this name, then `post-save dead retry --handler '(unwatched)'`, \
+                     or run `post-save triggers install` to take it out of the publication"
+                );
+                let table = Table::unwatched(name, rel.id, pk, &rel);
+                let key_at = Relations::key_at(&table, &rel);
+                relations.tables.push(table);
+                Some((relations.tables.len() - 1, key_at))
             }
         };
         relations.by_oid.insert(rel.id, Described { rel: Arc::new(rel), watched });
@@ -546,22 +573,23 @@ impl WalCapture {
     /// `settle_tx`; the slot moves past the transaction once all have, and its reader has
     /// sent the last one.
     async fn commit(&self, mut tx: Open, end_lsn: u64, st: &mut Session, conn: &mut Replication) -> Result<(), Ended> {
-        if tx.events.is_empty() && tx.spill.is_none() {
+        if tx.made.len() == 0 && tx.spill.is_none() {
             st.confirms.push(end_lsn, true);
             return Ok(());
         }
         st.confirms.push(end_lsn, false);
         let stamp = Stamp::new(&tx, &st.using);
         let max = self.config.daemon.max_in_flight.max(1);
-        let per_event = tx.bytes / tx.events.len().max(1);
+        let per_event = tx.made.bytes / tx.made.len().max(1);
         let fits = max.min(max * BYTES_PER_PERMIT / per_event.max(1)).max(1);
-        let mut rest = std::mem::take(&mut tx.events);
+        let Batch { events: mut rest, unwatched, .. } = std::mem::take(&mut tx.made);
         while rest.len() > fits {
             let tail = rest.split_off(fits);
-            self.send(Batch { events: rest, bytes: fits * per_event }, &stamp, end_lsn, st, conn).await?;
+            let batch = Batch { events: rest, unwatched: Vec::new(), bytes: fits * per_event };
+            self.send(batch, &stamp, end_lsn, st, conn).await?;
             rest = tail;
         }
-        let mut batch = Batch { bytes: rest.len() * per_event, events: rest };
+        let mut batch = Batch { bytes: rest.len() * per_event, events: rest, unwatched };
         if let Some(spill) = tx.spill.take() {
             tracing::info!(
                 xid = tx.xid,
@@ -570,7 +598,7 @@ impl WalCapture {
             );
             self.replay(spill, &mut batch, &stamp, end_lsn, st, conn).await?;
         }
-        if !batch.events.is_empty() {
+        if batch.len() > 0 {
             self.send(batch, &stamp, end_lsn, st, conn).await?;
         }
         st.confirms.settle(Settled { end_lsn, handed_back: false });
@@ -597,12 +625,11 @@ impl WalCapture {
             match decode(payload, lsn, &self.stats) {
                 Some(Message::Relation(rel)) => self.learn(rel, st).await,
                 Some(change) => {
-                    let made = change_event(&st.relations, change, lsn, &mut batch.events, &self.stats);
-                    batch.bytes += if made { len } else { 0 };
+                    change_event(&st.relations, change, lsn, len, batch, &self.stats);
                 }
                 None => {}
             }
-            if batch.events.len() >= max || batch.bytes >= max * BYTES_PER_PERMIT {
+            if batch.len() >= max || batch.bytes >= max * BYTES_PER_PERMIT {
                 self.send(std::mem::take(batch), stamp, end_lsn, st, conn).await?;
             }
             if told.elapsed() >= STATUS_EVERY {
@@ -625,7 +652,7 @@ impl WalCapture {
         conn: &mut Replication,
     ) -> Result<(), Ended> {
         let max = self.config.daemon.max_in_flight.max(1);
-        let weight = batch.events.len().max(batch.bytes.div_ceil(BYTES_PER_PERMIT)).clamp(1, max);
+        let weight = batch.len().max(batch.bytes.div_ceil(BYTES_PER_PERMIT)).clamp(1, max);
         let wanted = u32::try_from(weight).unwrap_or(u32::MAX);
         let permit = loop {
             tokio::select! {
@@ -636,21 +663,38 @@ impl WalCapture {
                 }
             }
         };
-        let mut events = batch.events;
+        let Batch { mut events, mut unwatched, .. } = batch;
         stamp.apply(&mut events);
+        stamp.apply(&mut unwatched);
         let Some(router) = self.router.as_ref().map(|r| r.borrow().clone()) else { return Err(Ended::Stopping) };
+        if !unwatched.is_empty() {
+            // written before the batch's confirmation, which follows on the same queue
+            router.keep_dead(UNWATCHED, unwatched, "its table is in a post-save publication but no watch names it");
+        }
         st.confirms.hold(end_lsn);
         router.dispatch_wal(SettleTo { end_lsn, to: st.settle_tx.clone() }, events, permit);
         Ok(())
     }
 }
 
+/// The handler name under which the saves of a published table no watch names are kept as
+/// dead letters.
+pub(crate) const UNWATCHED: &str = "(unwatched)";
+
 /// Events of one transaction on their way to the router.
 #[derive(Default)]
 struct Batch {
     events: Vec<SaveEvent>,
+    /// Saves of published tables no watch names, kept as dead letters.
+    unwatched: Vec<SaveEvent>,
     /// The bytes of the messages they were made from.
     bytes: usize,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.events.len() + self.unwatched.len()
+    }
 }
 
 /// What every event of a transaction shares, known at its commit.
@@ -719,8 +763,9 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
     Ok(!exists)
 }
 
-/// Adds the event of one change to `events` when its table is watched for it; whether it did.
-fn change_event(relations: &Relations, change: Message, lsn: u64, events: &mut Vec<SaveEvent>, stats: &Stats) -> bool {
+/// Adds the event of one change (`size` bytes of stream) to `out` when its table is watched for
+/// it, or to its unwatched saves; whether it did.
+fn change_event(relations: &Relations, change: Message, lsn: u64, size: usize, out: &mut Batch, stats: &Stats) -> bool {
     let (rel_id, op) = match &change {
         Message::Insert { rel, .. } => (*rel, Op::Insert),
         Message::Update { rel, .. } => (*rel, Op::Update),
@@ -778,6 +823,8 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, events: &mut V
     };
     let instance = image(new);
     let old = old.map(image).unwrap_or_default();
+    out.bytes += size;
+    let events = if table.unwatched { &mut out.unwatched } else { &mut out.events };
     events.push(SaveEvent {
         id: i64::try_from(lsn).ok(),
         signal: if op == Op::Delete { crate::config::Signal::PostDelete } else { crate::config::Signal::PostSave },
