@@ -251,7 +251,7 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
         return Ok(Check::ok("wal", format!("wal_level is logical; slot `{slot}` is not made yet (see `triggers`)")));
     };
     if let Some(reason) = found.invalidated() {
-        let since = found.restart_lsn.as_deref().unwrap_or("?");
+        let since = found.confirmed.as_deref().unwrap_or("?");
         return Ok(Check::bad(
             "wal",
             Verdict::Fail,

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use post_save::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 use support::{BinaryDaemon, PATIENCE, config, install, observer_handlers, post_save_ok};
 
@@ -279,4 +280,60 @@ async fn a_missing_publication_blocks_until_triggers_install_makes_it() {
     assert_eq!(event["instance"]["name"], "after install", "{event}");
     assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "{}", daemon.log_text());
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_saves_flow() {
+    // a cluster of its own: a slot kept to 1 MB of WAL is invalidated at the next checkpoint
+    let settings = [("wal_level", "logical"), ("max_slot_wal_keep_size", "1MB"), ("max_wal_size", "64MB")];
+    let opts = ClusterOptions {
+        settings: settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..ClusterOptions::default()
+    };
+    let cluster = tokio::task::spawn_blocking(move || TempCluster::start(opts))
+        .await
+        .expect("starting panicked")
+        .unwrap_or_else(|e| panic!("{}", common::error_chain(&e)));
+    let db = TestDb::new_on(&cluster.conninfo("postgres")).await;
+    db.psql_ok(TABLE);
+    let port = free_port();
+    let text = toml(port);
+    install(&db, &config(&text)).await;
+    let client = db.client().await;
+    let slot_text = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.expect(sql).get::<_, String>(0) }
+    };
+    let confirmed = slot_text("SELECT confirmed_flush_lsn::text FROM pg_replication_slots").await;
+    for _ in 0..2 {
+        db.psql_ok("INSERT INTO item (name) SELECT repeat('x', 1000) FROM generate_series(1, 3000)");
+        db.psql_ok("SELECT pg_switch_wal()");
+    }
+    db.psql_ok("CHECKPOINT");
+    assert_eq!(slot_text("SELECT wal_status FROM pg_replication_slots").await, "lost", "the slot lost its WAL");
+
+    let mut daemon = BinaryDaemon::launch(&db, &text, &[], &[]).await;
+    let said = wait_logged(&daemon, "WAL capture blocked").await;
+    assert_eq!((said["level"].as_str(), said["reason"].as_str()), (Some("ERROR"), Some("slot_invalidated")), "{said}");
+    let slot = post_save::wal::slot_name(&db.name);
+    let fix = said["fix"].as_str().expect("fix");
+    assert!(fix.contains(&format!("after LSN {confirmed}")), "{said}");
+    assert!(fix.contains(&format!("pg_drop_replication_slot('{slot}')")), "{said}");
+    let (code, wal) = doctor_wal(&daemon, &db);
+    assert_eq!((code, wal["verdict"].as_str()), (1, Some("fail")), "{wal}");
+    assert!(wal["detail"].as_str().is_some_and(|d| d.contains("invalidated")), "{wal}");
+    let scraped = scrape(port).await;
+    assert_eq!(metric(&scraped, "post_save_wal_blocked{reason=\"slot_invalidated\"}"), 1.0, "{scraped}");
+    assert_rechecks_quietly(&daemon, port).await;
+
+    // the operator's fix: the daemon makes a new slot and streams from then on
+    db.psql_ok(&format!("SELECT pg_drop_replication_slot('{slot}')"));
+    wait_logged(&daemon, "WAL capture unblocked").await;
+    db.psql_ok("INSERT INTO item (name) VALUES ('after the new slot')");
+    let event = daemon.next().await;
+    assert_eq!(event["instance"]["name"], "after the new slot", "{event}");
+    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "{}", daemon.log_text());
+    daemon.stop().await;
+    drop(client);
+    drop(db);
 }

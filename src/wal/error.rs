@@ -47,8 +47,8 @@ pub enum WalError {
         slot: String,
         /// `invalidation_reason` (PostgreSQL 17 and later), else `wal_status`.
         reason: String,
-        /// Where it was when it lost its WAL: saves from about here on are gone.
-        restart_lsn: Option<String>,
+        /// Where its reader had confirmed it: saves after this may be gone.
+        confirmed: Option<String>,
     },
     /// Another process streams the slot.
     #[error("replication slot `{slot}` is streamed by another process ({})", process(*pid, holder.as_deref()))]
@@ -142,12 +142,12 @@ impl WalError {
                  (or use the trigger capture)"
                 .into(),
             WalError::NoPublication => "run `post-save triggers install`".into(),
-            WalError::SlotInvalidated { slot, restart_lsn, .. } => format!(
+            WalError::SlotInvalidated { slot, confirmed, .. } => format!(
                 "saves after LSN {} may be missing from the stream: drop the slot \
                  (SELECT pg_drop_replication_slot('{slot}')), the daemon then makes a new one and streams \
                  saves from then on; recover the missed saves from the tables; raise max_slot_wal_keep_size \
                  so it does not happen again",
-                restart_lsn.as_deref().unwrap_or("?")
+                confirmed.as_deref().unwrap_or("?")
             ),
             WalError::SlotInUse { pid, .. } => format!(
                 "stop the other process (SELECT pg_terminate_backend({})); if it is another post-save \
@@ -181,7 +181,9 @@ impl WalError {
 }
 
 /// A server error by SQLSTATE. 55000 (object not in prerequisite state) covers both
-/// `wal_level` and an invalidated slot; only the message tells them apart. The reader checks
+/// `wal_level` and an invalidated slot ("cannot read from logical replication slot" up to
+/// PostgreSQL 16, "can no longer get changes from replication slot" from 17, the reason in
+/// the detail); only the message tells them apart. The reader checks
 /// both in the catalog before it streams, so an untranslated message is only the fallback
 /// for a change between that check and `START_REPLICATION`.
 fn classify(code: &str, message: &str) -> Option<Blocker> {
@@ -189,7 +191,11 @@ fn classify(code: &str, message: &str) -> Option<Blocker> {
         c if DENIED.contains(&c) => Some(Blocker::Denied),
         "55006" => Some(Blocker::SlotInUse),
         "55000" if message.contains("wal_level") => Some(Blocker::WalLevel),
-        "55000" if message.contains("can no longer get changes") || message.contains("invalidated") => {
+        "55000"
+            if ["can no longer get changes", "cannot read from logical replication slot", "invalidated"]
+                .iter()
+                .any(|m| message.contains(m)) =>
+        {
             Some(Blocker::SlotInvalidated)
         }
         _ => None,
@@ -233,7 +239,9 @@ mod tests {
         assert!(level.fix().contains("wal_level = logical"), "{}", level.fix());
         let lost = server("55000", "can no longer get changes from replication slot \"post_save_x\"");
         assert_eq!(lost.blocker(), Some(Blocker::SlotInvalidated));
-        assert_eq!(server("55000", "cannot read from logical replication slot \"s\"").blocker(), None);
+        let lost_15 = server("55000", "cannot read from logical replication slot \"post_save_x\"");
+        assert_eq!(lost_15.blocker(), Some(Blocker::SlotInvalidated));
+        assert_eq!(server("55000", "some other prerequisite").blocker(), None);
         for code in DENIED {
             assert_eq!(server(code, "no").blocker(), Some(Blocker::Denied), "{code}");
         }
@@ -265,7 +273,7 @@ mod tests {
         let e = WalError::SlotInvalidated {
             slot: "post_save_shop".into(),
             reason: "wal_removed".into(),
-            restart_lsn: Some("0/16B3A58".into()),
+            confirmed: Some("0/16B3A58".into()),
         };
         assert_eq!(e.blocker(), Some(Blocker::SlotInvalidated));
         assert!(e.fix().contains("0/16B3A58") && e.fix().contains("pg_drop_replication_slot('post_save_shop')"));

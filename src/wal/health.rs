@@ -11,8 +11,8 @@ pub struct Slot {
     pub wal_status: Option<String>,
     /// Why it was invalidated (PostgreSQL 17 and later).
     pub invalidation_reason: Option<String>,
-    /// The oldest WAL position it keeps.
-    pub restart_lsn: Option<String>,
+    /// Where its reader confirmed it had everything before (kept when it is invalidated).
+    pub confirmed: Option<String>,
     /// The process streaming it now.
     pub active_pid: Option<i32>,
 }
@@ -25,7 +25,7 @@ impl Slot {
         let row = client
             .query_opt(
                 "SELECT to_jsonb(s) ->> 'wal_status', to_jsonb(s) ->> 'invalidation_reason', \
-                        restart_lsn::text, active_pid \
+                        confirmed_flush_lsn::text, active_pid \
                    FROM pg_replication_slots s WHERE slot_name = $1",
                 &[&name],
             )
@@ -33,7 +33,7 @@ impl Slot {
         Ok(row.map(|r| Slot {
             wal_status: r.get(0),
             invalidation_reason: r.get(1),
-            restart_lsn: r.get(2),
+            confirmed: r.get(2),
             active_pid: r.get(3),
         }))
     }
@@ -98,7 +98,7 @@ mod tests {
         Slot {
             wal_status: wal_status.map(Into::into),
             invalidation_reason: reason.map(Into::into),
-            restart_lsn: None,
+            confirmed: None,
             active_pid: None,
         }
     }

@@ -45,7 +45,7 @@ impl WalCapture {
         if let Some(found) = Slot::read(client, &slot).await.map_err(query("reading the replication slot"))?
             && let Some(reason) = found.invalidated()
         {
-            return Err(WalError::SlotInvalidated { slot, reason, restart_lsn: found.restart_lsn });
+            return Err(WalError::SlotInvalidated { slot, reason, confirmed: found.confirmed });
         }
         ensure_slot(client, &slot).await.map_err(query("creating the replication slot"))?;
         let mut tables = Vec::new();

@@ -70,6 +70,15 @@ impl TestDb {
         TestDb { conninfo: conninfo_with_dbname(&admin, Some(&name)), name, admin }
     }
 
+    /// Creates a new, empty database on the server of the admin connection string `admin`
+    /// (a [`TempCluster`] of the test's own, say); drop it before that server stops.
+    pub async fn new_on(admin: &str) -> TestDb {
+        let name = unique_name();
+        let client = connect(admin).await;
+        create_database(&client, &name).await;
+        TestDb { conninfo: conninfo_with_dbname(admin, Some(&name)), name, admin: admin.to_owned() }
+    }
+
     /// A new connection to this database (its connection task spawned on the current runtime).
     pub async fn client(&self) -> Client {
         connect(&self.conninfo).await
