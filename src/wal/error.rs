@@ -94,6 +94,28 @@ impl Blocker {
             Blocker::Denied => "permission_denied",
         }
     }
+
+    /// What an operator should do about this kind of blocker.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Blocker::WalLevel => {
+                "set `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)"
+            }
+            Blocker::NoPublication => "run `post-save triggers install`",
+            Blocker::SlotInvalidated => {
+                "see `post-save doctor`, then drop the slot (SELECT pg_drop_replication_slot(…)); the daemon \
+                 makes a new one and streams saves from then on; recover the missed saves from the tables"
+            }
+            Blocker::SlotInUse => {
+                "stop the other process streaming the slot (see `post-save doctor`); if it is another \
+                 post-save daemon, run one daemon per database, or give them all a `daemon.lease`"
+            }
+            Blocker::Denied => {
+                "check the role's password and pg_hba.conf (the WAL reader needs a `replication` entry), and \
+                 give the role REPLICATION and what `post-save grants` prints"
+            }
+        }
+    }
 }
 
 /// What the WAL reader is blocked on, as published for `STATUS=` and the metrics.
@@ -135,13 +157,10 @@ impl WalError {
         self.blocker().is_none()
     }
 
-    /// What an operator should do about a blocker, for the log.
+    /// What an operator should do about a blocker, for the log: this error's own advice, else
+    /// its kind's.
     pub fn fix(&self) -> String {
         match self {
-            WalError::WalLevel { .. } => "set `wal_level = logical` in postgresql.conf and restart PostgreSQL \
-                 (or use the trigger capture)"
-                .into(),
-            WalError::NoPublication => "run `post-save triggers install`".into(),
             WalError::SlotInvalidated { slot, confirmed, .. } => format!(
                 "saves after LSN {} may be missing from the stream: drop the slot \
                  (SELECT pg_drop_replication_slot('{slot}')), the daemon then makes a new one and streams \
@@ -149,22 +168,11 @@ impl WalError {
                  so it does not happen again",
                 confirmed.as_deref().unwrap_or("?")
             ),
-            WalError::SlotInUse { pid, .. } => format!(
-                "stop the other process (SELECT pg_terminate_backend({})); if it is another post-save \
-                 daemon, run one daemon per database, or give them all a `daemon.lease`",
-                pid.map_or("pid".into(), |p| p.to_string())
+            WalError::SlotInUse { pid: Some(pid), .. } => format!(
+                "stop the other process (SELECT pg_terminate_backend({pid})); if it is another post-save \
+                 daemon, run one daemon per database, or give them all a `daemon.lease`"
             ),
-            _ if self.blocker() == Some(Blocker::WalLevel) => WalError::WalLevel { level: String::new() }.fix(),
-            _ if self.blocker() == Some(Blocker::SlotInvalidated) => {
-                "the slot was invalidated: see `post-save doctor`, then drop it \
-                 (SELECT pg_drop_replication_slot(…)); the daemon makes a new one"
-                    .into()
-            }
-            _ if self.blocker() == Some(Blocker::Denied) => "check the role's password and pg_hba.conf (a \
-                 `replication` entry is needed for the WAL reader), and give the role REPLICATION and what \
-                 `post-save grants` prints"
-                .into(),
-            _ => "none needed: the reader reconnects".into(),
+            _ => self.blocker().map_or("none needed: the reader reconnects", Blocker::fix).to_owned(),
         }
     }
 
@@ -245,6 +253,8 @@ mod tests {
         for code in DENIED {
             assert_eq!(server(code, "no").blocker(), Some(Blocker::Denied), "{code}");
         }
+        assert!(server("28000", "no pg_hba.conf entry").fix().contains("pg_hba.conf"));
+        assert!(lost_15.fix().contains("pg_drop_replication_slot"), "{}", lost_15.fix());
         assert_eq!(WalError::NoPublication.blocker(), Some(Blocker::NoPublication));
         assert!(WalError::NoPublication.fix().contains("triggers install"));
         let level = WalError::WalLevel { level: "replica".into() };

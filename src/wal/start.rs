@@ -29,30 +29,29 @@ impl WalCapture {
     /// Connects for the catalog, checks the server writes logical WAL and the slot can stream
     /// (creating it when missing), and reads the watched tables and the publications.
     pub(super) async fn prepare(&self) -> Result<Prepared, WalError> {
+        // an early return drops the client, which ends the connection and its task
         let (client, task) = crate::db::connect(&self.pg).await?;
-        let catalog = Catalog { pg: self.pg.clone(), client: Some((client, task)) };
-        let client = &catalog.client.as_ref().expect("connected above").0;
         let using: String = client
             .query_one("SELECT current_database()::text", &[])
             .await
             .map_err(query("reading the database name"))?
             .get(0);
         let slot = slot_name(&using);
-        let level = super::health::wal_level(client).await.map_err(query("reading wal_level"))?;
+        let level = super::health::wal_level(&client).await.map_err(query("reading wal_level"))?;
         if level != "logical" {
             return Err(WalError::WalLevel { level });
         }
-        if let Some(found) = Slot::read(client, &slot).await.map_err(query("reading the replication slot"))?
+        if let Some(found) = Slot::read(&client, &slot).await.map_err(query("reading the replication slot"))?
             && let Some(reason) = found.invalidated()
         {
             return Err(WalError::SlotInvalidated { slot, reason, confirmed: found.confirmed });
         }
-        ensure_slot(client, &slot).await.map_err(query("creating the replication slot"))?;
+        ensure_slot(&client, &slot).await.map_err(query("creating the replication slot"))?;
         let mut tables = Vec::new();
         for watch in self.config.watches.iter().filter(|w| w.capture == Capture::Wal) {
-            tables.push(Table::resolve(client, watch).await.map_err(query("reading a watched table"))?);
+            tables.push(Table::resolve(&client, watch).await.map_err(query("reading a watched table"))?);
         }
-        let types = UserTypes::load(client).await.map_err(query("reading the database's types"))?;
+        let types = UserTypes::load(&client).await.map_err(query("reading the database's types"))?;
         let publications: Vec<String> = client
             .query(
                 "SELECT pubname::text FROM pg_publication WHERE pubname IN ($1, $2) ORDER BY pubname",
@@ -66,6 +65,7 @@ impl WalCapture {
         if publications.is_empty() {
             return Err(WalError::NoPublication);
         }
+        let catalog = Catalog { pg: self.pg.clone(), client: Some((client, task)) };
         Ok(Prepared { using, slot, tables, types, publications, catalog })
     }
 
