@@ -245,9 +245,9 @@ async fn run_daemon(global: &Global) -> Result<u8> {
     if let Some(interval) = systemd::watchdog() {
         daemon = daemon.heartbeat(interval / 4);
     }
-    let supervisor = tokio::spawn(systemd::supervise(daemon.state(), daemon.alive()));
-    let reloads =
-        tokio::spawn(reload_on_hangup(hangup, global.config.clone(), config, pg, daemon.reloader(), daemon.state()));
+    let supervisor = tokio::spawn(systemd::supervise(daemon.state(), daemon.wal_blocked(), daemon.alive()));
+    let status = (daemon.state(), daemon.wal_blocked());
+    let reloads = tokio::spawn(reload_on_hangup(hangup, global.config.clone(), config, pg, daemon.reloader(), status));
     let result = daemon.run(shutdown.cancelled_owned()).await;
     reloads.abort();
     let _ = supervisor.await;
@@ -263,7 +263,7 @@ async fn reload_on_hangup(
     mut current: Config,
     pg: db::Settings,
     reloader: Reloader,
-    state: tokio::sync::watch::Receiver<State>,
+    (state, wal): (tokio::sync::watch::Receiver<State>, tokio::sync::watch::Receiver<Option<post_save::wal::Blocked>>),
 ) {
     let global = Global { config: path, database_url: None, log_format: LogFormat::Text, threads: 1 };
     while hangup.recv().await.is_some() {
@@ -288,7 +288,7 @@ async fn reload_on_hangup(
                 );
             }
         }
-        systemd::ready(&systemd::status_line(&state.borrow()));
+        systemd::ready(&systemd::status(&state.borrow(), wal.borrow().as_ref()));
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Daemon {
     pg: crate::db::Settings,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
+    /// What blocks the WAL reader, while something does.
+    wal_blocked: watch::Sender<Option<crate::wal::Blocked>>,
     alive: watch::Sender<Instant>,
     heartbeat: Duration,
     reload_tx: mpsc::UnboundedSender<Reload>,
@@ -128,6 +130,7 @@ impl Daemon {
             pg: pg.into(),
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(State::Starting),
+            wal_blocked: watch::Sender::new(None),
             alive: watch::Sender::new(Instant::now()),
             heartbeat: HEARTBEAT,
             reload_tx,
@@ -163,6 +166,13 @@ impl Daemon {
         self.state.subscribe()
     }
 
+    /// Follows what blocks the WAL reader (`capture = "wal"`): something retrying cannot fix,
+    /// such as `wal_level` not logical or a slot another process streams; `None` while
+    /// nothing does.
+    pub fn wal_blocked(&self) -> watch::Receiver<Option<crate::wal::Blocked>> {
+        self.wal_blocked.subscribe()
+    }
+
     /// Runs until `shutdown` completes, then stops taking new work, lets running handlers
     /// finish within `daemon.shutdown_grace`, hands back the rest (they stay pending in the
     /// ledger) and writes the last acknowledgements.
@@ -175,7 +185,8 @@ impl Daemon {
         if let Some(addr) = self.config.daemon.metrics {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
-            let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), self.pg.clone());
+            let wal = crate::wal::wanted(&self.config).then(|| self.wal_blocked());
+            let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), wal, self.pg.clone());
             tracing::info!(%addr, "metrics endpoint listening");
             tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
         }
@@ -241,6 +252,7 @@ impl Daemon {
                     stats: Arc::clone(&self.stats),
                     stop: stop.clone(),
                     lease: lease.clone(),
+                    blocked: self.wal_blocked.clone(),
                 }
                 .run(),
             )

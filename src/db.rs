@@ -295,6 +295,16 @@ pub async fn connect(settings: &Settings) -> Result<(Client, tokio::task::JoinHa
     Ok((client, task))
 }
 
+/// How the daemon's connections wait between reconnects: `reconnect_min`, doubling up to
+/// `reconnect_max`, each delay with jitter up to as much again, for ever.
+pub(crate) fn reconnect_backoff(daemon: &crate::config::DaemonConfig) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(daemon.reconnect_min)
+        .with_max_delay(daemon.reconnect_max)
+        .with_jitter()
+        .without_max_times()
+}
+
 /// Connects, within the configured `connect_timeout` (10 s when unset) for the whole start-up:
 /// tokio-postgres bounds only the TCP handshake, and a proxy that accepts but never answers
 /// would otherwise hang the start-up for ever.

@@ -12,6 +12,7 @@ use crate::config::{Config, Mode};
 use crate::db::{self, DbError};
 use crate::name::quote_ident;
 use crate::triggers;
+use crate::wal::health;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -97,6 +98,9 @@ pub async fn run_on(pg: &crate::db::Settings, client: &Client, config: &Config) 
     let migrated = schema.verdict == Verdict::Ok;
     checks.push(schema);
     checks.push(trigger_sync(client, config).await);
+    if crate::wal::wanted(config) {
+        checks.push(wal(pg, client).await);
+    }
     checks.push(notify_queue(client).await);
     if migrated {
         checks.push(backlog(client, config).await);
@@ -211,6 +215,100 @@ async fn trigger_sync(client: &Client, config: &Config) -> Check {
         ),
         Err(e) => Check::bad("triggers", Verdict::Fail, e.to_string(), "run `post-save migrate`, then check again"),
     }
+}
+
+/// What the WAL reader needs (`capture = "wal"`) and retrying cannot bring: `wal_level =
+/// logical`, a publication, a slot that still has its WAL and that no other process streams.
+/// Which tables are published, and whether the slot exists, is the `triggers` check's.
+async fn wal(pg: &crate::db::Settings, client: &Client) -> Check {
+    match wal_findings(pg, client).await {
+        Ok(check) => check,
+        Err(e) => query_failed("wal", &e),
+    }
+}
+
+async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check, tokio_postgres::Error> {
+    let level = health::wal_level(client).await?;
+    if level != "logical" {
+        return Ok(Check::bad(
+            "wal",
+            Verdict::Fail,
+            format!("wal_level is {level}, and capture = \"wal\" needs logical: no save is captured from the WAL"),
+            "set `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)",
+        ));
+    }
+    if !triggers::publication::Published::read(client).await?.exists() {
+        return Ok(Check::bad(
+            "wal",
+            Verdict::Fail,
+            "the `post_save` publication does not exist: the daemon's WAL reader cannot stream",
+            "run `post-save triggers install`",
+        ));
+    }
+    let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+    let slot = crate::wal::slot_name(&dbname);
+    let Some(found) = health::Slot::read(client, &slot).await? else {
+        return Ok(Check::ok("wal", format!("wal_level is logical; slot `{slot}` is not made yet (see `triggers`)")));
+    };
+    if let Some(reason) = found.invalidated() {
+        let since = found.confirmed.as_deref().unwrap_or("?");
+        return Ok(Check::bad(
+            "wal",
+            Verdict::Fail,
+            format!("slot `{slot}` was invalidated ({reason}): saves after LSN {since} may be missing from the stream"),
+            format!(
+                "drop it (SELECT pg_drop_replication_slot('{slot}')); the daemon makes a new one and streams \
+                 saves from then on; recover the missed saves from the tables; raise max_slot_wal_keep_size"
+            ),
+        ));
+    }
+    if let Some(pid) = found.active_pid {
+        return slot_streamed(pg, client, &slot, pid).await;
+    }
+    if found.wal_status.as_deref() == Some("unreserved") {
+        return Ok(Check::bad(
+            "wal",
+            Verdict::Warn,
+            format!(
+                "slot `{slot}` holds more WAL than max_slot_wal_keep_size: it is invalidated at a coming checkpoint"
+            ),
+            "start the daemon (`post-save run`) so it catches up, or raise max_slot_wal_keep_size",
+        ));
+    }
+    Ok(Check::ok("wal", format!("wal_level is logical; slot `{slot}` has its WAL; no process streams it now")))
+}
+
+/// The slot is streamed by `pid`. By a post-save daemon (its replication connection's
+/// `application_name`) that is the normal state of a running daemon, so it is `ok`, not a
+/// warning: a doctor run beside a healthy daemon must pass. A second daemon of the same
+/// database would not show here but in its own log and `STATUS=`. Any other program streaming
+/// the slot takes the saves from the daemon (it confirms them): `fail`.
+async fn slot_streamed(
+    pg: &crate::db::Settings,
+    client: &Client,
+    slot: &str,
+    pid: i32,
+) -> Result<Check, tokio_postgres::Error> {
+    let backend = health::Backend::of(client, pid).await?;
+    let who = backend.as_ref().map_or_else(|| format!("pid {pid}"), |b| format!("pid {pid}, {b}"));
+    let ours = backend.as_ref().is_some_and(|b| {
+        b.application == crate::wal::stream::application_name(pg) || b.application.starts_with("post-save")
+    });
+    if ours {
+        return Ok(Check::ok(
+            "wal",
+            format!("wal_level is logical; slot `{slot}` is streamed by a post-save daemon ({who})"),
+        ));
+    }
+    Ok(Check::bad(
+        "wal",
+        Verdict::Fail,
+        format!("slot `{slot}` is streamed by another process ({who}): the daemon cannot stream it meanwhile"),
+        format!(
+            "stop that process (SELECT pg_terminate_backend({pid})): a post-save daemon (or the daemons sharing \
+             a `daemon.lease`) must be the slot's only reader"
+        ),
+    ))
 }
 
 /// The NOTIFY queue is shared by the cluster. It only grows when some listening backend does

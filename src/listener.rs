@@ -9,7 +9,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
@@ -146,11 +146,7 @@ impl Listener {
     /// Runs sessions until `stop`, reconnecting with exponential backoff and jitter.
     pub(crate) async fn run(&self) {
         let daemon = &self.config.daemon;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(daemon.reconnect_min)
-            .with_max_delay(daemon.reconnect_max)
-            .with_jitter()
-            .without_max_times();
+        let backoff = db::reconnect_backoff(daemon);
         let mut delays = backoff.build();
         let mut attempt = 0u32;
         loop {

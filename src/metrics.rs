@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::State;
 use crate::db;
 use crate::stats::Stats;
+use crate::wal::{Blocked, Blocker};
 
 /// Longest a scrape's database queries may take; a slow database gives a scrape without them.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,13 +32,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Endpoint {
     pub stats: Arc<Stats>,
     pub state: watch::Receiver<State>,
+    /// What blocks the WAL reader, when the config captures from the WAL.
+    pub wal: Option<watch::Receiver<Option<Blocked>>>,
     pub pg: crate::db::Settings,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl Endpoint {
-    pub(crate) fn new(stats: Arc<Stats>, state: watch::Receiver<State>, pg: crate::db::Settings) -> Self {
-        Endpoint { stats, state, pg, client: Mutex::new(None) }
+    pub(crate) fn new(
+        stats: Arc<Stats>,
+        state: watch::Receiver<State>,
+        wal: Option<watch::Receiver<Option<Blocked>>>,
+        pg: crate::db::Settings,
+    ) -> Self {
+        Endpoint { stats, state, wal, pg, client: Mutex::new(None) }
     }
 }
 
@@ -163,6 +171,21 @@ async fn read_db(endpoint: &Endpoint) -> Result<FromDb, db::DbError> {
     Ok(FromDb { queue_usage: usage, backlog, oldest_age, idle_in_transaction: idle, ledger })
 }
 
+/// `post_save_wal_blocked{reason}`: 1 for what blocks the WAL reader, 0 for every other
+/// reason, so an alert on any reason above 0 never misses a series that is not there yet.
+fn register_wal_blocked(registry: &mut Registry, blocked: Option<&Blocked>) {
+    let family = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    for reason in Blocker::ALL {
+        let on = blocked.is_some_and(|b| b.reason == reason);
+        family.get_or_create(&vec![("reason", reason.label())]).set(i64::from(on));
+    }
+    registry.register(
+        "post_save_wal_blocked",
+        "1 while the WAL reader is blocked by what retrying cannot fix (see the daemon's log and `post-save doctor`)",
+        family,
+    );
+}
+
 /// The exposition text of one scrape.
 pub(crate) async fn render(endpoint: &Endpoint) -> String {
     let mut registry = Registry::default();
@@ -211,6 +234,9 @@ pub(crate) async fn render(endpoint: &Endpoint) -> String {
         "1 while the daemon listens and dispatches",
         ConstGauge::new(i64::from(listening)),
     );
+    if let Some(wal) = &endpoint.wal {
+        register_wal_blocked(&mut registry, wal.borrow().as_ref());
+    }
 
     match tokio::time::timeout(QUERY_TIMEOUT, read_db(endpoint)).await {
         Ok(Ok(found)) => {

@@ -5,6 +5,8 @@
 //! and caught up. `WATCHDOG=1` is sent every half watchdog interval, but only while the daemon
 //! is listening and its listener has completed a round trip with the database within the
 //! interval: a daemon stuck on a dead connection stops pinging and systemd restarts it.
+//! `STATUS=` also says what blocks the WAL reader, while something does: a restart would not
+//! fix that, so the watchdog pings go on.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use crate::daemon::State;
+use crate::wal::Blocked;
 
 /// True when a service manager listens (`$NOTIFY_SOCKET` is set).
 pub fn enabled() -> bool {
@@ -37,20 +40,27 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// Reports the daemon's state to systemd until it stops: `READY=1`, `STATUS=`, `WATCHDOG=1`
-/// and `STOPPING=1` (see the module documentation). Returns at once without `$NOTIFY_SOCKET`.
-pub async fn supervise(mut state: watch::Receiver<State>, alive: watch::Receiver<Instant>) {
+/// Reports the daemon's state, and what blocks its WAL reader (see
+/// [`crate::Daemon::wal_blocked`]), to systemd until it stops: `READY=1`, `STATUS=`,
+/// `WATCHDOG=1` and `STOPPING=1` (see the module documentation). Returns at once without
+/// `$NOTIFY_SOCKET`.
+pub async fn supervise(
+    mut state: watch::Receiver<State>,
+    mut wal: watch::Receiver<Option<Blocked>>,
+    alive: watch::Receiver<Instant>,
+) {
     if !enabled() {
         return;
     }
     let interval = watchdog();
     let mut ticks = interval.map(|i| tokio::time::interval((i / 2).max(Duration::from_millis(1))));
     let mut last = None;
+    let mut wal_open = true;
     loop {
-        let current = state.borrow_and_update().clone();
+        let current = (state.borrow_and_update().clone(), wal.borrow_and_update().clone());
         if last.as_ref() != Some(&current) {
-            announce(&current);
-            if current == State::Stopped {
+            announce(&current.0, &status(&current.0, current.1.as_ref()));
+            if current.0 == State::Stopped {
                 return;
             }
             last = Some(current);
@@ -61,6 +71,8 @@ pub async fn supervise(mut state: watch::Receiver<State>, alive: watch::Receiver
                     return;
                 }
             }
+            // the WAL reader ends before the daemon does: its last word stands
+            changed = wal.changed(), if wal_open => wal_open = changed.is_ok(),
             _ = tick(&mut ticks) => {
                 let healthy = interval.is_some_and(|i| healthy(&state.borrow(), *alive.borrow(), Instant::now(), i));
                 if healthy {
@@ -82,12 +94,20 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
     }
 }
 
-fn announce(state: &State) {
-    let status = status_line(state);
+fn announce(state: &State, status: &str) {
     match state {
-        State::Listening { .. } | State::Standby => send(&[NotifyState::Ready, NotifyState::Status(&status)]),
-        State::Stopping => send(&[NotifyState::Stopping, NotifyState::Status(&status)]),
-        _ => send(&[NotifyState::Status(&status)]),
+        State::Listening { .. } | State::Standby => send(&[NotifyState::Ready, NotifyState::Status(status)]),
+        State::Stopping => send(&[NotifyState::Stopping, NotifyState::Status(status)]),
+        _ => send(&[NotifyState::Status(status)]),
+    }
+}
+
+/// The `STATUS=` line for a state, followed by what blocks the WAL reader, if anything.
+pub fn status(state: &State, wal: Option<&Blocked>) -> String {
+    let line = status_line(state);
+    match wal {
+        Some(blocked) => format!("{line}; WAL capture blocked: {}", blocked.detail),
+        None => line,
     }
 }
 
@@ -123,6 +143,20 @@ mod tests {
         assert_eq!(status_line(&State::Listening { tables: 3 }), "listening on 3 tables");
         assert_eq!(status_line(&State::Reconnecting { attempt: 4 }), "reconnecting, attempt 4");
         assert_eq!(status_line(&State::Stopping), "stopping");
+    }
+
+    #[test]
+    fn status_says_what_blocks_the_wal_reader() {
+        let listening = State::Listening { tables: 2 };
+        assert_eq!(status(&listening, None), "listening on 2 tables");
+        let blocked = Blocked {
+            reason: crate::wal::Blocker::WalLevel,
+            detail: "the server runs with wal_level = replica, not logical".into(),
+        };
+        assert_eq!(
+            status(&listening, Some(&blocked)),
+            "listening on 2 tables; WAL capture blocked: the server runs with wal_level = replica, not logical"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::TestDb;
 use post_save::event::Op;
 use serde_json::{Value, json};
-use support::{Running, config, install, start, wait_for_sql};
+use support::{Running, config, install, start};
 
 /// Runs `sql` and checks its event's sender, operation and key.
 async fn save(db: &TestDb, daemon: &mut Running, sql: &str, sender: &str, op: Op, pk: Value) -> post_save::SaveEvent {

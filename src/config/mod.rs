@@ -110,7 +110,8 @@ pub struct DaemonConfig {
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
-    /// Longest reconnect delay.
+    /// Longest reconnect delay; also how often a WAL reader blocked by what retrying cannot fix
+    /// checks again.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     /// Most acknowledgements written in one statement.

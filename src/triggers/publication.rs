@@ -303,7 +303,7 @@ mod tests {
     #[test]
     fn insert_only_watches_are_published_for_inserts_only() {
         let c = config(
-            "[[watch]]\ntable = \"public.a\"\ncapture = \"wal\"\n\
+            "[[watch]]\ntable = \"public.a\"\ncapture = \"wal\"\noperations = [\"insert\"]\n\
              [[watch]]\ntable = \"public.b\"\ncapture = \"wal\"\noperations = [\"insert\", \"delete\"]\n",
         );
         let sql = ddl(&c, &Published { major: 15, ..Published::default() }, false);

@@ -21,8 +21,12 @@
 //! with a `post_save.origin` message.
 
 mod confirm;
+mod error;
+pub(crate) mod health;
 pub mod pgoutput;
+mod retry;
 mod spill;
+mod start;
 pub mod stream;
 mod time;
 mod types;
@@ -42,6 +46,7 @@ use crate::name::TableName;
 use crate::router::Router;
 use crate::stats::Stats;
 use confirm::Confirmations;
+pub use error::{Blocked, Blocker, WalError};
 use pgoutput::{Datum, Message, Relation};
 use spill::Spill;
 use stream::{Copied, Replication, StreamError};
@@ -86,6 +91,8 @@ pub(crate) struct WalCapture {
     pub(crate) stats: Arc<Stats>,
     pub(crate) stop: CancellationToken,
     pub(crate) lease: Option<Arc<Lease>>,
+    /// Where the reader says what blocks it (`STATUS=`, the metrics); `None` while it can stream.
+    pub(crate) blocked: watch::Sender<Option<Blocked>>,
 }
 
 /// A watched table as the stream names it.
@@ -248,9 +255,10 @@ const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 impl WalCapture {
-    /// Streams until `stop`; reconnects with backoff when the connection is lost.
+    /// Streams until `stop`; reconnects with the daemon's backoff when the connection is
+    /// lost, and checks quietly while something only an operator can fix blocks it.
     pub(crate) async fn run(mut self) {
-        let mut attempt = 0u32;
+        let mut reconnect = retry::Reconnect::new(&self.config.daemon, self.blocked.clone());
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -261,59 +269,25 @@ impl WalCapture {
                     () = self.stop.cancelled() => return,
                 }
             }
-            match self.session().await {
+            let wait = match self.session(&mut reconnect).await {
                 Ok(Ended::Stopping) => return,
-                Ok(Ended::Lost(why)) | Err(why) => {
-                    attempt = attempt.saturating_add(1);
-                    Stats::bump(&self.stats.reconnects);
-                    let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(5)));
-                    tracing::warn!(error = %why, retry_in = ?wait, "WAL capture: stream lost; reconnecting");
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = self.stop.cancelled() => return,
-                    }
-                }
+                Ok(Ended::Lost(why)) => reconnect.lost(&why),
+                Err(e) => reconnect.failed(&e),
+            };
+            Stats::bump(&self.stats.reconnects);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.stop.cancelled() => return,
             }
         }
     }
 
     /// One replication session: from the slot's confirmed position until the stream ends.
-    async fn session(&mut self) -> Result<Ended, String> {
-        let (client, task) = crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        let using: String = client
-            .query_one("SELECT current_database()::text", &[])
-            .await
-            .map_err(|e| format!("reading the database name: {e}"))?
-            .get(0);
-        let slot = slot_name(&using);
-        ensure_slot(&client, &slot).await.map_err(|e| e.to_string())?;
-        let mut tables = Vec::new();
-        for watch in self.config.watches.iter().filter(|w| w.capture == Capture::Wal) {
-            tables.push(Table::resolve(&client, watch).await.map_err(|e| e.to_string())?);
-        }
-        let types = UserTypes::load(&client).await.map_err(|e| format!("reading the database's types: {e}"))?;
-        let publications: Vec<String> = client
-            .query(
-                "SELECT pubname::text FROM pg_publication WHERE pubname IN ($1, $2) ORDER BY pubname",
-                &[&crate::triggers::publication::ALL, &crate::triggers::publication::INSERTS],
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if publications.is_empty() {
-            return Err("the `post_save` publication does not exist: run `post-save triggers install`".to_owned());
-        }
-        let catalog = Catalog { pg: self.pg.clone(), client: Some((client, task)) };
-
-        let mut conn = Replication::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        let names: Vec<&str> = publications.iter().map(String::as_str).collect();
-        match conn.start(&slot, &names, 0, self.config.daemon.wal_read_pause).await {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("55006") => return Err(format!("{e} (another daemon streams it)")),
-            Err(e) => return Err(e.to_string()),
-        }
+    async fn session(&mut self, reconnect: &mut retry::Reconnect) -> Result<Ended, WalError> {
+        let mut prepared = self.prepare().await?;
+        let mut conn = self.start_streaming(&mut prepared).await?;
+        reconnect.streaming();
+        let start::Prepared { using, slot, tables, types, catalog, .. } = prepared;
         tracing::info!(slot = %slot, tables = tables.len(), "WAL capture streaming");
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut st = Session {
@@ -440,17 +414,16 @@ impl WalCapture {
                     change => {
                         if let Some(tx) = st.open.as_mut()
                             && change_event(&st.relations, change, start, payload.len(), &mut tx.made, &self.stats)
+                            && (tx.made.len() >= SPILL_EVENTS || tx.made.bytes >= SPILL_BYTES)
                         {
-                            if tx.made.len() >= SPILL_EVENTS || tx.made.bytes >= SPILL_BYTES {
-                                tx.spill = Some(Spill::new().map_err(|e| {
-                                    Ended::Lost(format!("making a temporary file for a big transaction (TMPDIR): {e}"))
-                                })?);
-                                tracing::info!(
-                                    xid = tx.xid,
-                                    events = tx.made.len(),
-                                    "WAL capture: a big transaction; the rest of it goes to a temporary file until it commits"
-                                );
-                            }
+                            tx.spill = Some(Spill::new().map_err(|e| {
+                                Ended::Lost(format!("making a temporary file for a big transaction (TMPDIR): {e}"))
+                            })?);
+                            tracing::info!(
+                                xid = tx.xid,
+                                events = tx.made.len(),
+                                "WAL capture: a big transaction; the rest of it goes to a temporary file until it commits"
+                            );
                         }
                     }
                 }

@@ -381,7 +381,7 @@ impl Replication {
     async fn start_up(&mut self, settings: &Settings) -> Result<(), StreamError> {
         let user = settings.get_user().ok_or_else(|| StreamError::Protocol("no user name to connect as".into()))?;
         let dbname = settings.get_dbname().unwrap_or(user);
-        let app = settings.get_application_name().unwrap_or("post-save wal");
+        let app = application_name(settings);
         let params = [
             ("user", user),
             ("database", dbname),
@@ -847,6 +847,12 @@ fn server_error(body: &[u8]) -> StreamError {
         }
     }
     StreamError::Server { severity, code, message }
+}
+
+/// The `application_name` the replication connection of `settings` gives itself: the one
+/// configured, else `post-save wal` (how `doctor` tells the daemon's stream from another's).
+pub(crate) fn application_name(settings: &Settings) -> &str {
+    settings.get_application_name().unwrap_or("post-save wal")
 }
 
 /// `0/16B3A58`.

@@ -58,6 +58,27 @@ impl TestDb {
         TestDb { conninfo: conninfo_with_dbname(&admin, Some(&name)), name, admin }
     }
 
+    /// Creates a new, empty database on a server that does not write logical WAL
+    /// (`wal_level = replica`): the one named by `POST_SAVE_TEST_DATABASE_URL` unless it does,
+    /// else a private cluster.
+    pub async fn new_without_logical_wal() -> TestDb {
+        let admin =
+            tokio::task::spawn_blocking(replica_server_conninfo).await.expect("starting the test server panicked");
+        let name = unique_name();
+        let client = connect(&admin).await;
+        create_database(&client, &name).await;
+        TestDb { conninfo: conninfo_with_dbname(&admin, Some(&name)), name, admin }
+    }
+
+    /// Creates a new, empty database on the server of the admin connection string `admin`
+    /// (a [`TempCluster`] of the test's own, say); drop it before that server stops.
+    pub async fn new_on(admin: &str) -> TestDb {
+        let name = unique_name();
+        let client = connect(admin).await;
+        create_database(&client, &name).await;
+        TestDb { conninfo: conninfo_with_dbname(admin, Some(&name)), name, admin: admin.to_owned() }
+    }
+
     /// A new connection to this database (its connection task spawned on the current runtime).
     pub async fn client(&self) -> Client {
         connect(&self.conninfo).await
@@ -153,6 +174,27 @@ pub fn logical_server_conninfo() -> String {
                 "post-save-test-logical",
                 &[("wal_level", "logical"), ("max_replication_slots", "100"), ("max_wal_senders", "100")],
             )
+        })
+        .clone()
+}
+
+/// The admin connection string of a server with `wal_level = replica`: the one named by
+/// `POST_SAVE_TEST_DATABASE_URL` (or the private test cluster) unless it writes logical WAL,
+/// else a private cluster `post-save-test-replica-<major>-<bindir hash>-<uid>`.
+pub fn replica_server_conninfo() -> String {
+    static ADMIN: OnceLock<String> = OnceLock::new();
+    ADMIN
+        .get_or_init(|| {
+            let shared = server_conninfo();
+            let level = block_on(async {
+                let (client, connection) = tokio_postgres::connect(&shared, NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client.query_one("SELECT current_setting('wal_level')", &[]).await.ok().map(|r| r.get::<_, String>(0))
+            });
+            if level.as_deref() == Some("replica") {
+                return shared;
+            }
+            private_cluster_named("post-save-test-replica", &[("wal_level", "replica")])
         })
         .clone()
 }
@@ -365,9 +407,14 @@ pub fn quote_ident(name: &str) -> String {
 
 /// `psql` from `PATH`, else from the server's bindir.
 fn psql_program() -> PathBuf {
+    client_program("psql")
+}
+
+/// A PostgreSQL client program (`psql`, `pg_recvlogical`): on `PATH`, else beside the server.
+pub fn client_program(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("psql")).find(|p| p.is_file()));
-    on_path.or_else(|| find_bindir().ok().map(|dir| dir.join("psql"))).unwrap_or_else(|| PathBuf::from("psql"))
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file()));
+    on_path.or_else(|| find_bindir().ok().map(|dir| dir.join(name))).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// An error with its sources: "a: b: c".

@@ -229,16 +229,24 @@ impl BinaryDaemon {
     /// with the binary (`migrate`, `triggers install`), then starts `post-save run` and waits
     /// until it listens.
     pub async fn install_and_start(db: &TestDb, toml: &str) -> BinaryDaemon {
+        BinaryDaemon::launch(db, toml, &["migrate", "triggers install"], &[]).await
+    }
+
+    /// As [`BinaryDaemon::install_and_start`], running only the commands of `setup` first (each
+    /// split on spaces: `migrate`, `triggers install`), and `post-save run` with `env` added.
+    pub async fn launch(db: &TestDb, toml: &str, setup: &[&str], env: &[(&str, &str)]) -> BinaryDaemon {
         let dir = tempfile::Builder::new().prefix("post-save-daemon-").tempdir().expect("temp dir");
         let config = dir.path().join("post-save.toml");
         std::fs::write(&config, toml).expect("writing the config");
-        post_save_ok(&config, db, &["migrate"]);
-        post_save_ok(&config, db, &["triggers", "install"]);
+        for command in setup {
+            post_save_ok(&config, db, &command.split(' ').collect::<Vec<_>>());
+        }
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"));
         command.arg("--config").arg(&config).args(["--database-url", &db.conninfo, "--log-format", "json", "run"]);
         for var in BINARY_SCRUBBED_ENV {
             command.env_remove(var);
         }
+        command.envs(env.iter().copied());
         let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
