@@ -23,6 +23,7 @@ pub mod pgoutput;
 pub mod stream;
 mod time;
 mod types;
+mod values;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -425,7 +426,7 @@ impl WalCapture {
             }
         }
         for column in &mut rel.columns {
-            column.type_oid = relations.types.base(column.type_oid);
+            column.shape = relations.types.shape(column.type_oid);
         }
         let name = TableName::new(rel.schema.clone(), rel.name.clone());
         let mut index = relations.tables.iter().position(|t| t.oid == Some(rel.id));
@@ -600,7 +601,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
     let mut pk = Map::with_capacity(table.pk.len());
     for (key, at) in table.pk.iter().zip(key_at) {
         let value = at.and_then(|i| match new.get(i) {
-            Some(Datum::Text(text)) => Some(pgoutput::to_json(rel.columns[i].type_oid, text)),
+            Some(Datum::Text(text)) => Some(rel.columns[i].shape.json(text)),
             Some(Datum::Null) => Some(Value::Null),
             Some(Datum::Unchanged) | None => None,
         });
