@@ -642,14 +642,14 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, tx: &mut Open,
 }
 
 /// The columns whose values differ between the old and the new row (an unchanged out-of-line
-/// value is not a change).
+/// value is not a change, nor is a value written differently that jsonb holds equal).
 fn changed_columns(rel: &Relation, old: &[Datum], new: &[Datum]) -> Vec<String> {
     rel.columns
         .iter()
         .enumerate()
-        .filter(|(i, _)| match (old.get(*i), new.get(*i)) {
+        .filter(|(i, c)| match (old.get(*i), new.get(*i)) {
             (_, Some(Datum::Unchanged)) | (None, _) => false,
-            (Some(a), Some(b)) => a != b,
+            (Some(a), Some(b)) => !pgoutput::same_value(c, a, b),
             (Some(_), None) => false,
         })
         .map(|(_, c)| c.name.clone())

@@ -261,6 +261,15 @@ pub fn fill_unchanged(new: &mut [Datum], old: &[Datum]) {
     }
 }
 
+/// Whether two values of `column` are the same to the trigger capture, which compares columns
+/// as jsonb: `1.50` and `1.5` are one number, `{"a":1,"b":2}` and `{"b": 2, "a": 1}` one object.
+pub fn same_value(column: &RelColumn, a: &Datum, b: &Datum) -> bool {
+    match (a, b) {
+        (Datum::Text(a), Datum::Text(b)) => column.shape.same(a, b),
+        _ => a == b,
+    }
+}
+
 /// A row as a JSON object: each column's value converted by its [`Shape`]; a value the stream left
 /// out ([`Datum::Unchanged`], see [`fill_unchanged`]) is left out.
 pub fn row_json(rel: &Relation, tuple: &[Datum]) -> Map<String, Value> {
