@@ -12,6 +12,11 @@ use super::pgoutput::{Relation, Shape};
 /// The first OID of objects made after `initdb`: every type below it is built in.
 pub(crate) const FIRST_NORMAL_OID: u32 = 16_384;
 
+/// Kind, domain base, array element and delimiter of the types values can have.
+const TYPES: &str = include_str!("../../sql/wal_types.sql");
+/// The attributes of the composites values can hold.
+const COMPOSITES: &str = include_str!("../../sql/wal_composites.sql");
+
 /// How deep types may nest (a domain over an array of a composite…) before the rest is text:
 /// PostgreSQL forbids a composite that contains itself, this only guards against a catalog
 /// read mid-change.
@@ -51,15 +56,7 @@ impl UserTypes {
     /// composite a column, a domain or another composite uses (not every table's row type:
     /// a database of many tables would send all their columns).
     pub(crate) async fn load(client: &tokio_postgres::Client) -> Result<UserTypes, tokio_postgres::Error> {
-        let rows = client
-            .query(
-                "SELECT oid::int8, typtype::text, typbasetype::int8, \
-                        CASE WHEN typlen = -1 THEN typelem ELSE 0 END::int8, typdelim::text \
-                   FROM pg_type \
-                  WHERE oid >= 16384 OR (typelem <> 0 AND typlen = -1) OR typdelim <> ','",
-                &[],
-            )
-            .await?;
+        let rows = client.query(TYPES, &[]).await?;
         let oid = |v: i64| u32::try_from(v).unwrap_or(0);
         let types: HashMap<u32, TypeRow> = rows
             .iter()
@@ -69,20 +66,7 @@ impl UserTypes {
                 (oid(r.get(0)), TypeRow { kind, base: oid(r.get(2)), element: oid(r.get(3)), delimiter })
             })
             .collect();
-        let rows = client
-            .query(
-                "WITH used (oid) AS ( \
-                     SELECT atttypid FROM pg_attribute WHERE atttypid >= 16384 AND NOT attisdropped \
-                     UNION SELECT typbasetype FROM pg_type WHERE typtype = 'd') \
-                 SELECT t.oid::int8, a.attname::text, a.atttypid::int8 \
-                   FROM pg_type t JOIN pg_class c ON c.oid = t.typrelid \
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                  WHERE t.typtype = 'c' AND t.oid >= 16384 \
-                    AND (c.relkind = 'c' OR t.oid IN (SELECT oid FROM used) OR t.typarray IN (SELECT oid FROM used)) \
-                  ORDER BY t.oid, a.attnum",
-                &[],
-            )
-            .await?;
+        let rows = client.query(COMPOSITES, &[]).await?;
         let mut attributes: HashMap<u32, Vec<(String, u32)>> = HashMap::new();
         for r in &rows {
             attributes.entry(oid(r.get(0))).or_default().push((r.get(1), oid(r.get(2))));
