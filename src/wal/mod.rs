@@ -30,6 +30,7 @@ mod start;
 pub mod stream;
 mod time;
 mod types;
+mod values;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -450,7 +451,7 @@ impl WalCapture {
             }
         }
         for column in &mut rel.columns {
-            column.type_oid = relations.types.base(column.type_oid);
+            column.shape = relations.types.shape(column.type_oid);
         }
         let name = TableName::new(rel.schema.clone(), rel.name.clone());
         let mut index = relations.tables.iter().position(|t| t.oid == Some(rel.id));
@@ -776,7 +777,7 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, size: usize, o
     let mut pk = Map::with_capacity(table.pk.len());
     for (key, at) in table.pk.iter().zip(key_at) {
         let value = at.and_then(|i| match new.get(i) {
-            Some(Datum::Text(text)) => Some(pgoutput::to_json(rel.columns[i].type_oid, text)),
+            Some(Datum::Text(text)) => Some(rel.columns[i].shape.json(text)),
             Some(Datum::Null) => Some(Value::Null),
             Some(Datum::Unchanged) | None => None,
         });
@@ -820,14 +821,14 @@ fn change_event(relations: &Relations, change: Message, lsn: u64, size: usize, o
 }
 
 /// The columns whose values differ between the old and the new row (an unchanged out-of-line
-/// value is not a change).
+/// value is not a change, nor is a value written differently that jsonb holds equal).
 fn changed_columns(rel: &Relation, old: &[Datum], new: &[Datum]) -> Vec<String> {
     rel.columns
         .iter()
         .enumerate()
-        .filter(|(i, _)| match (old.get(*i), new.get(*i)) {
+        .filter(|(i, c)| match (old.get(*i), new.get(*i)) {
             (_, Some(Datum::Unchanged)) | (None, _) => false,
-            (Some(a), Some(b)) => a != b,
+            (Some(a), Some(b)) => !pgoutput::same_value(c, a, b),
             (Some(_), None) => false,
         })
         .map(|(_, c)| c.name.clone())

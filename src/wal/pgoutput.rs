@@ -1,10 +1,12 @@
-//! Decoding of `pgoutput` messages (logical replication protocol version 1) and of the text
-//! values in them into the JSON that `row_to_json` would have written. No I/O.
+//! Decoding of `pgoutput` messages (logical replication protocol version 1), and rows of their
+//! text values as the JSON that `row_to_json` would have written (see [`super::values`]). No I/O.
 //!
 //! A message is untrusted only in the sense that it may be cut short or come from a newer
 //! server: decoding never panics, and every rejection says what was wrong.
 
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
+
+pub use super::values::Shape;
 
 /// A pgoutput message that post-save uses; the others decode as [`Message::Other`].
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +81,9 @@ pub struct RelColumn {
     pub name: String,
     /// Its type's OID.
     pub type_oid: u32,
+    /// How its values become JSON: the built-in scalar's until the catalog says more (arrays,
+    /// domains, composites; see `super::types`).
+    pub shape: Shape,
 }
 
 /// One value of a row in the stream.
@@ -202,7 +207,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 let name = r.cstr("column name")?;
                 let type_oid = r.u32("column type")?;
                 let _typmod = r.i32("column type modifier")?;
-                columns.push(RelColumn { name, type_oid });
+                columns.push(RelColumn { name, type_oid, shape: Shape::scalar(type_oid) });
             }
             Message::Relation(Relation { id, schema, name, columns })
         }
@@ -246,164 +251,6 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     })
 }
 
-// Type OIDs of the built-in types whose JSON is not a string (`pg_type.dat`).
-const BOOL: u32 = 16;
-const INT8: u32 = 20;
-const INT2: u32 = 21;
-const INT4: u32 = 23;
-const OID: u32 = 26;
-const JSON: u32 = 114;
-const FLOAT4: u32 = 700;
-const FLOAT8: u32 = 701;
-const DATE: u32 = 1082;
-const TIME: u32 = 1083;
-const TIMESTAMP: u32 = 1114;
-const TIMESTAMPTZ: u32 = 1184;
-const TIMETZ: u32 = 1266;
-const NUMERIC: u32 = 1700;
-const JSONB: u32 = 3802;
-
-/// The element type of the built-in array types, by the array type's OID.
-fn array_element(oid: u32) -> Option<u32> {
-    Some(match oid {
-        1000 => BOOL,
-        1005 => INT2,
-        1007 => INT4,
-        1016 => INT8,
-        1028 => OID,
-        199 => JSON,
-        1021 => FLOAT4,
-        1022 => FLOAT8,
-        1182 => DATE,
-        1183 => TIME,
-        1115 => TIMESTAMP,
-        1185 => TIMESTAMPTZ,
-        1270 => TIMETZ,
-        1231 => NUMERIC,
-        3807 => JSONB,
-        // text, varchar, bpchar, name, uuid, bytea, inet, cidr, interval: strings
-        1009 | 1015 | 1014 | 1003 | 2951 | 1001 | 1041 | 651 | 1187 => 25,
-        _ => return None,
-    })
-}
-
-/// The JSON of one value of type `type_oid`, as `row_to_json` writes it: numbers, booleans and
-/// JSON as themselves, date/time values in ISO 8601 with a `T`, arrays of built-in types as
-/// JSON arrays, anything else as its text. The walsender's session runs with `DateStyle = ISO`
-/// and `TimeZone = UTC` (see the stream's start-up), which the date/time rewrite relies on.
-pub fn to_json(type_oid: u32, text: &str) -> Value {
-    match type_oid {
-        BOOL => match text {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
-            _ => Value::String(text.to_owned()),
-        },
-        // the usual key: an integer read as one, without the number parser
-        INT2 | INT4 | INT8 | OID if let Ok(n) = text.parse::<i64>() => Value::from(n),
-        INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | NUMERIC => match text.parse::<Number>() {
-            // NaN and Infinity are not JSON numbers: row_to_json writes them as strings
-            Ok(n) => Value::Number(n),
-            Err(_) => Value::String(text.to_owned()),
-        },
-        JSON | JSONB => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned())),
-        TIMESTAMP | TIMESTAMPTZ => Value::String(iso_timestamp(text)),
-        TIME | TIMETZ => Value::String(with_colon_offset(text)),
-        _ => match array_element(type_oid) {
-            Some(element) => parse_array(text, element).unwrap_or_else(|| Value::String(text.to_owned())),
-            None => Value::String(text.to_owned()),
-        },
-    }
-}
-
-/// `2026-12-02 10:14:20.5+00` → `2026-12-02T10:14:20.5+00:00`; `infinity` stays.
-fn iso_timestamp(text: &str) -> String {
-    match text.split_once(' ') {
-        Some((date, time)) if !time.ends_with("BC") => {
-            let mut iso = String::with_capacity(text.len() + 3);
-            iso.push_str(date);
-            iso.push('T');
-            push_time(&mut iso, time);
-            iso
-        }
-        _ => text.to_owned(),
-    }
-}
-
-/// A time's `+HH` offset written as `+HH:MM`, as JSON (XSD) wants it.
-fn with_colon_offset(time: &str) -> String {
-    let mut iso = String::with_capacity(time.len() + 3);
-    push_time(&mut iso, time);
-    iso
-}
-
-fn push_time(out: &mut String, time: &str) {
-    out.push_str(time);
-    if hours_only_offset(time) {
-        out.push_str(":00");
-    }
-}
-
-/// Whether the time ends in an offset of whole hours written without minutes (`+05`).
-fn hours_only_offset(time: &str) -> bool {
-    let Some(sign) = time.rfind(['+', '-']) else { return false };
-    let offset = &time[sign + 1..];
-    offset.len() == 2 && offset.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// A PostgreSQL array literal (`{1,2,NULL}`, `{{1,2},{3,4}}`, `{"a b",c}`) of `element` values;
-/// `None` when the text is not one (a lower bound decoration such as `[0:1]={…}`, say).
-fn parse_array(text: &str, element: u32) -> Option<Value> {
-    let mut chars = text.char_indices().peekable();
-    let value = parse_level(text, &mut chars, element)?;
-    chars.next().is_none().then_some(value)
-}
-
-fn parse_level(text: &str, chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>, element: u32) -> Option<Value> {
-    if chars.next()?.1 != '{' {
-        return None;
-    }
-    let mut items = Vec::new();
-    if chars.peek().map(|c| c.1) == Some('}') {
-        chars.next();
-        return Some(Value::Array(items));
-    }
-    loop {
-        match chars.peek()?.1 {
-            '{' => items.push(parse_level(text, chars, element)?),
-            '"' => {
-                chars.next();
-                let mut s = String::new();
-                loop {
-                    match chars.next()?.1 {
-                        '\\' => s.push(chars.next()?.1),
-                        '"' => break,
-                        c => s.push(c),
-                    }
-                }
-                items.push(to_json(element, &s));
-            }
-            _ => {
-                let start = chars.peek()?.0;
-                let mut end = start;
-                while let Some(&(i, c)) = chars.peek() {
-                    if c == ',' || c == '}' {
-                        break;
-                    }
-                    end = i + c.len_utf8();
-                    chars.next();
-                }
-                let raw = text[start..end].trim();
-                items.push(if raw.eq_ignore_ascii_case("NULL") { Value::Null } else { to_json(element, raw) });
-            }
-        }
-        match chars.next()?.1 {
-            ',' => continue,
-            '}' => return Some(Value::Array(items)),
-            _ => return None,
-        }
-    }
-}
-
 /// Takes each value the stream left out of `new` ([`Datum::Unchanged`]: an out-of-line value
 /// the statement did not change) from `old`, the row before the change.
 pub fn fill_unchanged(new: &mut [Datum], old: &[Datum]) {
@@ -414,13 +261,22 @@ pub fn fill_unchanged(new: &mut [Datum], old: &[Datum]) {
     }
 }
 
-/// A row as a JSON object: each column's value converted by [`to_json`]; a value the stream left
+/// Whether two values of `column` are the same to the trigger capture, which compares columns
+/// as jsonb: `1.50` and `1.5` are one number, `{"a":1,"b":2}` and `{"b": 2, "a": 1}` one object.
+pub fn same_value(column: &RelColumn, a: &Datum, b: &Datum) -> bool {
+    match (a, b) {
+        (Datum::Text(a), Datum::Text(b)) => column.shape.same(a, b),
+        _ => a == b,
+    }
+}
+
+/// A row as a JSON object: each column's value converted by its [`Shape`]; a value the stream left
 /// out ([`Datum::Unchanged`], see [`fill_unchanged`]) is left out.
 pub fn row_json(rel: &Relation, tuple: &[Datum]) -> Map<String, Value> {
     let mut map = Map::with_capacity(rel.columns.len());
     for (column, datum) in rel.columns.iter().zip(tuple) {
         let value = match datum {
-            Datum::Text(t) => to_json(column.type_oid, t),
+            Datum::Text(t) => column.shape.json(t),
             Datum::Null => Value::Null,
             Datum::Unchanged => continue,
         };
@@ -434,26 +290,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn values_are_written_as_row_to_json_writes_them() {
-        assert_eq!(to_json(BOOL, "t"), json!(true));
-        assert_eq!(to_json(INT8, "9007199254740993"), serde_json::from_str::<Value>("9007199254740993").unwrap());
-        assert_eq!(to_json(FLOAT8, "NaN"), json!("NaN"));
-        assert_eq!(to_json(NUMERIC, "12.50"), serde_json::from_str::<Value>("12.50").unwrap());
-        assert_eq!(to_json(JSONB, r#"{"a": [1, 2]}"#), json!({"a": [1, 2]}));
-        assert_eq!(to_json(TIMESTAMPTZ, "2026-12-02 10:14:20.123+00"), json!("2026-12-02T10:14:20.123+00:00"));
-        assert_eq!(to_json(TIMESTAMP, "2026-12-02 10:14:20"), json!("2026-12-02T10:14:20"));
-        assert_eq!(to_json(TIMESTAMPTZ, "infinity"), json!("infinity"));
-        assert_eq!(to_json(TIMETZ, "10:00:00+05:30"), json!("10:00:00+05:30"));
-        assert_eq!(to_json(DATE, "2026-12-02"), json!("2026-12-02"));
-        assert_eq!(to_json(25, "plain text"), json!("plain text"));
-        assert_eq!(to_json(1007, "{1,2,NULL}"), json!([1, 2, null]));
-        assert_eq!(to_json(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
-        assert_eq!(to_json(1009, r#"{"a b","q\"x",c,"NULL"}"#), json!(["a b", "q\"x", "c", "NULL"]));
-        assert_eq!(to_json(1009, "{}"), json!([]));
-        assert_eq!(to_json(1007, "[0:1]={1,2}"), json!("[0:1]={1,2}"));
-    }
-
     fn relation_message() -> Vec<u8> {
         let mut m = vec![b'R'];
         m.extend(16384u32.to_be_bytes());
@@ -462,7 +298,7 @@ mod tests {
         m.extend(2i16.to_be_bytes());
         m.push(1);
         m.extend(b"id\0");
-        m.extend(INT4.to_be_bytes());
+        m.extend(23u32.to_be_bytes());
         m.extend((-1i32).to_be_bytes());
         m.push(0);
         m.extend(b"note\0");
