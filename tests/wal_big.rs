@@ -115,7 +115,7 @@ async fn one_big_transaction(rows: i64, kill_at: Option<usize>) {
     writer.commit().await.expect("commit");
     let written = started.elapsed();
     let wanted = usize::try_from(rows).expect("rows");
-    let patience = Duration::from_secs(60 + 60 * u64::try_from(rows / 500_000).expect("rows"));
+    let patience = Duration::from_secs(60 + 150 * u64::try_from(rows / 500_000).expect("rows"));
     let (mut seen, mut others) = (HashSet::with_capacity(wanted), Vec::new());
     let mut deliveries = 0;
     let mut peaks = Vec::new();
