@@ -20,10 +20,12 @@
 //! The SQL handler marks its writes for the chain-depth guard the same way,
 //! with a `post_save.origin` message.
 
+mod change;
 mod confirm;
 mod error;
 pub(crate) mod health;
 pub mod pgoutput;
+mod relations;
 mod retry;
 mod spill;
 mod start;
@@ -36,23 +38,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Capture, Config, Watch};
-use crate::event::{Actor, Op, RowImage, SaveEvent};
+use crate::config::{Capture, Config};
+use crate::event::{Actor, SaveEvent};
 use crate::lease::Lease;
-use crate::name::TableName;
 use crate::router::Router;
 use crate::stats::Stats;
+use change::{Batch, change_event};
 use confirm::Confirmations;
 pub use error::{Blocked, Blocker, WalError};
-use pgoutput::{Datum, Message, Relation};
+use pgoutput::Message;
+use relations::{Catalog, Relations};
 use spill::Spill;
 use stream::{Copied, Replication, StreamError};
 use time::pg_time;
-use types::UserTypes;
 
 /// The logical replication slot of the post-save install in database `dbname`: slots are
 /// cluster-wide, so the name carries the database's (letters, digits and `_` only).
@@ -94,117 +95,6 @@ pub(crate) struct WalCapture {
     pub(crate) lease: Option<Arc<Lease>>,
     /// Where the reader says what blocks it (`STATUS=`, the metrics); `None` while it can stream.
     pub(crate) blocked: watch::Sender<Option<Blocked>>,
-}
-
-/// A watched table as the stream names it.
-struct Table {
-    watch: Watch,
-    sender: String,
-    /// Its OID while it exists: the stream names a table by OID, so a table renamed or moved
-    /// to another schema stays this watch's.
-    oid: Option<u32>,
-    pk: Vec<String>,
-    /// Whether the log already said the table is now called something else.
-    told_renamed: bool,
-    /// A published table no watch names: its saves are kept as dead letters, not routed.
-    unwatched: bool,
-}
-
-impl Table {
-    /// The watch's table as it is now; a missing table is kept (it may be made later) and said.
-    async fn resolve(client: &tokio_postgres::Client, watch: &Watch) -> Result<Table, tokio_postgres::Error> {
-        let oid = client
-            .query_one("SELECT to_regclass($1)::oid::int8", &[&watch.table.quoted()])
-            .await?
-            .get::<_, Option<i64>>(0)
-            .and_then(|o| u32::try_from(o).ok());
-        let pk = match (oid, crate::triggers::table_shape(client, watch).await) {
-            (_, Ok(shape)) => shape.pk,
-            (None, _) => {
-                tracing::warn!(table = %watch.table, "WAL capture: a watched table does not exist; its saves are captured once it does");
-                watch.pk.clone().unwrap_or_default()
-            }
-            (Some(_), Err(crate::triggers::TriggerError::Query(e))) => return Err(e),
-            (Some(_), Err(e)) => {
-                tracing::error!(table = %watch.table, error = %e, "WAL capture: cannot read the watched table's key");
-                watch.pk.clone().unwrap_or_default()
-            }
-        };
-        Ok(Table {
-            watch: watch.clone(),
-            sender: watch.table.to_string(),
-            oid,
-            pk,
-            told_renamed: false,
-            unwatched: false,
-        })
-    }
-}
-
-impl Table {
-    /// A published table no watch names, keyed by its primary key (or, without one, every
-    /// column: its replica identity is FULL or it is published for inserts only).
-    fn unwatched(name: TableName, oid: u32, pk: Vec<String>, rel: &Relation) -> Table {
-        let pk = if pk.is_empty() { rel.columns.iter().map(|c| c.name.clone()).collect() } else { pk };
-        let watch = Watch {
-            table: name.clone(),
-            operations: crate::config::Operations { insert: true, update: true, delete: true },
-            mode: crate::config::Mode::Durable,
-            columns: Vec::new(),
-            redact: Vec::new(),
-            include_old: true,
-            pk: None,
-            insert_capture: crate::config::InsertCapture::Statement,
-            capture: Capture::Wal,
-        };
-        Table { watch, sender: name.to_string(), oid: Some(oid), pk, told_renamed: true, unwatched: true }
-    }
-}
-
-/// What is known of the stream's tables: the relation messages, by OID.
-struct Relations {
-    by_oid: HashMap<u32, Described>,
-    tables: Vec<Table>,
-    types: UserTypes,
-}
-
-/// A table as its last relation message describes it.
-struct Described {
-    rel: Arc<Relation>,
-    /// Its index in `Relations::tables` when it is watched, and where each key column is in
-    /// its rows (`None`: the stream does not have that column).
-    watched: Option<(usize, Vec<Option<usize>>)>,
-}
-
-impl Relations {
-    /// Where each of `table`'s key columns is in `rel`'s rows.
-    fn key_at(table: &Table, rel: &Relation) -> Vec<Option<usize>> {
-        table.pk.iter().map(|key| rel.columns.iter().position(|c| &c.name == key)).collect()
-    }
-}
-
-/// A connection for reading the catalog while streaming, made when first needed and again
-/// after it is lost.
-struct Catalog {
-    pg: crate::db::Settings,
-    client: Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>,
-}
-
-impl Catalog {
-    async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
-        if self.client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            self.client = Some(crate::db::connect(&self.pg).await.map_err(|e| e.to_string())?);
-        }
-        Ok(&self.client.as_ref().expect("connected above").0)
-    }
-}
-
-impl Drop for Catalog {
-    fn drop(&mut self) {
-        if let Some((_, task)) = self.client.take() {
-            task.abort();
-        }
-    }
 }
 
 /// Most events a new transaction reserves room for, from the size of the last one.
@@ -411,7 +301,7 @@ impl WalCapture {
                             }
                         }
                     }
-                    Message::Relation(rel) => self.learn(rel, st).await,
+                    Message::Relation(rel) => st.relations.learn(rel, &mut st.catalog).await,
                     change => {
                         if let Some(tx) = st.open.as_mut()
                             && change_event(&st.relations, change, start, payload.len(), &mut tx.made, &self.stats)
@@ -431,115 +321,6 @@ impl WalCapture {
             }
         }
         Ok(())
-    }
-
-    /// A relation message: which watch the table is (by OID, or by name for a table made since
-    /// the session started), where its key columns are, and its values' types.
-    async fn learn(&self, mut rel: Relation, st: &mut Session) {
-        let relations = &mut st.relations;
-        if relations.types.unknown_in(&rel) {
-            // a type made since the stream started (new DDL): read them again
-            let types = match st.catalog.client().await {
-                Ok(client) => UserTypes::load(client).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            match types {
-                Ok(types) => relations.types = types,
-                Err(e) => {
-                    tracing::warn!(error = %e, table = %rel.name, "WAL capture: could not read the database's types; values of new types arrive as text")
-                }
-            }
-        }
-        for column in &mut rel.columns {
-            column.shape = relations.types.shape(column.type_oid);
-        }
-        let name = TableName::new(rel.schema.clone(), rel.name.clone());
-        let mut index = relations.tables.iter().position(|t| t.oid == Some(rel.id));
-        if index.is_none() {
-            // a watched table made (or dropped and made again) since its OID was read
-            index = relations.tables.iter().position(|t| t.watch.table == name);
-            if let Some(i) = index {
-                let table = &mut relations.tables[i];
-                if let Some(old) = table.oid.filter(|old| *old != rel.id)
-                    && Self::exists(&mut st.catalog, old).await
-                {
-                    // the watched table still exists under another name: this one is another table
-                    index = None;
-                } else {
-                    table.oid = Some(rel.id);
-                    table.told_renamed = false;
-                }
-            }
-        }
-        let watched = match index {
-            Some(i) => {
-                let table = &mut relations.tables[i];
-                if table.watch.table != name && !table.told_renamed {
-                    table.told_renamed = true;
-                    tracing::warn!(
-                        watched = %table.watch.table, now = %name,
-                        "WAL capture: a watched table was renamed or moved; its saves are still captured with the \
-                         watch's sender: set `table` in its [[watch]] (and the handlers' `sender`), then run \
-                         `post-save triggers install`"
-                    );
-                }
-                let mut key_at = Relations::key_at(table, &rel);
-                if key_at.iter().any(Option::is_none) && table.watch.pk.is_none() {
-                    // a key column renamed: its name now, from the catalog
-                    match Self::primary_key(&mut st.catalog, rel.id).await {
-                        Ok(pk) if !pk.is_empty() => {
-                            tracing::info!(sender = %table.sender, key = ?pk, "WAL capture: the table's key columns are now named differently");
-                            table.pk = pk;
-                            key_at = Relations::key_at(table, &rel);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(sender = %table.sender, error = %e, "WAL capture: could not read the table's key")
-                        }
-                    }
-                }
-                Some((i, key_at))
-            }
-            None => {
-                let pk = Self::primary_key(&mut st.catalog, rel.id).await.unwrap_or_default();
-                tracing::error!(
-                    table = %name,
-                    "WAL capture: a table in a post-save publication is not watched (renamed while the daemon was \
-                     stopped, or dropped from the config?); its saves are kept as dead letters of handler \
-                     `(unwatched)`: watch it under this name, then `post-save dead retry --handler '(unwatched)'`, \
-                     or run `post-save triggers install` to take it out of the publication"
-                );
-                let table = Table::unwatched(name, rel.id, pk, &rel);
-                let key_at = Relations::key_at(&table, &rel);
-                relations.tables.push(table);
-                Some((relations.tables.len() - 1, key_at))
-            }
-        };
-        relations.by_oid.insert(rel.id, Described { rel: Arc::new(rel), watched });
-    }
-
-    async fn exists(catalog: &mut Catalog, oid: u32) -> bool {
-        let Ok(client) = catalog.client().await else { return true };
-        client
-            .query_opt("SELECT 1 FROM pg_class WHERE oid = $1::int8::oid", &[&i64::from(oid)])
-            .await
-            .map_or(true, |row| row.is_some())
-    }
-
-    /// The names of a table's primary-key columns, in key order.
-    async fn primary_key(catalog: &mut Catalog, oid: u32) -> Result<Vec<String>, String> {
-        let client = catalog.client().await?;
-        let rows = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i \
-                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
-                  WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
-                  ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                &[&i64::from(oid)],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Hands a committed transaction's events to the router in batches that fit the in-flight
@@ -597,7 +378,7 @@ impl WalCapture {
         while let Some((lsn, payload)) = replay.next().map_err(lost)? {
             let len = payload.len();
             match decode(payload, lsn, &self.stats) {
-                Some(Message::Relation(rel)) => self.learn(rel, st).await,
+                Some(Message::Relation(rel)) => st.relations.learn(rel, &mut st.catalog).await,
                 Some(change) => {
                     change_event(&st.relations, change, lsn, len, batch, &self.stats);
                 }
@@ -654,22 +435,6 @@ impl WalCapture {
 /// The handler name under which the saves of a published table no watch names are kept as
 /// dead letters.
 pub(crate) const UNWATCHED: &str = "(unwatched)";
-
-/// Events of one transaction on their way to the router.
-#[derive(Default)]
-struct Batch {
-    events: Vec<SaveEvent>,
-    /// Saves of published tables no watch names, kept as dead letters.
-    unwatched: Vec<SaveEvent>,
-    /// The bytes of the messages they were made from.
-    bytes: usize,
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        self.events.len() + self.unwatched.len()
-    }
-}
 
 /// What every event of a transaction shares, known at its commit.
 struct Stamp {
@@ -735,104 +500,6 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
         tracing::info!(slot = %slot, "logical replication slot created");
     }
     Ok(!exists)
-}
-
-/// Adds the event of one change (`size` bytes of stream) to `out` when its table is watched for
-/// it, or to its unwatched saves; whether it did.
-fn change_event(relations: &Relations, change: Message, lsn: u64, size: usize, out: &mut Batch, stats: &Stats) -> bool {
-    let (rel_id, op) = match &change {
-        Message::Insert { rel, .. } => (*rel, Op::Insert),
-        Message::Update { rel, .. } => (*rel, Op::Update),
-        Message::Delete { rel, .. } => (*rel, Op::Delete),
-        _ => return false,
-    };
-    let Some(Described { rel, watched: Some((table, key_at)) }) = relations.by_oid.get(&rel_id) else {
-        if !relations.by_oid.contains_key(&rel_id) {
-            Stats::bump(&stats.invalid);
-            tracing::error!(relation = rel_id, "WAL capture: a change of a table the stream never described; skipped");
-        }
-        return false;
-    };
-    let table = &relations.tables[*table];
-    let watch = &table.watch;
-    let ops = watch.operations;
-    let (new, old, update_fields) = match change {
-        Message::Insert { new, .. } if ops.insert => (new, None, None),
-        Message::Update { old, mut new, .. } if ops.update => {
-            let changed = old.as_deref().map(|old| changed_columns(rel, old, &new));
-            if let Some(changed) = &changed {
-                let watched = watch.columns.is_empty() || changed.iter().any(|c| watch.columns.contains(c));
-                if changed.is_empty() || !watched {
-                    return false;
-                }
-            }
-            if let Some(old) = old.as_deref() {
-                pgoutput::fill_unchanged(&mut new, old);
-            }
-            (new, old.filter(|_| watch.include_old), changed)
-        }
-        Message::Delete { old, .. } if ops.delete => (old, None, None),
-        _ => return false,
-    };
-    let mut pk = Map::with_capacity(table.pk.len());
-    for (key, at) in table.pk.iter().zip(key_at) {
-        let value = at.and_then(|i| match new.get(i) {
-            Some(Datum::Text(text)) => Some(rel.columns[i].shape.json(text)),
-            Some(Datum::Null) => Some(Value::Null),
-            Some(Datum::Unchanged) | None => None,
-        });
-        let Some(value) = value else {
-            Stats::bump(&stats.invalid);
-            tracing::error!(sender = %table.sender, column = %key, "WAL capture: a change without its primary key; skipped");
-            return false;
-        };
-        pk.insert(key.clone(), value);
-    }
-    pk.values_mut().for_each(crate::event::exact_numbers);
-    // The row images are built into JSON when something reads them: a handler that only needs
-    // the key, or a filter on other fields, never pays for it.
-    let image = |tuple: Vec<Datum>| {
-        let rel = Arc::clone(rel);
-        RowImage::lazy(move || Value::Object(pgoutput::row_json(&rel, &tuple)))
-    };
-    let instance = image(new);
-    let old = old.map(image).unwrap_or_default();
-    out.bytes += size;
-    let events = if table.unwatched { &mut out.unwatched } else { &mut out.events };
-    events.push(SaveEvent {
-        id: i64::try_from(lsn).ok(),
-        signal: if op == Op::Delete { crate::config::Signal::PostDelete } else { crate::config::Signal::PostSave },
-        sender: table.sender.clone(),
-        op,
-        created: op == Op::Insert,
-        pk,
-        instance,
-        old,
-        update_fields,
-        raw: false,
-        using: String::new(),
-        txid: 0,
-        at: String::new(),
-        actor: Actor { role: String::new(), application_name: None, client_addr: None, pid: 0, actor: None },
-        origin: None,
-        reread: false,
-    });
-    true
-}
-
-/// The columns whose values differ between the old and the new row (an unchanged out-of-line
-/// value is not a change, nor is a value written differently that jsonb holds equal).
-fn changed_columns(rel: &Relation, old: &[Datum], new: &[Datum]) -> Vec<String> {
-    rel.columns
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| match (old.get(*i), new.get(*i)) {
-            (_, Some(Datum::Unchanged)) | (None, _) => false,
-            (Some(a), Some(b)) => !pgoutput::same_value(c, a, b),
-            (Some(_), None) => false,
-        })
-        .map(|(_, c)| c.name.clone())
-        .collect()
 }
 
 #[cfg(test)]

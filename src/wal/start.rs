@@ -3,9 +3,10 @@
 
 use super::error::WalError;
 use super::health::{Backend, Slot};
+use super::relations::{Catalog, Table};
 use super::stream::Replication;
 use super::types::UserTypes;
-use super::{Catalog, Table, WalCapture, ensure_slot, slot_name};
+use super::{WalCapture, ensure_slot, slot_name};
 use crate::config::Capture;
 
 /// What a session knows before it streams.
