@@ -128,6 +128,54 @@ async fn saves_made_while_the_daemon_is_down_arrive_once_after_it_starts() {
     assert_ne!(slot_position(&db).await, confirmed, "the slot moved on");
 }
 
+#[tokio::test]
+async fn a_daemon_stopped_while_saves_stream_in_delivers_none_of_them_again() {
+    let (db, config) = shop("").await;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let client = db.client().await;
+        let writing = std::sync::Arc::clone(&writing);
+        tokio::spawn(async move {
+            let mut saved = 0i64;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute("INSERT INTO shop_order (user_id, product) VALUES ($1, 'streaming')", &[&saved])
+                    .await
+                    .expect("insert");
+                saved += 1;
+            }
+            saved
+        })
+    };
+    // Each daemon stops while the server is still sending it saves: what it delivered before
+    // stopping must be confirmed, so the next one starts after it.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut daemon = start(&db, config.clone()).await;
+        seen.extend(daemon.take(30).await);
+        seen.extend(daemon.stop_collecting().await);
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let saved = usize::try_from(writer.await.expect("writer")).expect("count");
+    let mut daemon = start(&db, config).await;
+    let mut ids: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let mut repeated = 0;
+    for e in &seen {
+        if !ids.insert(e.pk["id"].as_i64().expect("id")) {
+            repeated += 1;
+        }
+    }
+    while ids.len() < saved {
+        let e = daemon.next().await;
+        if !ids.insert(e.pk["id"].as_i64().expect("id")) {
+            repeated += 1;
+        }
+    }
+    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.stop().await;
+    assert_eq!(repeated, 0, "saves delivered again after a clean stop ({saved} saved)");
+}
+
 /// The slot's walsender for the test's database, ended from outside as a failover or an
 /// administrator would end it; returns how many were ended.
 async fn end_walsender(db: &TestDb) -> i64 {

@@ -144,6 +144,8 @@ enum Ended {
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// How often the server hears from a reader that waits for in-flight permits.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long a stopping reader waits for the server to end the stream after its last confirmation.
+const FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 impl WalCapture {
     /// Streams until `stop`; reconnects with the daemon's backoff when the connection is
@@ -235,8 +237,12 @@ impl WalCapture {
                 }
             })
             .await;
-            if confirms.dirty {
-                let _ = conn.confirm(confirms.confirmed).await;
+            if let Err(e) =
+                tokio::time::timeout(FINISH_WITHIN, conn.finish(confirms.confirmed)).await.unwrap_or_else(|_| {
+                    Err(StreamError::Protocol(format!("the server did not end the stream within {FINISH_WITHIN:?}")))
+                })
+            {
+                tracing::warn!(error = %e, "WAL capture: the last confirmation may not have reached the server; the next start may deliver its transactions again");
             }
             tracing::info!(confirmed = %stream::format_lsn(confirms.confirmed), "WAL capture stopped");
         }

@@ -633,6 +633,27 @@ impl Replication {
         Ok(())
     }
 
+    /// Confirms `lsn` and ends the stream the way the protocol does (CopyDone both ways, then
+    /// the command's completion), so the server has taken the confirmation in before the
+    /// connection goes: a connection merely dropped while the server writes to it can end the
+    /// server's session before it reads the last confirmation, and the next start then streams
+    /// again what was delivered.
+    pub async fn finish(&mut self, lsn: u64) -> Result<(), StreamError> {
+        self.confirm(lsn).await?;
+        frontend::copy_done(&mut self.write);
+        self.flush().await?;
+        // what the server sent before it saw the CopyDone is dropped: the slot streams it again
+        loop {
+            let frame = self.frame_or_error().await?;
+            if frame.tag == b'Z' {
+                break;
+            }
+        }
+        frontend::terminate(&mut self.write);
+        self.flush().await?;
+        Ok(())
+    }
+
     async fn flush(&mut self) -> io::Result<()> {
         if let Some(socket) = self.socket.as_mut() {
             socket.write_all(&self.write).await?;

@@ -125,6 +125,17 @@ impl Running {
         self.stop_inner().await;
     }
 
+    /// Stops the daemon gracefully and returns the events delivered and not yet taken.
+    #[allow(dead_code)]
+    pub async fn stop_collecting(mut self) -> Vec<SaveEvent> {
+        self.stop_inner().await;
+        let mut left = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            left.push(e);
+        }
+        left
+    }
+
     async fn stop_inner(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
