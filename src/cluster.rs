@@ -211,6 +211,49 @@ impl TempCluster {
         Ok(cluster)
     }
 
+    /// Makes a streaming standby of this cluster in a new temporary directory
+    /// (`pg_basebackup -R`, so it follows this server), with `opts` as its own settings, starts
+    /// it and waits until it accepts connections. Removed on drop like [`TempCluster::start`].
+    pub fn start_standby(&self, opts: ClusterOptions) -> Result<TempCluster, ClusterError> {
+        let dir = tempfile::Builder::new()
+            .prefix("post-save-pg-")
+            .tempdir()
+            .map_err(io_err("could not create a temporary directory"))?
+            .keep();
+        let mut standby = TempCluster::new(dir, self.bindir.clone(), self.owner.clone(), false);
+        fs::set_permissions(&standby.dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("could not make {} private", standby.dir.display())))?;
+        standby.give_dir_to_owner()?;
+        standby.port = choose_port(&opts, None)?;
+        let mut cmd = standby.command("pg_basebackup");
+        cmd.arg("-D").arg(&standby.data_dir).args(["-X", "stream", "--checkpoint=fast", "--no-sync", "-d"]);
+        cmd.arg(self.conninfo("postgres"));
+        standby.run("pg_basebackup", cmd)?;
+        // The primary's settings file came with the copy: this one has its own port and socket,
+        // and follows the primary. primary_conninfo is written here rather than by `-R`, whose
+        // string names every option of the libpq pg_basebackup was built with, which the
+        // server's own may not know; dbname lets a standby of PostgreSQL 17 and later
+        // synchronise failover slots.
+        let mut opts = opts;
+        opts.settings.insert(
+            0,
+            ("primary_conninfo".to_owned(), format!("{} application_name=standby", self.conninfo("postgres"))),
+        );
+        standby.write_conf(&opts)?;
+        let signal = standby.data_dir.join("standby.signal");
+        fs::write(&signal, "").map_err(io_err(format!("could not write {}", signal.display())))?;
+        standby.give_to_owner(&signal)?;
+        standby.start_again()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`) and waits until it accepts writes.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.args(["promote", "-w", "-t", PG_CTL_TIMEOUT_SECS, "-D"]).arg(&self.data_dir);
+        self.run("pg_ctl promote", cmd).map(drop)
+    }
+
     fn new(dir: PathBuf, bindir: PathBuf, owner: Option<User>, persistent: bool) -> TempCluster {
         TempCluster { data_dir: dir.join("data"), dir, bindir, port: 0, owner, persistent }
     }

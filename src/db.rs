@@ -63,6 +63,53 @@ impl Settings {
     pub fn tls(&self) -> &Tls {
         &self.tls
     }
+
+    /// Each server of a multi-host connection string on its own (`host:port`, and settings
+    /// naming only it, whatever its role), for checks that look at the standbys too.
+    pub(crate) fn each_host(&self) -> Vec<(String, Settings)> {
+        use tokio_postgres::config::Host;
+        let ports = self.pg.get_ports();
+        self.pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                let mut one = tokio_postgres::Config::new();
+                let label = match host {
+                    Host::Tcp(name) => {
+                        one.host(name);
+                        format!("{name}:{port}")
+                    }
+                    Host::Unix(dir) => {
+                        one.host_path(dir);
+                        format!("{}:{port}", dir.display())
+                    }
+                };
+                one.port(port);
+                if let Some(user) = self.pg.get_user() {
+                    one.user(user);
+                }
+                if let Some(password) = self.pg.get_password() {
+                    one.password(password);
+                }
+                if let Some(dbname) = self.pg.get_dbname() {
+                    one.dbname(dbname);
+                }
+                if let Some(name) = self.pg.get_application_name() {
+                    one.application_name(name);
+                }
+                if let Some(options) = self.pg.get_options() {
+                    one.options(options);
+                }
+                one.connect_timeout(
+                    self.pg.get_connect_timeout().copied().unwrap_or(std::time::Duration::from_secs(5)),
+                );
+                one.channel_binding(self.pg.get_channel_binding());
+                (label, Settings { pg: one, tls: Arc::clone(&self.tls) })
+            })
+            .collect()
+    }
 }
 
 impl Deref for Settings {

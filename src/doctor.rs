@@ -248,7 +248,23 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
     let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
     let slot = crate::wal::slot_name(&dbname);
     let Some(found) = health::Slot::read(client, &slot).await? else {
-        return Ok(Check::ok("wal", format!("wal_level is logical; slot `{slot}` is not made yet (see `triggers`)")));
+        let Some(record) = crate::wal::slot::record(client, &slot).await? else {
+            return Ok(Check::ok(
+                "wal",
+                format!("wal_level is logical; slot `{slot}` is not made yet (see `triggers`)"),
+            ));
+        };
+        return Ok(Check::bad(
+            "wal",
+            Verdict::Fail,
+            format!(
+                "slot `{slot}` does not exist on this server (made {}): the daemon does not stream, and saves \
+                 committed after {} may not have been delivered",
+                record.created_at,
+                record.since()
+            ),
+            crate::wal::error::missing_fix(Some(&record), &[]),
+        ));
     };
     if let Some(reason) = found.invalidated() {
         let since = found.confirmed.as_deref().unwrap_or("?");
@@ -262,8 +278,25 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
             ),
         ));
     }
+    let check = slot_state(pg, client, &slot, &found).await?;
+    if check.verdict != Verdict::Ok {
+        return Ok(check);
+    }
+    Ok(match failover_findings(pg, client, &slot).await? {
+        Ok(note) => Check { detail: format!("{}{note}", check.detail), ..check },
+        Err(warning) => warning,
+    })
+}
+
+/// Whether the slot streams, or could.
+async fn slot_state(
+    pg: &crate::db::Settings,
+    client: &Client,
+    slot: &str,
+    found: &health::Slot,
+) -> Result<Check, tokio_postgres::Error> {
     if let Some(pid) = found.active_pid {
-        return slot_streamed(pg, client, &slot, pid).await;
+        return slot_streamed(pg, client, slot, pid).await;
     }
     if found.wal_status.as_deref() == Some("unreserved") {
         return Ok(Check::bad(
@@ -276,6 +309,82 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
         ));
     }
     Ok(Check::ok("wal", format!("wal_level is logical; slot `{slot}` has its WAL; no process streams it now")))
+}
+
+/// On PostgreSQL 17 and later, whether the slot survives a failover: it must be a failover
+/// slot, and every standby the connection string names must have it synchronised. `Ok` is a
+/// note for the detail; `Err` a warning.
+async fn failover_findings(
+    pg: &crate::db::Settings,
+    client: &Client,
+    slot: &str,
+) -> Result<Result<String, Check>, tokio_postgres::Error> {
+    let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    if version < 170_000 {
+        return Ok(Ok(String::new()));
+    }
+    let failover: bool = client
+        .query_one(
+            "SELECT (to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(false);
+    if !failover {
+        return Ok(Err(Check::bad(
+            "wal",
+            Verdict::Warn,
+            format!(
+                "slot `{slot}` is not a failover slot: a promoted standby will not have it, and the WAL capture stops there"
+            ),
+            format!(
+                "make it one, over a replication connection: psql \"dbname=<db> replication=database\" -c \
+                 'ALTER_REPLICATION_SLOT {slot} (FAILOVER true)'"
+            ),
+        )));
+    }
+    let mut synced = Vec::new();
+    let mut lacking = Vec::new();
+    for (host, one) in pg.each_host() {
+        let Ok((other, _task)) = crate::db::connect(&one).await else { continue };
+        let Ok(row) = other.query_one("SELECT pg_is_in_recovery()", &[]).await else { continue };
+        if !row.get::<_, bool>(0) {
+            continue;
+        }
+        let has = other
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots s WHERE slot_name = $1                     AND (to_jsonb(s) ->> 'synced')::bool AND NOT temporary",
+                &[&slot],
+            )
+            .await
+            .is_ok_and(|r| r.is_some());
+        if has { synced.push(host) } else { lacking.push(host) }
+    }
+    if !lacking.is_empty() {
+        return Ok(Err(Check::bad(
+            "wal",
+            Verdict::Warn,
+            format!(
+                "standby {} does not have failover slot `{slot}` synchronised: promoted, it could not stream the saves",
+                lacking.join(", ")
+            ),
+            "on the standby set sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name, and \
+             dbname in primary_conninfo; on the primary list that physical slot in synchronized_standby_slots",
+        )));
+    }
+    if synced.is_empty() {
+        let standbys: i64 = client.query_one("SELECT count(*) FROM pg_stat_replication", &[]).await?.get(0);
+        return Ok(Ok(if standbys > 0 {
+            format!(
+                "; a failover slot; {standbys} standby(s) stream from this server but the connection string names none \
+                 (list them, with target_session_attrs=read-write, so the daemon follows a failover and doctor checks them)"
+            )
+        } else {
+            "; a failover slot".to_owned()
+        }));
+    }
+    Ok(Ok(format!("; a failover slot, synchronised on standby {}", synced.join(", "))))
 }
 
 /// The slot is streamed by `pid`. By a post-save daemon (its replication connection's

@@ -169,6 +169,12 @@ pub fn needed(config: &Config) -> Vec<Right> {
             &["REPLICATION"],
             "streaming the logical replication slot of capture = \"wal\"",
         ));
+        rights.push(Right::new(
+            Table,
+            "post_save.wal_slot",
+            &["SELECT", "INSERT", "UPDATE"],
+            "recording how far the slot is delivered, so a lost slot names the saves to send again",
+        ));
     }
     rights
 }
@@ -287,7 +293,8 @@ mod tests {
         );
         assert!(all.contains(&r#"GRANT SELECT ON TABLE "public"."item" TO "a ""role""";"#.to_owned()));
         assert!(!all.iter().any(|s| s.contains("Odd")), "a WAL-captured table needs no grant: {all:?}");
-        assert_eq!(all.last().unwrap(), r#"ALTER ROLE "a ""role""" WITH REPLICATION;"#);
+        assert!(all.contains(&r#"ALTER ROLE "a ""role""" WITH REPLICATION;"#.to_owned()));
+        assert_eq!(all.last().unwrap(), r#"GRANT SELECT, INSERT, UPDATE ON TABLE post_save.wal_slot TO "a ""role""";"#);
     }
 
     #[cfg(feature = "sql")]

@@ -326,13 +326,39 @@ async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_s
     assert_eq!(metric(&scraped, "post_save_wal_blocked{reason=\"slot_invalidated\"}"), 1.0, "{scraped}");
     assert_rechecks_quietly(&daemon, port).await;
 
-    // the operator's fix: the daemon makes a new slot and streams from then on
+    // the operator drops the slot: the daemon does not make a new one on its own, and says
+    // since when saves may be missing and how to send them again
     db.psql_ok(&format!("SELECT pg_drop_replication_slot('{slot}')"));
+    let deadline = Instant::now() + PATIENCE;
+    let missing = loop {
+        if let Some(line) = logged(&daemon, "WAL capture blocked").into_iter().nth(1) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no second blocker logged:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(missing["reason"].as_str(), Some("slot_missing"), "{missing}");
+    let fix = missing["fix"].as_str().expect("fix");
+    assert!(
+        fix.contains("post-save triggers install") && fix.contains("post-save backfill --table public.item"),
+        "{missing}"
+    );
+    let (code, wal) = doctor_wal(&daemon, &db);
+    assert_eq!((code, wal["verdict"].as_str()), (1, Some("fail")), "{wal}");
+    assert!(wal["detail"].as_str().is_some_and(|d| d.contains("does not exist")), "{wal}");
+    assert_eq!(
+        db.query_i64("SELECT count(*) FROM pg_replication_slots").await,
+        0,
+        "no slot made behind the operator's back"
+    );
+
+    // the operator's fix: `triggers install` makes a new slot; the daemon streams from then on
+    install(&db, &config(&text)).await;
     wait_logged(&daemon, "WAL capture unblocked").await;
     db.psql_ok("INSERT INTO item (name) VALUES ('after the new slot')");
     let event = daemon.next().await;
     assert_eq!(event["instance"]["name"], "after the new slot", "{event}");
-    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "{}", daemon.log_text());
+    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 2, "{}", daemon.log_text());
     daemon.stop().await;
     drop(client);
     drop(db);

@@ -337,7 +337,7 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<String, Tri
     // wrote, so it comes after the commit.
     if crate::wal::wanted(config) {
         let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
-        crate::wal::ensure_slot(client, &crate::wal::slot_name(&dbname)).await?;
+        crate::wal::slot::make(client, &crate::wal::slot_name(&dbname)).await?;
     }
     Ok(run)
 }
@@ -400,6 +400,10 @@ pub async fn remove(client: &mut Client) -> Result<Vec<TableName>, TriggerError>
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
             &[&crate::wal::slot_name(&dbname)],
         )
+        .await?;
+    // removed on purpose: no daemon should report the slot as lost
+    client
+        .batch_execute("DO $$ BEGIN IF to_regclass('post_save.wal_slot') IS NOT NULL THEN DELETE FROM post_save.wal_slot; END IF; END $$")
         .await?;
     Ok(tables)
 }

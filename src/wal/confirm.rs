@@ -8,6 +8,8 @@ use super::Settled;
 #[derive(Debug)]
 pub(crate) struct Pending {
     end_lsn: u64,
+    /// Its commit time (microseconds since 2000-01-01).
+    commit_time: i64,
     /// Its parts still out: each batch of its events, and its reader while it dispatches them.
     waiting: u32,
 }
@@ -18,6 +20,8 @@ pub(crate) struct Confirmations {
     pub(crate) queue: VecDeque<Pending>,
     /// Everything up to here is consumed.
     pub(crate) confirmed: u64,
+    /// The commit time of the last transaction confirmed with events in it.
+    pub(crate) confirmed_commit: Option<i64>,
     /// A transaction was handed back: nothing after it may be confirmed in this session.
     pub(crate) stuck: bool,
     pub(crate) dirty: bool,
@@ -25,8 +29,8 @@ pub(crate) struct Confirmations {
 
 impl Confirmations {
     /// A committed transaction: done already, or waiting for one settlement.
-    pub(crate) fn push(&mut self, end_lsn: u64, done: bool) {
-        self.queue.push_back(Pending { end_lsn, waiting: u32::from(!done) });
+    pub(crate) fn push(&mut self, end_lsn: u64, commit_time: i64, done: bool) {
+        self.queue.push_back(Pending { end_lsn, commit_time, waiting: u32::from(!done) });
         self.advance();
     }
 
@@ -52,10 +56,11 @@ impl Confirmations {
         if self.stuck {
             return;
         }
-        while let Some(&Pending { end_lsn, waiting: 0 }) = self.queue.front() {
+        while let Some(&Pending { end_lsn, commit_time, waiting: 0 }) = self.queue.front() {
             self.queue.pop_front();
             if end_lsn > self.confirmed {
                 self.confirmed = end_lsn;
+                self.confirmed_commit = Some(commit_time);
                 self.dirty = true;
             }
         }
@@ -73,23 +78,24 @@ mod tests {
     #[test]
     fn only_a_fully_settled_prefix_is_confirmed() {
         let mut c = Confirmations::default();
-        c.push(10, false);
-        c.push(20, false);
-        c.push(30, true);
+        c.push(10, 10, false);
+        c.push(20, 20, false);
+        c.push(30, 30, true);
         c.settle(settled(20));
         assert_eq!(c.confirmed, 0);
         c.settle(settled(10));
         assert_eq!(c.confirmed, 30);
-        c.push(40, false);
+        assert_eq!(c.confirmed_commit, Some(30), "the commit time of the last confirmed transaction");
+        c.push(40, 40, false);
         c.settle(Settled { end_lsn: 40, handed_back: true });
-        c.push(50, true);
+        c.push(50, 50, true);
         assert_eq!(c.confirmed, 30, "a handed-back transaction stops confirmation");
     }
 
     #[test]
     fn a_transaction_in_batches_is_confirmed_after_its_last_batch_and_its_reader() {
         let mut c = Confirmations::default();
-        c.push(10, false);
+        c.push(10, 10, false);
         c.hold(10);
         c.settle(settled(10));
         c.hold(10);

@@ -50,6 +50,17 @@ pub enum WalError {
         /// Where its reader had confirmed it: saves after this may be gone.
         confirmed: Option<String>,
     },
+    /// The slot does not exist on this server: it was dropped, or a standby without it was
+    /// promoted. The daemon does not make it again (see `slot.rs`).
+    #[error("replication slot `{slot}` does not exist on this server")]
+    SlotMissing {
+        /// The slot.
+        slot: String,
+        /// What `post_save.wal_slot` remembers of it: since when saves may be missing.
+        record: Option<super::slot::Record>,
+        /// The watched tables of `capture = "wal"`, for the backfill advice.
+        tables: Vec<String>,
+    },
     /// Another process streams the slot.
     #[error("replication slot `{slot}` is streamed by another process ({})", process(*pid, holder.as_deref()))]
     SlotInUse {
@@ -72,6 +83,8 @@ pub enum Blocker {
     NoPublication,
     /// The slot was invalidated.
     SlotInvalidated,
+    /// The slot is missing (dropped, or lost in a failover).
+    SlotMissing,
     /// Another process streams the slot (for longer than a hand-over takes).
     SlotInUse,
     /// The role may not connect, replicate or read what it needs.
@@ -80,16 +93,23 @@ pub enum Blocker {
 
 impl Blocker {
     /// Every blocker, in the order the metrics list them.
-    pub const ALL: [Blocker; 5] =
-        [Blocker::WalLevel, Blocker::NoPublication, Blocker::SlotInvalidated, Blocker::SlotInUse, Blocker::Denied];
+    pub const ALL: [Blocker; 6] = [
+        Blocker::WalLevel,
+        Blocker::NoPublication,
+        Blocker::SlotInvalidated,
+        Blocker::SlotMissing,
+        Blocker::SlotInUse,
+        Blocker::Denied,
+    ];
 
     /// The metric label: `wal_level`, `publication_missing`, `slot_invalidated`,
-    /// `slot_in_use`, `permission_denied`.
+    /// `slot_missing`, `slot_in_use`, `permission_denied`.
     pub fn label(self) -> &'static str {
         match self {
             Blocker::WalLevel => "wal_level",
             Blocker::NoPublication => "publication_missing",
             Blocker::SlotInvalidated => "slot_invalidated",
+            Blocker::SlotMissing => "slot_missing",
             Blocker::SlotInUse => "slot_in_use",
             Blocker::Denied => "permission_denied",
         }
@@ -103,8 +123,13 @@ impl Blocker {
             }
             Blocker::NoPublication => "run `post-save triggers install`",
             Blocker::SlotInvalidated => {
-                "see `post-save doctor`, then drop the slot (SELECT pg_drop_replication_slot(…)); the daemon \
-                 makes a new one and streams saves from then on; recover the missed saves from the tables"
+                "see `post-save doctor`, then drop the slot (SELECT pg_drop_replication_slot(…)) and run \
+                 `post-save triggers install` to make a new one; send the missed saves again with \
+                 `post-save backfill`"
+            }
+            Blocker::SlotMissing => {
+                "see `post-save doctor`: run `post-save triggers install` to make a new slot, then send the \
+                 saves made since the old one was lost again with `post-save backfill`"
             }
             Blocker::SlotInUse => {
                 "stop the other process streaming the slot (see `post-save doctor`); if it is another \
@@ -140,6 +165,7 @@ impl WalError {
             WalError::WalLevel { .. } => Some(Blocker::WalLevel),
             WalError::NoPublication => Some(Blocker::NoPublication),
             WalError::SlotInvalidated { .. } => Some(Blocker::SlotInvalidated),
+            WalError::SlotMissing { .. } => Some(Blocker::SlotMissing),
             WalError::SlotInUse { .. } => Some(Blocker::SlotInUse),
             WalError::Connect(DbError::Auth { .. }) => Some(Blocker::Denied),
             WalError::Connect(DbError::Connect(source) | DbError::Query(source)) | WalError::Query { source, .. } => {
@@ -163,11 +189,12 @@ impl WalError {
         match self {
             WalError::SlotInvalidated { slot, confirmed, .. } => format!(
                 "saves after LSN {} may be missing from the stream: drop the slot \
-                 (SELECT pg_drop_replication_slot('{slot}')), the daemon then makes a new one and streams \
-                 saves from then on; recover the missed saves from the tables; raise max_slot_wal_keep_size \
-                 so it does not happen again",
+                 (SELECT pg_drop_replication_slot('{slot}')), run `post-save triggers install` to make a new \
+                 one (saves are captured again from then on), then send the missed saves again with \
+                 `post-save backfill`; raise max_slot_wal_keep_size so it does not happen again",
                 confirmed.as_deref().unwrap_or("?")
             ),
+            WalError::SlotMissing { record, tables, .. } => missing_fix(record.as_ref(), tables),
             WalError::SlotInUse { pid: Some(pid), .. } => format!(
                 "stop the other process (SELECT pg_terminate_backend({pid})); if it is another post-save \
                  daemon, run one daemon per database, or give them all a `daemon.lease`"
@@ -188,6 +215,33 @@ impl WalError {
     }
 }
 
+/// What to do about a lost slot: make a new one, then send again what may be missing.
+pub(crate) fn missing_fix(record: Option<&super::slot::Record>, tables: &[String]) -> String {
+    let Some(record) = record else {
+        return "run `post-save triggers install`, which makes the slot; if the daemon ran with a slot before, \
+                send the saves made since it was lost again with `post-save backfill`"
+            .to_owned();
+    };
+    let since = record.since();
+    let at =
+        record.confirmed_lsn.as_deref().map_or_else(String::new, |lsn| format!(" (after LSN {lsn} of the old slot)"));
+    let backfill: Vec<String> = tables
+        .iter()
+        .map(|t| format!("`post-save backfill --table {t} --where \"<its last-changed column> >= '{since}'\"`"))
+        .collect();
+    format!(
+        "saves committed after {since}{at} may not have been delivered (the slot was dropped, or this server \
+         is a promoted standby that did not have it). Run `post-save triggers install` to make a new slot \
+         (saves are captured again from then on), then send the rows changed since then again: {}; \
+         deletes in that time cannot be found in the tables",
+        if backfill.is_empty() {
+            "`post-save backfill` for each watched table".to_owned()
+        } else {
+            backfill.join(", ")
+        }
+    )
+}
+
 /// A server error by SQLSTATE. 55000 (object not in prerequisite state) covers both
 /// `wal_level` and an invalidated slot ("cannot read from logical replication slot" up to
 /// PostgreSQL 16, "can no longer get changes from replication slot" from 17, the reason in
@@ -198,6 +252,7 @@ fn classify(code: &str, message: &str) -> Option<Blocker> {
     match code {
         c if DENIED.contains(&c) => Some(Blocker::Denied),
         "55006" => Some(Blocker::SlotInUse),
+        "42704" if message.contains("replication slot") => Some(Blocker::SlotMissing),
         "55000" if message.contains("wal_level") => Some(Blocker::WalLevel),
         "55000"
             if ["can no longer get changes", "cannot read from logical replication slot", "invalidated"]
@@ -230,13 +285,40 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_slot_blocks_and_names_the_saves_to_send_again() {
+        let record = crate::wal::slot::Record {
+            created_at: "2026-12-01 09:00:00+00".into(),
+            confirmed_lsn: Some("0/16B3748".into()),
+            confirmed_commit: Some("2026-12-07 10:11:12.345678+00".into()),
+        };
+        let missing = WalError::SlotMissing {
+            slot: "post_save_shop".into(),
+            record: Some(record.clone()),
+            tables: vec!["public.item".into(), "shop.\"Order\"".into()],
+        };
+        assert_eq!(missing.blocker(), Some(Blocker::SlotMissing));
+        let fix = missing.fix();
+        assert!(fix.contains("saves committed after 2026-12-07 10:11:12.345678+00 (after LSN 0/16B3748"), "{fix}");
+        assert!(fix.starts_with("saves committed after") && fix.contains("`post-save triggers install`"), "{fix}");
+        for table in ["public.item", "shop.\"Order\""] {
+            assert!(fix.contains(&format!("post-save backfill --table {table} --where")), "{fix}");
+        }
+        // never confirmed: since the slot was made
+        let fresh = crate::wal::slot::Record { confirmed_lsn: None, confirmed_commit: None, ..record };
+        assert!(missing_fix(Some(&fresh), &[]).contains("after 2026-12-01 09:00:00+00"));
+        assert!(missing_fix(None, &[]).starts_with("run `post-save triggers install`"));
+        // START_REPLICATION of a slot dropped after the catalog check
+        let dropped = server("42704", "replication slot \"post_save_shop\" does not exist");
+        assert_eq!(dropped.blocker(), Some(Blocker::SlotMissing));
+    }
+
+    #[test]
     fn the_network_and_a_restarting_server_are_retried() {
         let io = WalError::Stream(StreamError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
         assert!(io.retryable());
         for code in ["57P01", "57P02", "57P03", "08006", "53300"] {
             assert!(server(code, "terminating connection").retryable(), "{code}");
         }
-        assert!(server("42704", "replication slot \"x\" does not exist").retryable(), "made again next time");
         assert!(WalError::Stream(StreamError::Protocol("the server ended the replication stream".into())).retryable());
     }
 

@@ -22,11 +22,12 @@
 
 mod change;
 mod confirm;
-mod error;
+pub(crate) mod error;
 pub(crate) mod health;
 pub mod pgoutput;
 mod relations;
 mod retry;
+pub(crate) mod slot;
 mod spill;
 mod start;
 pub mod stream;
@@ -132,6 +133,9 @@ struct Session {
     open: Option<Open>,
     /// How many events the last transaction had.
     last_events: usize,
+    /// The slot, and the position last written to its `post_save.wal_slot` row, and when.
+    slot: String,
+    recorded: (u64, tokio::time::Instant),
 }
 
 /// Why the stream stopped.
@@ -144,8 +148,33 @@ enum Ended {
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// How often the server hears from a reader that waits for in-flight permits.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How often the slot's row hears how far it is confirmed (see [`slot`]): after a lost slot,
+/// the saves to send again start at most this much earlier than they had to.
+const RECORD_EVERY: Duration = Duration::from_secs(10);
 /// How long a stopping reader waits for the server to end the stream after its last confirmation.
 const FINISH_WITHIN: Duration = Duration::from_secs(5);
+
+impl Session {
+    /// Writes how far the slot is confirmed to its `post_save.wal_slot` row, when that moved.
+    /// A failed write is only logged: the row is a hint for after a lost slot, and the next
+    /// write catches up.
+    async fn record(&mut self) {
+        let confirmed = self.confirms.confirmed;
+        self.recorded.1 = tokio::time::Instant::now();
+        if confirmed == 0 || confirmed == self.recorded.0 {
+            return;
+        }
+        let commit = self.confirms.confirmed_commit;
+        let written = match self.catalog.client().await {
+            Ok(client) => slot::remember(client, &self.slot, confirmed, commit).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => self.recorded.0 = confirmed,
+            Err(e) => tracing::debug!(error = %e, "WAL capture: recording the slot's position failed"),
+        }
+    }
+}
 
 impl WalCapture {
     /// Streams until `stop`; reconnects with the daemon's backoff when the connection is
@@ -182,6 +211,7 @@ impl WalCapture {
         reconnect.streaming();
         let start::Prepared { using, slot, tables, types, catalog, .. } = prepared;
         tracing::info!(slot = %slot, tables = tables.len(), "WAL capture streaming");
+        let slot = slot.clone();
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settled>();
         let mut st = Session {
             using,
@@ -191,6 +221,8 @@ impl WalCapture {
             confirms: Confirmations::default(),
             open: None,
             last_events: 0,
+            slot,
+            recorded: (0, tokio::time::Instant::now()),
         };
         let mut tick = tokio::time::interval(CONFIRM_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -211,6 +243,9 @@ impl WalCapture {
                             break Ended::Lost(e.to_string());
                         }
                     }
+                    if st.recorded.1.elapsed() >= RECORD_EVERY {
+                        st.record().await;
+                    }
                     continue;
                 }
                 next = conn.next() => next,
@@ -224,27 +259,28 @@ impl WalCapture {
                 next = conn.try_next();
             }
         };
-        let Session { mut confirms, settle_tx, .. } = st;
         if matches!(ended, Ended::Stopping) {
             self.router = None;
             // Deliveries still running end within the grace period; their confirmations
             // arrive once the outcome writer has written their dead letters.
-            drop(settle_tx);
+            drop(std::mem::replace(&mut st.settle_tx, mpsc::unbounded_channel().0));
             let grace = self.config.daemon.shutdown_grace + Duration::from_secs(6);
+            let confirms = &mut st.confirms;
             let _ = tokio::time::timeout(grace, async {
                 while let Some(s) = settle_rx.recv().await {
                     confirms.settle(s);
                 }
             })
             .await;
-            if let Err(e) =
-                tokio::time::timeout(FINISH_WITHIN, conn.finish(confirms.confirmed)).await.unwrap_or_else(|_| {
-                    Err(StreamError::Protocol(format!("the server did not end the stream within {FINISH_WITHIN:?}")))
-                })
-            {
+            let confirmed = st.confirms.confirmed;
+            let finished = tokio::time::timeout(FINISH_WITHIN, conn.finish(confirmed)).await.unwrap_or_else(|_| {
+                Err(StreamError::Protocol(format!("the server did not end the stream within {FINISH_WITHIN:?}")))
+            });
+            if let Err(e) = finished {
                 tracing::warn!(error = %e, "WAL capture: the last confirmation may not have reached the server; the next start may deliver its transactions again");
             }
-            tracing::info!(confirmed = %stream::format_lsn(confirms.confirmed), "WAL capture stopped");
+            st.record().await;
+            tracing::info!(confirmed = %stream::format_lsn(confirmed), "WAL capture stopped");
         }
         Ok(ended)
     }
@@ -335,10 +371,10 @@ impl WalCapture {
     /// sent the last one.
     async fn commit(&self, mut tx: Open, end_lsn: u64, st: &mut Session, conn: &mut Replication) -> Result<(), Ended> {
         if tx.made.len() == 0 && tx.spill.is_none() {
-            st.confirms.push(end_lsn, true);
+            st.confirms.push(end_lsn, tx.commit_time, true);
             return Ok(());
         }
-        st.confirms.push(end_lsn, false);
+        st.confirms.push(end_lsn, tx.commit_time, false);
         let stamp = Stamp::new(&tx, &st.using);
         let max = self.config.daemon.max_in_flight.max(1);
         let per_event = tx.made.bytes / tx.made.len().max(1);
@@ -496,16 +532,6 @@ fn decode(payload: &[u8], lsn: u64, stats: &Stats) -> Option<Message> {
             None
         }
     }
-}
-
-/// Creates the logical replication slot when it is missing.
-pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
-    let exists = client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?.is_some();
-    if !exists {
-        client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
-        tracing::info!(slot = %slot, "logical replication slot created");
-    }
-    Ok(!exists)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use super::health::{Backend, Slot};
 use super::relations::{Catalog, Table};
 use super::stream::Replication;
 use super::types::UserTypes;
-use super::{WalCapture, ensure_slot, slot_name};
+use super::{WalCapture, slot, slot_name};
 use crate::config::Capture;
 
 /// What a session knows before it streams.
@@ -27,8 +27,8 @@ fn query(doing: &'static str) -> impl FnOnce(tokio_postgres::Error) -> WalError 
 }
 
 impl WalCapture {
-    /// Connects for the catalog, checks the server writes logical WAL and the slot can stream
-    /// (creating it when missing), and reads the watched tables and the publications.
+    /// Connects for the catalog, checks the server writes logical WAL and the slot exists and
+    /// can stream, and reads the watched tables and the publications.
     pub(super) async fn prepare(&self) -> Result<Prepared, WalError> {
         // an early return drops the client, which ends the connection and its task
         let (client, task) = crate::db::connect(&self.pg).await?;
@@ -42,12 +42,19 @@ impl WalCapture {
         if level != "logical" {
             return Err(WalError::WalLevel { level });
         }
-        if let Some(found) = Slot::read(&client, &slot).await.map_err(query("reading the replication slot"))?
-            && let Some(reason) = found.invalidated()
-        {
+        let record = slot::record(&client, &slot).await.map_err(query("reading the slot's record"))?;
+        let Some(found) = Slot::read(&client, &slot).await.map_err(query("reading the replication slot"))? else {
+            // never made again here: a new slot would stream from now, and every save since
+            // the last confirmation would be gone without a word (see `slot.rs`)
+            let tables = self.config.watches.iter().filter(|w| w.capture == Capture::Wal);
+            return Err(WalError::SlotMissing { slot, record, tables: tables.map(|w| w.table.to_string()).collect() });
+        };
+        if let Some(reason) = found.invalidated() {
             return Err(WalError::SlotInvalidated { slot, reason, confirmed: found.confirmed });
         }
-        ensure_slot(&client, &slot).await.map_err(query("creating the replication slot"))?;
+        if record.is_none() {
+            slot::adopt(&client, &slot).await.map_err(query("recording the replication slot"))?;
+        }
         let mut tables = Vec::new();
         for watch in self.config.watches.iter().filter(|w| w.capture == Capture::Wal) {
             tables.push(Table::resolve(&client, watch).await.map_err(query("reading a watched table"))?);

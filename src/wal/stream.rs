@@ -18,7 +18,7 @@ use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256}
 use postgres_protocol::message::frontend;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio_postgres::config::{ChannelBinding as Binding, Host, SslNegotiation};
+use tokio_postgres::config::{ChannelBinding as Binding, Host, SslNegotiation, TargetSessionAttrs};
 
 use crate::db::{Settings, SslMode, TlsSetupError};
 
@@ -346,6 +346,15 @@ impl Replication {
                 other => other,
             };
             match attempt {
+                // libpq's `target_session_attrs=read-write`: a standby of a multi-host string is
+                // passed over, so the stream follows the primary the other connections reach
+                Ok(mut conn) if settings.get_target_session_attrs() == TargetSessionAttrs::ReadWrite => {
+                    let read_only = conn.query("SHOW transaction_read_only").await?;
+                    if read_only.first().and_then(|row| row.first()).and_then(Option::as_deref) != Some("on") {
+                        return Ok(conn);
+                    }
+                    last = Some(io::Error::other(format!("host {host:?} port {port} is read-only (a standby)")));
+                }
                 Ok(conn) => return Ok(conn),
                 Err(Attempt::Unreachable(e)) => last = Some(e),
                 Err(Attempt::Refused { error, .. } | Attempt::Failed(error)) => return Err(error),
