@@ -60,16 +60,20 @@ struct Claims {
     epoch: u64,
 }
 
+/// A lock is poisoned only by a panic while it was held: a bug, said loudly rather than
+/// leaving claimed rows or queued events stranded without a word.
+pub(crate) const POISONED: &str = "a lock poisoned by an earlier panic (a bug in post-save)";
+
 impl InFlight {
     /// The epoch to note before a fetch.
     pub(crate) fn epoch(&self) -> u64 {
-        self.state.lock().map(|s| s.epoch).unwrap_or(0)
+        self.state.lock().expect(POISONED).epoch
     }
 
     /// Claims the ledger rows read by a fetch that started at `epoch`; returns the rows newly
     /// claimed and the number of events already known.
     pub(crate) fn claim(&self, epoch: u64, rows: Vec<LedgerRow>) -> (Vec<LedgerRow>, usize) {
-        let Ok(mut s) = self.state.lock() else { return (Vec::new(), rows.iter().map(|r| r.events.len()).sum()) };
+        let mut s = self.state.lock().expect(POISONED);
         s.acked.retain(|_, at| *at >= epoch);
         let mut known = 0;
         let mut fresh = Vec::with_capacity(rows.len());
@@ -85,7 +89,7 @@ impl InFlight {
 
     /// Records that `acks` were committed and `handed_back` were released.
     fn settle(&self, acks: &[i64], handed_back: &[i64]) {
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = self.state.lock().expect(POISONED);
         let epoch = s.epoch;
         for id in acks {
             s.pending.remove(id);

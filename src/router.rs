@@ -322,7 +322,7 @@ impl Router {
         });
         let mut new_workers = Vec::new();
         {
-            let Ok(mut lanes) = self.lanes.lock() else { return };
+            let mut lanes = self.lanes.lock().expect(crate::delivery::POISONED);
             for (route, event, row, barrier) in jobs {
                 let job = Job { event, done: Arc::clone(&done), row, barrier };
                 if lanes.admit(route, job, self.registry.routes()[route].concurrency) {
@@ -349,7 +349,7 @@ impl Router {
         loop {
             let mut spawn = 0;
             let job = {
-                let Ok(mut lanes) = self.lanes.lock() else { return };
+                let mut lanes = self.lanes.lock().expect(crate::delivery::POISONED);
                 lanes.next(route_index, &mut lane, route.concurrency, &mut spawn)
             };
             // events a barrier held back, now on lanes of their own
