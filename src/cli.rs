@@ -224,12 +224,18 @@ pub fn load_config(global: &Global) -> Result<Config> {
 /// The connection settings the global options and the config point at.
 pub fn pg_config(global: &Global, config: &Config) -> Result<db::Settings> {
     let url = global.database_url.as_deref().or(config.database.url.as_deref());
-    Ok(db::resolve_with(url, &config.database.tls())?)
+    let pg = db::resolve_with(url, &config.database.tls())?;
+    Ok(match config.database.listen_url.as_deref() {
+        Some(direct) => pg.with_session(db::resolve_with(Some(direct), &config.database.tls())?),
+        None => pg,
+    })
 }
 
+/// A connection for a command: the direct one when `database.listen_url` is set (migrations
+/// and installs take session locks a transaction pooler would lose).
 async fn connect(global: &Global, config: &Config) -> Result<tokio_postgres::Client> {
     let pg = pg_config(global, config)?;
-    let (client, _task) = db::connect(&pg).await?;
+    let (client, _task) = db::connect(pg.session()).await?;
     Ok(client)
 }
 
@@ -238,7 +244,7 @@ async fn run_daemon(global: &Global) -> Result<u8> {
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut config = load_config(global)?;
     let pg = pg_config(global, &config)?;
-    config.handlers.iter_mut().for_each(|h| h.kind.default_database(&pg));
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(pg.session()));
     let registry = Registry::from_config(&config)?;
     tracing::info!(handlers = registry.describe().len(), tables = config.watches.len(), "starting");
     let mut daemon = Daemon::new(config.clone(), registry, pg.clone());
@@ -295,7 +301,7 @@ async fn reload_on_hangup(
 /// The new config and its handlers, built but not started.
 fn reload_config(global: &Global, pg: &db::Settings) -> Result<(Config, Registry)> {
     let mut config = load_config(global)?;
-    config.handlers.iter_mut().for_each(|h| h.kind.default_database(pg));
+    config.handlers.iter_mut().for_each(|h| h.kind.default_database(pg.session()));
     let registry = Registry::from_config(&config)?;
     Ok((config, registry))
 }

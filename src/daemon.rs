@@ -190,7 +190,8 @@ impl Daemon {
             tracing::info!(%addr, "metrics endpoint listening");
             tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
         }
-        let (mut client, task) = db::connect(&self.pg).await?;
+        // on the direct connection: migrating holds a session lock
+        let (mut client, task) = db::connect(self.pg.session()).await?;
         // A role that runs without owning the schema (`post-save grants`) may read its version
         // but not migrate it: only a schema that is behind is migrated.
         if schema_version(&client).await.is_some_and(|v| v >= db::latest_migration()) {
@@ -245,7 +246,7 @@ impl Daemon {
         let wal = crate::wal::wanted(&self.config).then(|| {
             tokio::spawn(
                 crate::wal::WalCapture {
-                    pg: self.pg.clone(),
+                    pg: self.pg.session().clone(),
                     config: Arc::clone(&self.config),
                     router: Some(router_rx.clone()),
                     permits: Arc::clone(&permits),

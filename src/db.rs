@@ -45,6 +45,9 @@ impl BadConnectionString {
 pub struct Settings {
     pg: tokio_postgres::Config,
     tls: Arc<Tls>,
+    /// A direct connection (`database.listen_url`) for what needs a session of its own, when
+    /// `pg` goes through a transaction-pooling proxy.
+    session: Option<Arc<Settings>>,
 }
 
 impl Settings {
@@ -56,7 +59,26 @@ impl Settings {
             SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         });
-        Settings { pg, tls: Arc::new(tls) }
+        Settings { pg, tls: Arc::new(tls), session: None }
+    }
+
+    /// These settings, with `direct` for the connections that need a session of their own (LISTEN,
+    /// the replication stream, migrations, the CLI): `self` then goes through a pooler and
+    /// carries only statements that stand alone, each in one round trip.
+    pub fn with_session(mut self, direct: Settings) -> Settings {
+        self.session = Some(Arc::new(Settings { session: None, ..direct }));
+        self
+    }
+
+    /// The settings of the connections that need a session of their own: the direct ones
+    /// when `database.listen_url` is set, else these.
+    pub fn session(&self) -> &Settings {
+        self.session.as_deref().unwrap_or(self)
+    }
+
+    /// Whether these settings go through a pooler (`database.listen_url` is set).
+    pub fn pooled(&self) -> bool {
+        self.session.is_some()
     }
 
     /// The TLS settings.
@@ -106,7 +128,7 @@ impl Settings {
                     self.pg.get_connect_timeout().copied().unwrap_or(std::time::Duration::from_secs(5)),
                 );
                 one.channel_binding(self.pg.get_channel_binding());
-                (label, Settings { pg: one, tls: Arc::clone(&self.tls) })
+                (label, Settings { pg: one, tls: Arc::clone(&self.tls), session: None })
             })
             .collect()
     }

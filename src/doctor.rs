@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client};
 
 use crate::config::{Config, Mode};
@@ -72,7 +73,7 @@ const ECHO_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs every check against the database of `pg` for `config`.
 pub async fn run(pg: &crate::db::Settings, config: &Config) -> Vec<Check> {
-    match db::connect(pg).await {
+    match db::connect(pg.session()).await {
         Ok((client, _task)) => run_on(pg, &client, config).await,
         Err(e) => vec![connect_failed(&e)],
     }
@@ -93,7 +94,7 @@ pub fn connect_failed(e: &DbError) -> Check {
 pub async fn run_on(pg: &crate::db::Settings, client: &Client, config: &Config) -> Vec<Check> {
     let mut checks = vec![Check::ok("connect", "connected")];
     checks.push(standby(client).await);
-    checks.push(listen_round_trip(pg, client).await);
+    checks.push(listen_round_trip(pg).await);
     let schema = schema(client).await;
     let migrated = schema.verdict == Verdict::Ok;
     checks.push(schema);
@@ -137,12 +138,18 @@ async fn standby(client: &Client) -> Check {
     }
 }
 
-/// A NOTIFY from a second connection must come back on a listening one. Fails behind a
-/// transaction-mode pooler (the LISTEN lands on a server connection the client does not keep)
-/// and behind proxies that drop asynchronous messages.
-async fn listen_round_trip(pg: &crate::db::Settings, sender: &Client) -> Check {
+/// A NOTIFY sent the way the daemon's work connection sends it (`database.url`) must come back
+/// on a connection listening the way the daemon listens (`database.listen_url` when set). Fails
+/// behind a transaction-mode pooler (the LISTEN lands on a server connection the client does
+/// not keep) and behind proxies that drop asynchronous messages; then names the pooler when the
+/// server's port is not the one connected to.
+async fn listen_round_trip(pg: &crate::db::Settings) -> Check {
     let channel = format!("post_save_doctor_{}", uuid::Uuid::new_v4().simple());
-    let (listener, mut connection) = match db::start_up(pg).await {
+    let (listener, mut connection) = match db::start_up(pg.session()).await {
+        Ok(pair) => pair,
+        Err(e) => return Check::bad("listen", Verdict::Fail, e.to_string(), "see the connect check"),
+    };
+    let (sender, _sender_task) = match db::connect(pg).await {
         Ok(pair) => pair,
         Err(e) => return Check::bad("listen", Verdict::Fail, e.to_string(), "see the connect check"),
     };
@@ -160,22 +167,52 @@ async fn listen_round_trip(pg: &crate::db::Settings, sender: &Client) -> Check {
     });
     let result = async {
         listener.batch_execute(&format!("LISTEN {}", quote_ident(&channel))).await?;
-        sender.execute("SELECT pg_notify($1, 'echo')", &[&channel]).await?;
+        // one round trip, no named statement: it works through a transaction pooler
+        sender.query_typed("SELECT pg_notify($1, 'echo')", &[(&channel, Type::TEXT)]).await?;
         Ok::<_, tokio_postgres::Error>(tokio::time::timeout(ECHO_WAIT, rx.recv()).await.ok().flatten())
     }
     .await;
     task.abort();
     match result {
-        Ok(Some(_)) => Check::ok("listen", "a NOTIFY from a second connection came back on a listening one"),
-        Ok(None) => Check::bad(
+        Ok(Some(_)) if pg.pooled() => Check::ok(
             "listen",
-            Verdict::Fail,
-            format!("a NOTIFY from a second connection did not come back within {ECHO_WAIT:?}"),
-            "connect post-save to PostgreSQL directly or through a session-mode pool: a transaction-mode \
-             pooler (PgBouncer pool_mode = transaction) or a proxy breaks LISTEN",
+            "a NOTIFY sent through database.url came back on a connection listening through database.listen_url",
         ),
+        Ok(Some(_)) => Check::ok("listen", "a NOTIFY from a second connection came back on a listening one"),
+        Ok(None) => {
+            let between = pooler_in_between(pg, &sender).await.unwrap_or_default();
+            let fix = if pg.pooled() {
+                "database.listen_url must reach PostgreSQL directly (or through a session-mode pool), not \
+                 through the transaction pooler"
+            } else {
+                "set [database] listen_url to a direct connection string (LISTEN and the replication stream \
+                 need a session of their own; the work connection may stay on the pooler), or connect \
+                 post-save directly or through a session-mode pool: a transaction-mode pooler \
+                 (PgBouncer pool_mode = transaction) or a proxy breaks LISTEN"
+            };
+            Check::bad(
+                "listen",
+                Verdict::Fail,
+                format!("a NOTIFY from a second connection did not come back within {ECHO_WAIT:?}{between}"),
+                fix,
+            )
+        }
         Err(e) => query_failed("listen", &e),
     }
+}
+
+/// `; connected to port 6432, the server listens on 5432: …` when the server's own port is not
+/// the one the connection string names, the mark of a pooler or proxy in between.
+async fn pooler_in_between(pg: &crate::db::Settings, client: &Client) -> Option<String> {
+    let connected = *pg.get_ports().first()?;
+    let row = client.query_typed_one("SELECT current_setting('port')", &[]).await.ok()?;
+    let listens: u16 = row.get::<_, String>(0).parse().ok()?;
+    (listens != connected).then(|| {
+        format!(
+            "; connected to port {connected}, but the server listens on {listens}: a connection pooler or \
+             proxy is in between (PgBouncer in pool_mode = transaction?)"
+        )
+    })
 }
 
 async fn schema(client: &Client) -> Check {

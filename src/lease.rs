@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 /// The lease's row name.
 const NAME: &str = "dispatcher";
@@ -63,14 +64,14 @@ impl Lease {
     pub(crate) async fn try_acquire(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
         let sent = Instant::now();
         let row = client
-            .query_opt(
+            .query_typed_opt(
                 "INSERT INTO post_save.lease AS l (name, holder, expires_at) \
                  VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3)) \
                  ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, \
                         acquired_at = CASE WHEN l.holder = EXCLUDED.holder THEN l.acquired_at ELSE clock_timestamp() END \
                   WHERE l.expires_at < clock_timestamp() OR l.holder = EXCLUDED.holder \
                  RETURNING holder",
-                &[&NAME, &self.holder, &self.length.as_secs_f64()],
+                &[(&NAME, Type::TEXT), (&self.holder, Type::TEXT), (&self.length.as_secs_f64(), Type::FLOAT8)],
             )
             .await?;
         let held = row.is_some();
@@ -82,10 +83,10 @@ impl Lease {
     pub(crate) async fn renew(&self, client: &Client) -> Result<bool, tokio_postgres::Error> {
         let sent = Instant::now();
         let n = client
-            .execute(
+            .execute_typed(
                 "UPDATE post_save.lease SET expires_at = clock_timestamp() + make_interval(secs => $3) \
                   WHERE name = $1 AND holder = $2",
-                &[&NAME, &self.holder, &self.length.as_secs_f64()],
+                &[(&NAME, Type::TEXT), (&self.holder, Type::TEXT), (&self.length.as_secs_f64(), Type::FLOAT8)],
             )
             .await?;
         if n == 1 {
@@ -101,16 +102,21 @@ impl Lease {
     /// Gives the lease up at a clean stop, so a standby takes over at once.
     pub(crate) async fn release(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
         self.set(None);
-        client.execute("DELETE FROM post_save.lease WHERE name = $1 AND holder = $2", &[&NAME, &self.holder]).await?;
+        client
+            .execute_typed(
+                "DELETE FROM post_save.lease WHERE name = $1 AND holder = $2",
+                &[(&NAME, Type::TEXT), (&self.holder, Type::TEXT)],
+            )
+            .await?;
         Ok(())
     }
 
     /// Who holds the lease now, and for how much longer (seconds; negative: expired).
     pub(crate) async fn current(client: &Client) -> Result<Option<(String, f64)>, tokio_postgres::Error> {
         let row = client
-            .query_opt(
+            .query_typed_opt(
                 "SELECT holder, extract(epoch FROM expires_at - clock_timestamp())::float8 FROM post_save.lease WHERE name = $1",
-                &[&NAME],
+                &[(&NAME, Type::TEXT)],
             )
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))

@@ -1,6 +1,7 @@
 //! Queries against the ledger (`post_save.event`) and the dead-letter list.
 
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Row, Statement};
 
 use crate::event::{DecodeError, SaveEvent, decode_ledger_row};
 
@@ -133,23 +134,55 @@ pub(crate) struct LedgerRow {
 }
 
 /// The daemon's working connection, with its statements prepared once (a query by text would
-/// be parsed and planned on every call).
+/// be parsed and planned on every call), unless it goes through a transaction pooler
+/// (`database.listen_url` is set): a prepared statement lives on one server connection, which
+/// such a pooler does not keep for a client between transactions. Every statement is then sent
+/// with its parameter types, unnamed, in one round trip. The other statements on this
+/// connection are always sent so: they run seldom, and so save a round trip.
 pub(crate) struct Work {
     pub client: Client,
+    prepared: Option<Prepared>,
+}
+
+struct Prepared {
     fetch_new: Statement,
     fetch_gaps: Statement,
     fetch_pending: Statement,
     write_outcomes: Statement,
 }
 
+type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
 impl Work {
-    /// Prepares the statements on `client`.
-    pub(crate) async fn new(client: Client) -> Result<Work, tokio_postgres::Error> {
-        let fetch_new = client.prepare(FETCH_NEW).await?;
-        let fetch_gaps = client.prepare(FETCH_GAPS).await?;
-        let fetch_pending = client.prepare(FETCH_PENDING).await?;
-        let write_outcomes = client.prepare(WRITE_OUTCOMES).await?;
-        Ok(Work { client, fetch_new, fetch_gaps, fetch_pending, write_outcomes })
+    /// Prepares the statements on `client`, unless it goes through a pooler (`pooled`).
+    pub(crate) async fn new(client: Client, pooled: bool) -> Result<Work, tokio_postgres::Error> {
+        let prepared = if pooled {
+            None
+        } else {
+            Some(Prepared {
+                fetch_new: client.prepare(FETCH_NEW).await?,
+                fetch_gaps: client.prepare(FETCH_GAPS).await?,
+                fetch_pending: client.prepare(FETCH_PENDING).await?,
+                write_outcomes: client.prepare(WRITE_OUTCOMES).await?,
+            })
+        };
+        Ok(Work { client, prepared })
+    }
+
+    /// Runs one of the hot statements: prepared, or by its text with `params`' types.
+    async fn rows(
+        &self,
+        statement: fn(&Prepared) -> &Statement,
+        text: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        match &self.prepared {
+            Some(prepared) => {
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                self.client.query(statement(prepared), &values).await
+            }
+            None => self.client.query_typed(text, params).await,
+        }
     }
 }
 
@@ -172,7 +205,8 @@ pub(crate) async fn fetch_new(
     limit: PageLimit,
     using: &str,
 ) -> Result<NewPage, tokio_postgres::Error> {
-    let mut rows = work.client.query(&work.fetch_new, &[&after, &limit.rows, &limit.events]).await?;
+    let params: [Param; 3] = [(&after, Type::INT8), (&limit.rows, Type::INT8), (&limit.events, Type::INT8)];
+    let mut rows = work.rows(|p| &p.fetch_new, FETCH_NEW, &params).await?;
     // UNION ALL keeps its branches' order in practice, but nothing promises it: the snapshot
     // row is looked for anywhere.
     let marker = rows.iter().position(|r| r.get::<_, Option<i64>>(0).is_none());
@@ -190,7 +224,8 @@ pub(crate) async fn fetch_gaps(
     limit: PageLimit,
     using: &str,
 ) -> Result<(Vec<LedgerRow>, Vec<BadRow>, bool), tokio_postgres::Error> {
-    let rows = work.client.query(&work.fetch_gaps, &[&ids, &limit.rows, &limit.events]).await?;
+    let params: [Param; 3] = [(&ids, Type::INT8_ARRAY), (&limit.rows, Type::INT8), (&limit.events, Type::INT8)];
+    let rows = work.rows(|p| &p.fetch_gaps, FETCH_GAPS, &params).await?;
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
     Ok((good, bad, more))
@@ -207,7 +242,7 @@ fn page_full(good: &[LedgerRow], bad: &[BadRow], limit: PageLimit) -> bool {
 /// the sequence's increment, so gaps computed from it line up with real ids.
 pub(crate) async fn last_id(client: &Client) -> Result<i64, tokio_postgres::Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT coalesce(pg_catalog.pg_sequence_last_value(q.seqrelid), q.seqstart - q.seqincrement) \
                FROM pg_catalog.pg_sequence q \
               WHERE q.seqrelid = pg_catalog.pg_get_serial_sequence('post_save.event', 'id')::regclass",
@@ -228,7 +263,7 @@ pub(crate) async fn absent_ids(
     step: i64,
 ) -> Result<(Vec<i64>, Option<Snapshot>), tokio_postgres::Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             concat!(
                 "SELECT ARRAY(SELECT g FROM (SELECT $1::int8 - k * $3::int8 AS g \
                                               FROM generate_series(0, $2::int8 - 1) k) ids \
@@ -237,7 +272,7 @@ pub(crate) async fn absent_ids(
                 snapshot_columns!(),
                 " FROM pg_catalog.pg_current_snapshot() s"
             ),
-            &[&last, &window, &step],
+            &[(&last, Type::INT8), (&window, Type::INT8), (&step, Type::INT8)],
         )
         .await?;
     Ok((row.get(0), Snapshot::parse(row.get(1), row.get(2))))
@@ -249,14 +284,14 @@ pub(crate) async fn absent_ids(
 /// (Any role may read `backend_xid` of any backend.)
 pub(crate) async fn local_xids(client: &Client) -> Result<Vec<u32>, tokio_postgres::Error> {
     let backends = client
-        .query(
+        .query_typed(
             "SELECT backend_xid::text::int8 FROM pg_catalog.pg_stat_activity \
               WHERE datname = current_database() AND backend_xid IS NOT NULL",
             &[],
         )
         .await?;
     let prepared = client
-        .query(
+        .query_typed(
             "SELECT transaction::text::int8 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()",
             &[],
         )
@@ -268,7 +303,7 @@ pub(crate) async fn local_xids(client: &Client) -> Result<Vec<u32>, tokio_postgr
 /// queueing behind NOTIFY.
 pub(crate) async fn notify_lock_waiters(client: &Client) -> Result<i64, tokio_postgres::Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FROM pg_stat_activity \
               WHERE wait_event_type = 'Lock' AND wait_event = 'object' AND datname = current_database()",
             &[],
@@ -279,7 +314,10 @@ pub(crate) async fn notify_lock_waiters(client: &Client) -> Result<i64, tokio_po
 
 /// Rings (armed) or silences the doorbell: whether durable captures NOTIFY.
 pub(crate) async fn set_doorbell(client: &Client, armed: bool) -> Result<(), tokio_postgres::Error> {
-    client.query_one("SELECT setval('post_save.doorbell', $1, true)", &[&i64::from(armed)]).await.map(drop)
+    client
+        .query_typed_one("SELECT setval('post_save.doorbell', $1, true)", &[(&i64::from(armed), Type::INT8)])
+        .await
+        .map(drop)
 }
 
 /// A page of pending ledger rows with ids above `after` (as [`fetch_new`]), the last id read,
@@ -290,7 +328,8 @@ pub(crate) async fn fetch_pending(
     limit: PageLimit,
     using: &str,
 ) -> Result<(Vec<LedgerRow>, Vec<BadRow>, Option<i64>, bool), tokio_postgres::Error> {
-    let rows = work.client.query(&work.fetch_pending, &[&after, &limit.rows, &limit.events]).await?;
+    let params: [Param; 3] = [(&after, Type::INT8), (&limit.rows, Type::INT8), (&limit.events, Type::INT8)];
+    let rows = work.rows(|p| &p.fetch_pending, FETCH_PENDING, &params).await?;
     let last = rows.last().map(|r| r.get::<_, i64>(0));
     let (good, bad) = decode_rows(rows, using);
     let more = page_full(&good, &bad, limit);
@@ -322,9 +361,22 @@ pub(crate) async fn write_outcomes(
     let events: Vec<&str> = dead.iter().map(|d| d.event.as_str()).collect();
     let attempts: Vec<i32> = dead.iter().map(|d| d.attempts).collect();
     let errors: Vec<&str> = dead.iter().map(|d| d.last_error.as_str()).collect();
-    work.client
-        .execute(&work.write_outcomes, &[&event_ids, &handlers, &senders, &events, &attempts, &errors, &acks])
-        .await
+    let params: [Param; 7] = [
+        (&event_ids, Type::INT8_ARRAY),
+        (&handlers, Type::TEXT_ARRAY),
+        (&senders, Type::TEXT_ARRAY),
+        (&events, Type::TEXT_ARRAY),
+        (&attempts, Type::INT4_ARRAY),
+        (&errors, Type::TEXT_ARRAY),
+        (&acks, Type::INT8_ARRAY),
+    ];
+    match &work.prepared {
+        Some(prepared) => {
+            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+            work.client.execute(&prepared.write_outcomes, &values).await
+        }
+        None => work.client.execute_typed(WRITE_OUTCOMES, &params).await,
+    }
 }
 
 /// The ledger's partitions, `post_save.event_0` to `post_save.event_2`: one takes the writes,
@@ -433,7 +485,9 @@ pub(crate) async fn rotate(
     tx.commit().await?;
     // Not transactional: only after the commit, so writers never go to a partition that is
     // about to be emptied. A crash right here is mended at the next check (above).
-    client.query_one("SELECT setval('post_save.ledger_slot', $1, true)", &[&i64::from(next)]).await?;
+    client
+        .query_typed_one("SELECT setval('post_save.ledger_slot', $1, true)", &[(&i64::from(next), Type::INT8)])
+        .await?;
     Ok(Rotation::Rotated { slot: next, freed, moved })
 }
 
@@ -471,10 +525,10 @@ pub(crate) struct RetryRequest {
 /// Dead letters waiting for a retry, oldest first, leaving out `busy` (already running).
 pub(crate) async fn retry_requests(client: &Client, busy: &[i64]) -> Result<Vec<RetryRequest>, tokio_postgres::Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, handler, event::text FROM post_save.dead_letter \
               WHERE retry_requested_at IS NOT NULL AND id <> ALL($1) ORDER BY id LIMIT 100",
-            &[&busy],
+            &[(&busy, Type::INT8_ARRAY)],
         )
         .await?;
     Ok(rows.iter().map(|r| RetryRequest { id: r.get(0), handler: r.get(1), event: r.get(2) }).collect())
@@ -484,12 +538,12 @@ pub(crate) async fn retry_requests(client: &Client, busy: &[i64]) -> Result<Vec<
 /// a table no watch named, once handlers receive its sender.
 pub(crate) async fn fan_out(client: &Client, id: i64, handlers: &[String]) -> Result<(), tokio_postgres::Error> {
     client
-        .execute(
+        .execute_typed(
             "WITH kept AS (DELETE FROM post_save.dead_letter WHERE id = $1 RETURNING *) \
              INSERT INTO post_save.dead_letter (event_id, handler, sender, event, attempts, last_error, retry_requested_at) \
              SELECT kept.event_id, h, kept.sender, kept.event, kept.attempts, kept.last_error, clock_timestamp() \
                FROM kept, unnest($2::text[]) h",
-            &[&id, &handlers],
+            &[(&id, Type::INT8), (&handlers, Type::TEXT_ARRAY)],
         )
         .await?;
     Ok(())
@@ -503,13 +557,13 @@ pub(crate) async fn retry_done(
     failure: Option<(i32, &str)>,
 ) -> Result<(), tokio_postgres::Error> {
     match failure {
-        None => client.execute("DELETE FROM post_save.dead_letter WHERE id = $1", &[&id]).await?,
+        None => client.execute_typed("DELETE FROM post_save.dead_letter WHERE id = $1", &[(&id, Type::INT8)]).await?,
         Some((attempts, error)) => {
             client
-                .execute(
+                .execute_typed(
                     "UPDATE post_save.dead_letter SET attempts = attempts + $2, last_error = $3, \
                             dead_at = clock_timestamp(), retry_requested_at = NULL WHERE id = $1",
-                    &[&id, &attempts, &error],
+                    &[(&id, Type::INT8), (&attempts, Type::INT4), (&error, Type::TEXT)],
                 )
                 .await?
         }

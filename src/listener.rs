@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -196,7 +197,7 @@ impl Listener {
                     let stale = self.work_client.borrow().as_ref().is_none_or(|w| w.client.is_closed());
                     if stale
                         && let Ok((ack_client, _ack_task)) = db::connect(&self.pg).await
-                        && let Ok(work) = Work::new(ack_client).await
+                        && let Ok(work) = Work::new(ack_client, self.pg.pooled()).await
                     {
                         self.work_client.send_replace(Some(Arc::new(work)));
                     }
@@ -235,14 +236,15 @@ impl Listener {
 
     async fn session(&self, attempt: &mut u32) -> Result<(), SessionError> {
         let ping_channel = format!("post_save_ping_{}", uuid::Uuid::new_v4().simple());
-        let (_listen_client, mut notices, echoes, listen_task) = open_listener(&self.pg, &ping_channel).await?;
+        let (_listen_client, mut notices, echoes, listen_task) =
+            open_listener(self.pg.session(), &ping_channel).await?;
         let listen_task = AbortOnDrop(listen_task);
         let (work, work_task) = db::connect(&self.pg).await?;
         let work_abort = work_task.abort_handle();
         // Not aborted with the session: the ledger writer may still hold this connection to
         // flush the last acknowledgements.
         let mut work_task = work_task;
-        let work = Arc::new(Work::new(work).await.map_err(DbError::Query)?);
+        let work = Arc::new(Work::new(work, self.pg.pooled()).await.map_err(DbError::Query)?);
         // From here on every query either answers or fails within the liveness interval: a
         // failed ping drops both connections, which fails whatever is waiting on them.
         let every = self.config.daemon.liveness;
@@ -268,7 +270,7 @@ impl Listener {
         self.work_client.send_replace(Some(Arc::clone(&work)));
         // LISTEN is on; now everything unacknowledged, then live.
         let using: String =
-            work.client.query_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
+            work.client.query_typed_one("SELECT current_database()::text", &[]).await.map_err(DbError::Query)?.get(0);
         let floor = match ledger::last_id(&work.client).await {
             Ok(id) => Some(id),
             Err(error) => {
@@ -687,7 +689,9 @@ async fn liveness(
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + half;
         let echoed = tokio::time::timeout_at(deadline, async {
-            work.client.query_one("SELECT pg_notify($1, $2)", &[&channel, &expected]).await.ok()?;
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+                [(&channel, Type::TEXT), (&expected, Type::TEXT)];
+            work.client.query_typed_one("SELECT pg_notify($1, $2)", &params).await.ok()?;
             while let Some(echo) = echoes.recv().await {
                 if echo == expected {
                     return Some(());
@@ -730,7 +734,7 @@ async fn reread(work: &Work, table: &TableName, event: &SaveEvent) -> Result<ser
         pc = cols.iter().map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", "),
     );
     let pk = serde_json::Value::Object(event.pk.clone()).to_string();
-    let row = work.client.query_opt(&sql, &[&pk]).await?;
+    let row = work.client.query_typed_opt(&sql, &[(&pk, Type::TEXT)]).await?;
     Ok(row.and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()).unwrap_or(serde_json::Value::Null))
 }
 

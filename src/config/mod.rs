@@ -70,6 +70,10 @@ pub struct Config {
 pub struct DatabaseConfig {
     /// A libpq URL or key=value string; else `DATABASE_URL`, else the `PG*` variables.
     pub url: Option<String>,
+    /// A direct connection string, not through a pooler, for the connections that need a
+    /// session of their own (LISTEN, the replication stream of `capture = "wal"`, migrations and
+    /// the CLI): set it when `url` goes through a transaction-pooling PgBouncer.
+    pub listen_url: Option<String>,
     /// libpq's `sslmode`, when the URL has none; else `PGSSLMODE`, else `prefer`.
     pub sslmode: Option<crate::db::SslMode>,
     /// libpq's `sslrootcert` (a PEM file of trusted CAs, or `system`), when the URL has none;

@@ -82,7 +82,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 pub async fn events(global: &Global, command: &EventsCommand) -> Result<u8> {
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
-    let (client, _task) = post_save::db::connect(&pg).await?;
+    let (client, _task) = post_save::db::connect(pg.session()).await?;
     match command {
         EventsCommand::List { filter, json } => {
             let entries = recent(&client, filter, None).await?;

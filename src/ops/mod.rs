@@ -20,7 +20,7 @@ pub async fn doctor(global: &Global, json: bool) -> Result<u8> {
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
     let mut refused = None;
-    let checks = match post_save::db::connect(&pg).await {
+    let checks = match post_save::db::connect(pg.session()).await {
         Ok((client, _task)) => doctor::run_on(&pg, &client, &config).await,
         Err(e) => {
             let checks = vec![doctor::connect_failed(&e)];
@@ -153,7 +153,7 @@ struct DeadLetterRow {
 pub async fn dead(global: &Global, command: &DeadCommand) -> Result<u8> {
     let config = load_config(global)?;
     let pg = pg_config(global, &config)?;
-    let (client, _task) = post_save::db::connect(&pg).await?;
+    let (client, _task) = post_save::db::connect(pg.session()).await?;
     let filter = match command {
         DeadCommand::List { filter, .. } | DeadCommand::Retry { filter } | DeadCommand::Purge { filter, .. } => filter,
     };

@@ -71,7 +71,7 @@ pub async fn replay(global: &Global, args: &ReplayArgs) -> Result<u8> {
         tracing::warn!(handler = %h, "no handler of this name in the configuration; the daemon records a retry for an unknown handler as failed");
     }
     let pg = pg_config(global, &config)?;
-    let (client, _task) = post_save::db::connect(&pg).await?;
+    let (client, _task) = post_save::db::connect(pg.session()).await?;
     let (since_at, since_ago) = instant(&args.since);
     let (until_at, until_ago) = args.until.as_deref().map_or((None, None), instant);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
@@ -140,7 +140,7 @@ pub async fn backfill(global: &Global, args: &BackfillArgs) -> Result<u8> {
         bail!("{table} is not a watched table in the configuration: backfill sends events to its handlers");
     };
     let pg = pg_config(global, &config)?;
-    let (client, _task) = post_save::db::connect(&pg).await?;
+    let (client, _task) = post_save::db::connect(pg.session()).await?;
     let shape = triggers::table_shape(&client, watch).await?;
     if args.dry_run {
         let sql =
