@@ -237,3 +237,69 @@ fn conninfo_keeps_unix_socket_hosts_and_its_own_dbname() {
     let info = "host=/tmp/pg port=5433 user=postgres dbname=postgres";
     assert_eq!(conninfo_with_dbname(info, None), info);
 }
+
+/// Set in the child processes of [`a_run_against_other_binaries_runs_on_them`].
+const VERSION_CHILD_ENV: &str = "POST_SAVE_TEST_SERVER_VERSION_CHILD";
+
+/// The bindir of the pinned build of PostgreSQL `major` that `.ci/postgres` installed, if any.
+fn installed_build(major: u32) -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("POST_SAVE_PG_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        if nix::unistd::geteuid().is_root() {
+            "/var/cache/post-save/postgresql".into()
+        } else {
+            let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+            home.join(".cache/post-save/postgresql")
+        }
+    });
+    std::fs::read_dir(cache)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{major}.")))
+                && p.join("bin/postgres").is_file()
+        })
+        .map(|p| p.join("bin"))
+}
+
+/// A test run with `POST_SAVE_PG_BINDIR` at 17 after one at 16 runs on 17: the kept test
+/// cluster is keyed by version and binaries, never the one an earlier run left. Each run is a
+/// child process of this test, as a separate `cargo nextest run` would be.
+#[tokio::test]
+async fn a_run_against_other_binaries_runs_on_them() {
+    if std::env::var_os(VERSION_CHILD_ENV).is_some() {
+        let admin = tokio::task::spawn_blocking(server_conninfo).await.expect("starting the test server panicked");
+        let client = common::connect_to(&admin).await;
+        let version: String = client.query_one("SHOW server_version_num", &[]).await.expect("version").get(0);
+        println!("server_version_num={version}");
+        return;
+    }
+    let (Some(sixteen), Some(seventeen)) = (installed_build(16), installed_build(17)) else {
+        eprintln!(
+            "note: skipping: needs the PostgreSQL 16 and 17 builds of `.ci/postgres 16` and `.ci/postgres 17` \
+             (.ci/run installs them before the tests)"
+        );
+        return;
+    };
+    for (major, bindir) in [(16, sixteen), (17, seventeen)] {
+        let out = Command::new(std::env::current_exe().expect("test executable"))
+            .args(["--exact", "a_run_against_other_binaries_runs_on_them", "--nocapture"])
+            .env(VERSION_CHILD_ENV, "1")
+            .env(BINDIR_ENV, &bindir)
+            .env_remove("POST_SAVE_TEST_DATABASE_URL")
+            .output()
+            .expect("run the child test");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let version = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("server_version_num="))
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        assert_eq!(
+            version.map(|v| v / 10_000),
+            Some(major),
+            "a run with {BINDIR_ENV}={} ran on another server:\n{stdout}\n{}",
+            bindir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
