@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::ledger::Listener;
+use crate::capture::ledger::query::Rotation;
 use crate::config::Config;
 use crate::db::{self, DbError};
-use crate::delivery::{InFlight, write_outcomes};
-use crate::ledger::Rotation;
-use crate::listener::Listener;
+use crate::dispatch::claims::InFlight;
+use crate::dispatch::outcome::write_outcomes;
+use crate::dispatch::router::Router;
+use crate::install;
 use crate::registry::Registry;
-use crate::router::Router;
 use crate::stats::Stats;
-use crate::triggers;
 
 /// What the daemon is doing, for readiness and status reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +94,7 @@ pub struct Daemon {
     stats: Arc<Stats>,
     state: watch::Sender<State>,
     /// What blocks the WAL reader, while something does.
-    wal_blocked: watch::Sender<Option<crate::wal::Blocked>>,
+    wal_blocked: watch::Sender<Option<crate::capture::wal::Blocked>>,
     alive: watch::Sender<Instant>,
     heartbeat: Duration,
     reload_tx: mpsc::UnboundedSender<Reload>,
@@ -169,7 +170,7 @@ impl Daemon {
     /// Follows what blocks the WAL reader (`capture = "wal"`): something retrying cannot fix,
     /// such as `wal_level` not logical or a slot another process streams; `None` while
     /// nothing does.
-    pub fn wal_blocked(&self) -> watch::Receiver<Option<crate::wal::Blocked>> {
+    pub fn wal_blocked(&self) -> watch::Receiver<Option<crate::capture::wal::Blocked>> {
         self.wal_blocked.subscribe()
     }
 
@@ -185,7 +186,7 @@ impl Daemon {
         if let Some(addr) = self.config.daemon.metrics {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
-            let wal = crate::wal::wanted(&self.config).then(|| self.wal_blocked());
+            let wal = crate::capture::wal::wanted(&self.config).then(|| self.wal_blocked());
             let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), wal, self.pg.clone());
             tracing::info!(%addr, "metrics endpoint listening");
             tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
@@ -208,7 +209,7 @@ impl Daemon {
                 tracing::info!(applied = ?applied, "migrations applied");
             }
         }
-        match triggers::check(&client, &self.config).await {
+        match install::check(&client, &self.config).await {
             Ok(drift) => drift.iter().for_each(
                 |d| tracing::warn!(drift = %d, "triggers differ from the config; run `post-save triggers install`"),
             ),
@@ -243,9 +244,9 @@ impl Daemon {
         ));
         let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
         let permits = Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1)));
-        let wal = crate::wal::wanted(&self.config).then(|| {
+        let wal = crate::capture::wal::wanted(&self.config).then(|| {
             tokio::spawn(
-                crate::wal::WalCapture {
+                crate::capture::wal::WalCapture {
                     pg: self.pg.session().clone(),
                     config: Arc::clone(&self.config),
                     router: Some(router_rx.clone()),
@@ -271,7 +272,7 @@ impl Daemon {
             stop: stop.clone(),
             alive: self.alive.clone(),
             heartbeat: self.heartbeat,
-            retrying: Arc::default(),
+            retries: Arc::default(),
             lease: lease.clone(),
             parts: std::sync::Mutex::default(),
         };
@@ -369,7 +370,7 @@ async fn schema_version(client: &tokio_postgres::Client) -> Option<i64> {
 /// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
 /// when shorter), on a connection of its own so a long DELETE never delays the listener.
 async fn keep_ledger_small(pg: crate::db::Settings, keep: Duration, stop: CancellationToken) {
-    let period = crate::ledger::rotation_period(keep);
+    let period = crate::capture::ledger::query::rotation_period(keep);
     let every = (period / 2).clamp(Duration::from_millis(250), Duration::from_secs(60));
     let mut client = None;
     let mut not_before = tokio::time::Instant::now();
@@ -392,7 +393,7 @@ async fn keep_ledger_small(pg: crate::db::Settings, keep: Duration, stop: Cancel
             }
         }
         let Some((c, _)) = client.as_mut() else { continue };
-        match crate::ledger::rotate(c, keep, period).await {
+        match crate::capture::ledger::query::rotate(c, keep, period).await {
             Ok(Rotation::NotDue { wait }) => not_before = tokio::time::Instant::now() + wait,
             Ok(Rotation::Rotated { slot, freed, moved }) => {
                 blocked = Duration::ZERO;

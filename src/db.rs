@@ -7,6 +7,7 @@
 mod connector;
 mod conninfo;
 mod tls;
+mod work;
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_postgres::Client;
 pub(crate) use connector::TlsStream;
 pub(crate) use connector::{handshake, open, server_end_point};
 pub use tls::{SslMode, Tls, TlsFailure, TlsParams, TlsSetupError};
+pub(crate) use work::{Param, Work};
 
 /// The channel every capture trigger notifies.
 pub const CHANNEL: &str = "post_save";

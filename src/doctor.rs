@@ -9,11 +9,11 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client};
 
+use crate::capture::wal::health;
 use crate::config::{Config, Mode};
 use crate::db::{self, DbError};
+use crate::install;
 use crate::name::quote_ident;
-use crate::triggers;
-use crate::wal::health;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -71,14 +71,6 @@ const BACKLOG_WARN: Duration = Duration::from_secs(300);
 /// How long the LISTEN round trip may take.
 const ECHO_WAIT: Duration = Duration::from_secs(5);
 
-/// Runs every check against the database of `pg` for `config`.
-pub async fn run(pg: &crate::db::Settings, config: &Config) -> Vec<Check> {
-    match db::connect(pg.session()).await {
-        Ok((client, _task)) => run_on(pg, &client, config).await,
-        Err(e) => vec![connect_failed(&e)],
-    }
-}
-
 /// The one check there is when connecting failed with `e`.
 pub fn connect_failed(e: &DbError) -> Check {
     let fix = match e {
@@ -99,7 +91,7 @@ pub async fn run_on(pg: &crate::db::Settings, client: &Client, config: &Config) 
     let migrated = schema.verdict == Verdict::Ok;
     checks.push(schema);
     checks.push(trigger_sync(client, config).await);
-    if crate::wal::wanted(config) {
+    if crate::capture::wal::wanted(config) {
         checks.push(wal(pg, client).await);
     }
     checks.push(notify_queue(client).await);
@@ -240,7 +232,7 @@ async fn schema(client: &Client) -> Check {
 }
 
 async fn trigger_sync(client: &Client, config: &Config) -> Check {
-    match triggers::check(client, config).await {
+    match install::check(client, config).await {
         Ok(drift) if drift.is_empty() => {
             Check::ok("triggers", format!("{} watched tables, triggers match the config", config.watches.len()))
         }
@@ -274,7 +266,7 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
             "set `wal_level = logical` in postgresql.conf and restart PostgreSQL (or use the trigger capture)",
         ));
     }
-    if !triggers::publication::Published::read(client).await?.exists() {
+    if !install::publication::Published::read(client).await?.exists() {
         return Ok(Check::bad(
             "wal",
             Verdict::Fail,
@@ -283,9 +275,9 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
         ));
     }
     let dbname: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
-    let slot = crate::wal::slot_name(&dbname);
+    let slot = crate::capture::wal::slot_name(&dbname);
     let Some(found) = health::Slot::read(client, &slot).await? else {
-        let Some(record) = crate::wal::slot::record(client, &slot).await? else {
+        let Some(record) = crate::capture::wal::slot::record(client, &slot).await? else {
             return Ok(Check::ok(
                 "wal",
                 format!("wal_level is logical; slot `{slot}` is not made yet (see `triggers`)"),
@@ -300,7 +292,7 @@ async fn wal_findings(pg: &crate::db::Settings, client: &Client) -> Result<Check
                 record.created_at,
                 record.since()
             ),
-            crate::wal::error::missing_fix(Some(&record), &[]),
+            crate::capture::wal::error::missing_fix(Some(&record), &[]),
         ));
     };
     if let Some(reason) = found.invalidated() {
@@ -438,7 +430,7 @@ async fn slot_streamed(
     let backend = health::Backend::of(client, pid).await?;
     let who = backend.as_ref().map_or_else(|| format!("pid {pid}"), |b| format!("pid {pid}, {b}"));
     let ours = backend.as_ref().is_some_and(|b| {
-        b.application == crate::wal::stream::application_name(pg) || b.application.starts_with("post-save")
+        b.application == crate::capture::wal::stream::application_name(pg) || b.application.starts_with("post-save")
     });
     if ours {
         return Ok(Check::ok(
@@ -547,7 +539,8 @@ async fn backlog(client: &Client, config: &Config) -> Check {
 /// has run for a while.
 async fn retention(client: &Client, config: &Config) -> Check {
     let keep = config.daemon.keep_handled;
-    let overdue = keep.max(crate::ledger::rotation_period(keep) * 2) + std::time::Duration::from_secs(60);
+    let overdue =
+        keep.max(crate::capture::ledger::query::rotation_period(keep) * 2) + std::time::Duration::from_secs(60);
     let sql = "SELECT extract(epoch FROM clock_timestamp() - since)::float8, pg_size_pretty( \
                       (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('post_save.event'))) \
                  FROM post_save.ledger_rotation";
@@ -559,10 +552,13 @@ async fn retention(client: &Client, config: &Config) -> Check {
             if age <= overdue.as_secs_f64() {
                 return Check::ok("retention", detail);
             }
-            let holders = match crate::ledger::lock_holders(client, &crate::ledger::PARTITIONS).await {
-                Ok(holders) => holders,
-                Err(e) => return query_failed("retention", &e),
-            };
+            let holders =
+                match crate::capture::ledger::query::lock_holders(client, &crate::capture::ledger::query::PARTITIONS)
+                    .await
+                {
+                    Ok(holders) => holders,
+                    Err(e) => return query_failed("retention", &e),
+                };
             let fix = match Some(holders).filter(|h| !h.is_empty()) {
                 Some(holders) => format!(
                     "end the open transaction of {holders}: it read the ledger and holds a lock the \
@@ -595,7 +591,7 @@ async fn dead_letters(client: &Client) -> Check {
 /// connected role lacks is named, with the statement that grants it. Installing is the owner's
 /// work and is not checked here (see the `schema` and `triggers` checks).
 async fn rights(client: &Client, config: &Config) -> Check {
-    let missing = match crate::grants::missing(client, config).await {
+    let missing = match crate::install::grants::missing(client, config).await {
         Ok(missing) => missing,
         Err(e) => return query_failed("rights", &e),
     };

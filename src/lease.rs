@@ -124,7 +124,7 @@ impl Lease {
 }
 
 /// Renews `lease` on `client` every third of its length until it is lost; then returns.
-pub(crate) async fn keep(lease: Arc<Lease>, client: Arc<crate::ledger::Work>) {
+pub(crate) async fn keep(lease: Arc<Lease>, client: Arc<crate::db::Work>) {
     let every = lease.length / 3;
     loop {
         tokio::select! {

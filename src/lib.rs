@@ -35,33 +35,61 @@
 //! }
 //! ```
 
-pub mod cluster;
+mod capture;
+mod cli;
+mod cluster;
 pub mod config;
-pub mod daemon;
+mod daemon;
 pub mod db;
-mod delivery;
-pub mod doctor;
+mod dispatch;
+mod doctor;
 pub mod event;
-pub mod expr;
-pub mod grants;
+mod expr;
 pub mod handler;
+mod install;
+#[cfg(test)]
+mod layers;
 mod lease;
-mod ledger;
-mod listener;
 mod metrics;
-pub mod name;
-mod parts;
-pub mod registry;
-mod router;
-pub mod stats;
-pub mod systemd;
-pub mod template;
-pub mod triggers;
-pub mod wal;
+mod name;
+mod registry;
+mod stats;
+mod systemd;
+mod template;
 
 pub use config::{Config, ConfigError, Mode, Signal};
-pub use daemon::{Daemon, DaemonError, State};
+pub use daemon::{Daemon, DaemonError, Reloader, State};
 pub use event::SaveEvent;
 pub use name::TableName;
 pub use registry::{Receiver, Registry};
 pub use stats::{Stats, StatsSnapshot};
+
+/// Runs the `post-save` command line (what the `post-save` binary does) and returns its exit
+/// code. An embedder runs a [`Daemon`] instead.
+#[doc(hidden)]
+pub fn command_line() -> std::process::ExitCode {
+    cli::main()
+}
+
+/// Not API: what post-save's own tests reach into (private clusters, installing the capture,
+/// the handler kinds' options). Hidden, and free to change in any release.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::capture::wal::slot_name;
+    pub use crate::expr::Expr;
+
+    /// Throwaway PostgreSQL clusters.
+    pub mod cluster {
+        pub use crate::cluster::*;
+    }
+
+    /// Installing, checking and removing the capture.
+    pub mod install {
+        pub use crate::install::{TriggerError, check, install, plan, remove};
+    }
+
+    /// The handler kinds' own items.
+    pub mod kinds {
+        pub use crate::handler::kinds::*;
+    }
+}

@@ -18,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::wal::{Blocked, Blocker};
 use crate::daemon::State;
 use crate::db;
 use crate::stats::Stats;
-use crate::wal::{Blocked, Blocker};
 
 /// Longest a scrape's database queries may take; a slow database gives a scrape without them.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 
+use crate::capture::wal::Blocked;
 use crate::daemon::State;
-use crate::wal::Blocked;
 
 /// True when a service manager listens (`$NOTIFY_SOCKET` is set).
 pub fn enabled() -> bool {
@@ -150,7 +150,7 @@ mod tests {
         let listening = State::Listening { tables: 2 };
         assert_eq!(status(&listening, None), "listening on 2 tables");
         let blocked = Blocked {
-            reason: crate::wal::Blocker::WalLevel,
+            reason: crate::capture::wal::Blocker::WalLevel,
             detail: "the server runs with wal_level = replica, not logical".into(),
         };
         assert_eq!(

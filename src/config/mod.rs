@@ -154,30 +154,6 @@ pub struct DaemonConfig {
     /// wait and take over once it has not been renewed for this long. Unset: a single daemon.
     #[serde(with = "humantime_serde")]
     pub lease: Option<Duration>,
-    /// With `capture = "wal"`: how long the WAL reader lets the stream gather after a read that
-    /// brought bytes before it reads again. The server sends each transaction's begin, changes
-    /// and commit separately; taken together (and with the transactions behind them) they cost
-    /// the daemon one wake-up instead of one each, for at most this much more latency. The
-    /// default, `0s`, reads every segment as it comes: on a small machine the writers keep more
-    /// of their rate that way than with the daemon's CPU saved by a pause
-    /// (`bench/experiments.md`).
-    #[serde(deserialize_with = "read_pause")]
-    pub wal_read_pause: Duration,
-}
-
-/// The longest `wal_read_pause`: past it, the pause is latency and nothing else.
-const MAX_READ_PAUSE: Duration = Duration::from_millis(100);
-
-fn read_pause<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let pause: Duration = humantime_serde::deserialize(d)?;
-    if pause > MAX_READ_PAUSE {
-        return Err(serde::de::Error::custom(format!(
-            "{} is longer than the {} the reader may wait for a quiet stream to gather",
-            humantime::format_duration(pause),
-            humantime::format_duration(MAX_READ_PAUSE)
-        )));
-    }
-    Ok(pause)
 }
 
 /// A socket address on a loopback interface.
@@ -213,7 +189,6 @@ impl Default for DaemonConfig {
             liveness: Duration::from_secs(10),
             metrics: None,
             lease: None,
-            wal_read_pause: Duration::ZERO,
         }
     }
 }
@@ -266,7 +241,7 @@ pub enum Capture {
     Trigger,
     /// No trigger: the daemon reads committed saves from the write-ahead log through a logical
     /// replication slot (needs `wal_level = logical`). The writer pays nothing extra; the event
-    /// carries no actor, unless the transaction emits one (see [`crate::wal`]).
+    /// carries no actor, unless the transaction emits one (see [`crate::capture::wal`]).
     Wal,
 }
 
@@ -672,13 +647,12 @@ kind = "log"
     }
 
     #[test]
-    fn a_read_pause_past_its_bound_names_line_and_key() {
-        let e = Config::parse("[daemon]\nwal_read_pause = \"1s\"\n").unwrap_err();
+    fn the_removed_read_pause_names_line_and_key_and_says_it_was_removed() {
+        let e = Config::parse("[daemon]\nwal_read_pause = \"0s\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("daemon.wal_read_pause"));
         assert_eq!(e.line, Some(2));
-        assert!(e.message.contains("longer than the 100ms"), "{}", e.message);
-        assert_eq!(Config::parse("[daemon]\nwal_read_pause = \"0s\"\n").unwrap().daemon.wal_read_pause, Duration::ZERO);
-        assert_eq!(Config::parse("").unwrap().daemon.wal_read_pause, Duration::ZERO);
+        assert!(e.message.contains("removed"), "{}", e.message);
+        assert!(Config::parse("").is_ok());
     }
 
     #[test]

@@ -220,6 +220,10 @@ fn table_path(src: &str, line: usize) -> Option<String> {
     current
 }
 
+/// Keys an earlier release took, and why they went: a config that still sets one is told so.
+const REMOVED: &[(&str, &str)] =
+    &[("wal_read_pause", "the WAL reader reads the stream as it comes, and no measured case needed it paced")];
+
 /// serde's unknown- and missing-field errors (from `[database]`, `[daemon]`, `[[watch]]` and the
 /// top level) in the words the rest of the configuration uses: the key's path, and for an
 /// unknown key the nearest valid one. serde's messages are `` unknown field `x`, expected one of
@@ -228,7 +232,9 @@ fn field_error(src: &str, line: usize, message: &str) -> Option<ConfigError> {
     let (name, message) = if let Some(rest) = message.strip_prefix("unknown field `") {
         let (name, expected) = rest.split_once('`')?;
         let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-        let message = if valid.is_empty() || did_you_mean(name, valid.iter().copied()).is_some() {
+        let message = if let Some((_, why)) = REMOVED.iter().find(|(key, _)| *key == name) {
+            format!("removed: {why}; delete this line")
+        } else if valid.is_empty() || did_you_mean(name, valid.iter().copied()).is_some() {
             unknown_key(name, &valid)
         } else {
             let list: Vec<String> = valid.iter().map(|v| format!("`{v}`")).collect();

@@ -5,21 +5,31 @@
 //! dead letters.
 
 #[cfg(feature = "amqp")]
-pub mod amqp;
+pub(crate) mod amqp;
 #[cfg(feature = "celery")]
-pub mod celery;
+pub(crate) mod celery;
 #[cfg(feature = "email")]
-pub mod email;
-pub mod exec;
-pub mod log;
+pub(crate) mod email;
+pub(crate) mod exec;
+pub(crate) mod log;
 #[cfg(feature = "nats")]
-pub mod nats;
+pub(crate) mod nats;
 #[cfg(feature = "redis")]
-pub mod redis;
+pub(crate) mod redis;
 #[cfg(feature = "sql")]
-pub mod sql;
+pub(crate) mod sql;
 #[cfg(feature = "webhook")]
-pub mod webhook;
+pub(crate) mod webhook;
+
+/// The kinds' items post-save's own tests use ([`crate::testing`]).
+pub(crate) mod kinds {
+    #[cfg(feature = "celery")]
+    pub use super::celery::CeleryOptions;
+    #[cfg(feature = "email")]
+    pub use super::email::EmailOptions;
+    #[cfg(feature = "nats")]
+    pub use super::nats::MSG_ID_HEADER;
+}
 
 use std::future::Future;
 use std::sync::Arc;
