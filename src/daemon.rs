@@ -1,19 +1,20 @@
-//! The daemon: migrations, the listener, the router and the ledger writer, started and
-//! stopped together.
+//! The daemon: wires the capture sources, dispatch and the handlers together, and runs them in
+//! phases: the metrics endpoint, the schema, the parts started, serving until told to stop,
+//! and one way to stop.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::capture::ledger::Listener;
-use crate::capture::ledger::query::Rotation;
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::dispatch::claims::InFlight;
-use crate::dispatch::outcome::write_outcomes;
+use crate::dispatch::outcome::{Outcome, write_outcomes};
 use crate::dispatch::router::Router;
 use crate::install;
 use crate::registry::Registry;
@@ -181,16 +182,31 @@ impl Daemon {
     /// Fails only at start: when the database cannot be reached or migrated. Later connection
     /// losses are retried forever.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-        let metrics_stop = CancellationToken::new();
-        let _metrics_stop = metrics_stop.clone().drop_guard();
-        if let Some(addr) = self.config.daemon.metrics {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
-            let wal = crate::capture::wal::wanted(&self.config).then(|| self.wal_blocked());
-            let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), wal, self.pg.clone());
-            tracing::info!(%addr, "metrics endpoint listening");
-            tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), metrics_stop));
-        }
+        // served until `run` returns, whichever way
+        let _metrics = self.serve_metrics().await?;
+        self.prepare_schema().await?;
+        let running = self.start();
+        self.serve(&running, shutdown).await;
+        self.stop(running).await;
+        Ok(())
+    }
+
+    /// Starts the metrics endpoint, when one is configured; it stops when the guard drops.
+    async fn serve_metrics(&self) -> Result<Option<DropGuard>, DaemonError> {
+        let Some(addr) = self.config.daemon.metrics else { return Ok(None) };
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?;
+        let wal = crate::capture::wal::wanted(&self.config).then(|| self.wal_blocked());
+        let endpoint = crate::metrics::Endpoint::new(Arc::clone(&self.stats), self.state(), wal, self.pg.clone());
+        tracing::info!(%addr, "metrics endpoint listening");
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::metrics::serve(listener, Arc::new(endpoint), stop.clone()));
+        Ok(Some(stop.drop_guard()))
+    }
+
+    /// Migrates the `post_save` schema when it is behind, and warns of triggers that differ
+    /// from the config.
+    async fn prepare_schema(&self) -> Result<(), DaemonError> {
         // on the direct connection: migrating holds a session lock
         let (mut client, task) = db::connect(self.pg.session()).await?;
         // A role that runs without owning the schema (`post-save grants`) may read its version
@@ -217,11 +233,16 @@ impl Daemon {
         }
         drop(client);
         task.abort();
+        Ok(())
+    }
 
+    /// Wires the parts and starts them: the outcome writer, the router, ledger retention, the
+    /// WAL reader (when a watch asks for it) and the ledger session.
+    fn start(&self) -> Running {
         let lease = self.config.daemon.lease.map(crate::lease::Lease::new);
         let stop = CancellationToken::new();
-        let abort = CancellationToken::new();
         let give_up = CancellationToken::new();
+        let tasks = TaskTracker::new();
         let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
         let (client_tx, client_rx) = watch::channel(None);
         let in_flight = Arc::new(InFlight::default());
@@ -233,32 +254,27 @@ impl Daemon {
             Arc::clone(&self.stats),
             give_up.clone(),
         ));
-        let mut router_abort = abort.child_token();
-        let (router_tx, router_rx) = watch::channel(Router::new(
-            Arc::clone(&self.registry),
-            outcome_tx.clone(),
-            Arc::clone(&self.stats),
+        let router = self.router(Arc::clone(&self.registry), &outcome_tx, &stop, lease.as_ref());
+        let (router_tx, router_rx) = watch::channel(router);
+        tasks.spawn(crate::capture::ledger::retention::keep_small(
+            self.pg.clone(),
+            self.config.daemon.keep_handled,
             stop.clone(),
-            router_abort.clone(),
-            lease.clone(),
         ));
-        let retention = tokio::spawn(keep_ledger_small(self.pg.clone(), self.config.daemon.keep_handled, stop.clone()));
         let permits = Arc::new(Semaphore::new(self.config.daemon.max_in_flight.max(1)));
-        let wal = crate::capture::wal::wanted(&self.config).then(|| {
-            tokio::spawn(
-                crate::capture::wal::WalCapture {
-                    pg: self.pg.session().clone(),
-                    config: Arc::clone(&self.config),
-                    router: Some(router_rx.clone()),
-                    permits: Arc::clone(&permits),
-                    stats: Arc::clone(&self.stats),
-                    stop: stop.clone(),
-                    lease: lease.clone(),
-                    blocked: self.wal_blocked.clone(),
-                }
-                .run(),
-            )
-        });
+        if crate::capture::wal::wanted(&self.config) {
+            let wal = crate::capture::wal::WalCapture {
+                pg: self.pg.session().clone(),
+                config: Arc::clone(&self.config),
+                router: Some(router_rx.clone()),
+                permits: Arc::clone(&permits),
+                stats: Arc::clone(&self.stats),
+                stop: stop.clone(),
+                lease: lease.clone(),
+                blocked: self.wal_blocked.clone(),
+            };
+            tasks.spawn(wal.run());
+        }
         let listener = Listener {
             pg: self.pg.clone(),
             config: Arc::clone(&self.config),
@@ -276,47 +292,57 @@ impl Daemon {
             lease: lease.clone(),
             parts: std::sync::Mutex::default(),
         };
+        Running { stop, give_up, tasks, writer, router_tx, outcome_tx, lease, listener }
+    }
 
-        {
-            let run = listener.run();
-            tokio::pin!(run);
-            tokio::pin!(shutdown);
-            loop {
-                tokio::select! {
-                    () = &mut run => break,
-                    () = &mut shutdown => {
-                        self.state.send_replace(State::Stopping);
-                        tracing::info!("stopping: no new events; waiting for running handlers");
-                        stop.cancel();
-                        run.await;
-                        break;
-                    }
-                    Some((registry, done)) = self.reload_rx.recv() => {
-                        // The listener is not polled meanwhile: nothing new is dispatched until
-                        // the old handlers are done, so one row's events stay in order.
-                        let new_abort = abort.child_token();
-                        let new = Router::new(
-                            Arc::new(registry),
-                            outcome_tx.clone(),
-                            Arc::clone(&self.stats),
-                            stop.clone(),
-                            new_abort.clone(),
-                            lease.clone(),
-                        );
-                        let old = router_tx.send_replace(new);
-                        let old_abort = std::mem::replace(&mut router_abort, new_abort);
-                        self.finish(&old, &old_abort).await;
-                        tracing::info!("handlers replaced");
-                        let _ = done.send(());
-                    }
+    fn router(
+        &self,
+        registry: Arc<Registry>,
+        outcomes: &mpsc::UnboundedSender<Outcome>,
+        stop: &CancellationToken,
+        lease: Option<&Arc<crate::lease::Lease>>,
+    ) -> Arc<Router> {
+        Router::new(registry, outcomes.clone(), Arc::clone(&self.stats), stop.clone(), lease.cloned())
+    }
+
+    /// Runs the ledger session until `shutdown` (or until it ends by itself), replacing the
+    /// handlers when asked.
+    async fn serve(&mut self, running: &Running, shutdown: impl Future<Output = ()>) {
+        let session = running.listener.run();
+        tokio::pin!(session);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut session => return,
+                () = &mut shutdown => {
+                    self.state.send_replace(State::Stopping);
+                    tracing::info!("stopping: no new events; waiting for running handlers");
+                    running.stop.cancel();
+                    session.await;
+                    return;
+                }
+                Some((registry, done)) = self.reload_rx.recv() => {
+                    // The session is not polled meanwhile: nothing new is dispatched until the
+                    // old handlers are done, so one row's events stay in order.
+                    let new = self.router(Arc::new(registry), &running.outcome_tx, &running.stop, running.lease.as_ref());
+                    let old = running.router_tx.send_replace(new);
+                    old.finish(self.config.daemon.shutdown_grace).await;
+                    tracing::info!("handlers replaced");
+                    let _ = done.send(());
                 }
             }
         }
+    }
+
+    /// The one way out: stop taking work, let the handlers finish (or hand their events back),
+    /// give the lease up, flush the last outcomes, and wait for every task.
+    async fn stop(&self, running: Running) {
+        let Running { stop, give_up, tasks, writer, router_tx, outcome_tx, lease, listener } = running;
         self.state.send_replace(State::Stopping);
         stop.cancel();
         let router = router_tx.borrow().clone();
         drop(router_tx);
-        self.finish(&router, &router_abort).await;
+        router.finish(self.config.daemon.shutdown_grace).await;
         // Only now that nothing runs here any more may a standby take over.
         if let Some(lease) = lease.as_ref().filter(|l| l.held()) {
             let released = async {
@@ -327,36 +353,37 @@ impl Daemon {
                 tracing::info!("lease released");
             }
         }
-        // The listener (and with it the last sender of outcomes) goes; the writer then flushes.
-        drop(listener);
-        drop(router);
-        drop(outcome_tx);
-        let flush = Duration::from_secs(5);
-        let give_up_later = give_up.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(flush).await;
-            give_up_later.cancel();
-        });
-        let _ = writer.await;
-        if let Some(wal) = wal {
-            let _ = wal.await;
+        // The session, the router and this last sender of outcomes go; the writer then writes
+        // what is left and ends. What it cannot write within FLUSH stays pending: given up.
+        drop((listener, router, outcome_tx));
+        tokio::pin!(writer);
+        if tokio::time::timeout(FLUSH, &mut writer).await.is_err() {
+            give_up.cancel();
+            let _ = writer.await;
         }
-        let _ = retention.await;
+        tasks.close();
+        tasks.wait().await;
         self.state.send_replace(State::Stopped);
         tracing::info!("stopped");
-        Ok(())
     }
+}
 
-    /// Waits for `router`'s deliveries, at most `daemon.shutdown_grace`; then hands the rest
-    /// back (they stay pending in the ledger).
-    async fn finish(&self, router: &Router, abort: &CancellationToken) {
-        let grace = self.config.daemon.shutdown_grace;
-        if tokio::time::timeout(grace, router.drained()).await.is_err() {
-            tracing::warn!(grace = ?grace, "handlers still running after the grace period; handing their events back");
-            abort.cancel();
-            router.drained().await;
-        }
-    }
+/// How long the outcome writer may take to write the last outcomes when stopping.
+const FLUSH: Duration = Duration::from_secs(5);
+
+/// The parts of a started daemon, and what stops them.
+struct Running {
+    /// Stops taking new work (the one signal to stop).
+    stop: CancellationToken,
+    /// Tells the outcome writer to stop retrying a write.
+    give_up: CancellationToken,
+    /// Retention and the WAL reader: waited for at the end (the one signal that all is done).
+    tasks: TaskTracker,
+    writer: tokio::task::JoinHandle<()>,
+    router_tx: watch::Sender<Arc<Router>>,
+    outcome_tx: mpsc::UnboundedSender<Outcome>,
+    lease: Option<Arc<crate::lease::Lease>>,
+    listener: Listener,
 }
 
 /// The newest migration applied to the `post_save` schema; `None` when there is no schema yet
@@ -365,58 +392,4 @@ async fn schema_version(client: &tokio_postgres::Client) -> Option<i64> {
     let sql = "SELECT CASE WHEN to_regclass('post_save.schema_history') IS NULL THEN NULL \
                ELSE (SELECT max(version)::bigint FROM post_save.schema_history) END";
     client.query_one(sql, &[]).await.ok()?.get(0)
-}
-
-/// Deletes acknowledged ledger rows handled more than `keep` ago, every minute (or every `keep`,
-/// when shorter), on a connection of its own so a long DELETE never delays the listener.
-async fn keep_ledger_small(pg: crate::db::Settings, keep: Duration, stop: CancellationToken) {
-    let period = crate::capture::ledger::query::rotation_period(keep);
-    let every = (period / 2).clamp(Duration::from_millis(250), Duration::from_secs(60));
-    let mut client = None;
-    let mut not_before = tokio::time::Instant::now();
-    let mut blocked = Duration::ZERO;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stop.cancelled() => return,
-        }
-        if tokio::time::Instant::now() < not_before {
-            continue;
-        }
-        if client.is_none() {
-            match db::connect(&pg).await {
-                Ok(connected) => client = Some(connected),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ledger retention cannot connect; will retry");
-                    continue;
-                }
-            }
-        }
-        let Some((c, _)) = client.as_mut() else { continue };
-        match crate::capture::ledger::query::rotate(c, keep, period).await {
-            Ok(Rotation::NotDue { wait }) => not_before = tokio::time::Instant::now() + wait,
-            Ok(Rotation::Rotated { slot, freed, moved }) => {
-                blocked = Duration::ZERO;
-                tracing::debug!(slot, freed_bytes = freed, moved, "ledger partition emptied; writes go to it now");
-            }
-            Ok(Rotation::Blocked { slot, holders }) => {
-                // Checked again after 1 s, 2 s, 4 s … up to a minute: a warning each time.
-                blocked = (blocked * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
-                not_before = tokio::time::Instant::now() + blocked;
-                tracing::warn!(
-                    partition = %format!("post_save.event_{slot}"),
-                    holders = %holders,
-                    retry_in = ?blocked,
-                    "ledger retention waits: another session holds a lock on the partition to be \
-                     emptied (an open transaction that read the ledger); the ledger grows until it ends"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ledger retention failed; will retry");
-                if let Some((_, task)) = client.take() {
-                    task.abort();
-                }
-            }
-        }
-    }
 }

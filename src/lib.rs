@@ -57,6 +57,7 @@ mod stats;
 mod systemd;
 mod template;
 
+pub use capture::wal::{Blocked, Blocker};
 pub use config::{Config, ConfigError, Mode, Signal};
 pub use daemon::{Daemon, DaemonError, Reloader, State};
 pub use event::SaveEvent;

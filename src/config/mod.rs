@@ -241,7 +241,7 @@ pub enum Capture {
     Trigger,
     /// No trigger: the daemon reads committed saves from the write-ahead log through a logical
     /// replication slot (needs `wal_level = logical`). The writer pays nothing extra; the event
-    /// carries no actor, unless the transaction emits one (see [`crate::capture::wal`]).
+    /// carries no actor, unless the transaction emits one (see the capture docs, docs/capture.md).
     Wal,
 }
 

@@ -86,7 +86,6 @@ impl Router {
         outcomes: mpsc::UnboundedSender<Outcome>,
         stats: Arc<Stats>,
         stop: CancellationToken,
-        abort: CancellationToken,
         lease: Option<Arc<Lease>>,
     ) -> Arc<Router> {
         let metrics = registry.routes().iter().map(|r| stats.handler_metrics(r.receiver.name())).collect();
@@ -96,7 +95,7 @@ impl Router {
             lanes: Mutex::new(Lanes::new(routes)),
             tracker: TaskTracker::new(),
             stop,
-            abort,
+            abort: CancellationToken::new(),
             outcomes,
             stats,
             metrics,
@@ -104,7 +103,6 @@ impl Router {
         })
     }
 
-    /// Queues the events of one WAL transaction; `to` hears when all of them are done.
     /// The names of the handlers `event` goes to (a filter that fails on it counts as one).
     pub(crate) fn receivers_of(&self, event: &SaveEvent) -> Vec<String> {
         let mut failed = Vec::new();
@@ -202,6 +200,16 @@ impl Router {
                 deliver(route, &job.event, &self.stop, &self.abort, self.lease.as_deref(), metrics, &self.outcomes)
                     .await;
             job.done.finish(how);
+        }
+    }
+
+    /// Waits for the deliveries running and queued, at most `grace`; then drops the ones still
+    /// running and hands every event left back (they stay pending in the ledger).
+    pub(crate) async fn finish(&self, grace: std::time::Duration) {
+        if tokio::time::timeout(grace, self.drained()).await.is_err() {
+            tracing::warn!(grace = ?grace, "handlers still running after the grace period; handing their events back");
+            self.abort.cancel();
+            self.drained().await;
         }
     }
 

@@ -28,7 +28,7 @@ pub enum Notice {
     /// The events of one `notify`-mode note: rows of one captured statement, packed under
     /// NOTIFY's payload limit (or the one row of a row-level capture).
     Events(Vec<SaveEvent>),
-    /// One part of a `notify`-mode row too big for one note (see [`crate::capture::notify`]).
+    /// One part of a `notify`-mode row too big for one note (see `capture::notify`).
     Part(crate::capture::notify::parts::Part),
 }
 

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Signal;
 
-pub use decode::{DecodeError, Notice, decode_ledger_row, decode_notice};
+pub(crate) use decode::{DecodeError, Notice, decode_ledger_row, decode_notice};
 pub use image::RowImage;
 
 /// The operation that produced an event.
@@ -65,7 +65,7 @@ pub const EVENT_FIELDS: &[&str] = &[
 ];
 
 /// One save, as handlers receive it. Field names are the contract of `DESIGN.md`; it is written
-/// as [`Wire`] says.
+/// field by field in the contract's order.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SaveEvent {
     /// Ledger id (durable tables): the idempotency key. `None` for `notify` tables.

@@ -30,6 +30,7 @@ mod cursor;
 mod doorbell;
 mod listen;
 pub(crate) mod query;
+pub(crate) mod retention;
 
 use cursor::{Cursor, Gaps};
 use doorbell::Bell;
