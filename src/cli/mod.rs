@@ -475,7 +475,7 @@ pub(crate) fn main() -> ExitCode {
     init_logging(cli.global.log_format);
     // One thread unless asked for more: a save read from the WAL or the ledger passes from the
     // reader to the router, a handler's task and the outcome writer, and on a multi-thread
-    // runtime each hand-off may wake another thread. bench/experiments.md ("One runtime
+    // runtime each hand-off may wake another thread. bench/DECISIONS.md ("One runtime
     // thread") has the daemon's CPU per event both ways.
     let mut builder = if cli.global.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

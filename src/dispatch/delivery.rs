@@ -172,7 +172,7 @@ impl RetryDelays {
 }
 
 /// One call of the handler, cut off `attempt_timeout` after `started` (the attempt's clock
-/// reading, shared with its duration metric: reading the clock was 8 % of a drain's CPU).
+/// reading, shared with its duration metric: reading the clock twice showed in drain profiles).
 async fn attempt_once(
     route: &Route,
     event: &SaveEvent,
