@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Backend CPU per captured row for the lean trigger variants of capture.py (no pgbench).
+"""Backend CPU and WAL per captured row for the capture arms of capture.py (no pgbench).
 
-For each arm (plain, event_log and the v_* variants in capture.LEAN_ARMS) on a fresh database
-with the harness's shop_order table: one backend runs a DO loop of single-row INSERTs (one
+For each arm (by default plain, event_log, pgq and post-save's captures) on a fresh database
+with the harness's shop_order table, the arm's capture is installed as `bench/run` installs it
+(post-save's with the clone's binary: `migrate`, then the DDL of `triggers sql`; no daemon
+runs, and no arm's consumer either). Then one backend runs a DO loop of single-row INSERTs (one
 statement each, one transaction), then a DO loop of single-column UPDATEs on a 100,000-row table,
 then 100-row INSERT … SELECT statements, and its own CPU time (utime + stime of
 /proc/<backend pid>/stat) is read before and after. CPU time of one process moves far less with
-other load on the machine than throughput does, so this splits the trigger's own work per feature
-even when the machine is busy; it leaves out what is per transaction (commit, WAL flush), which
-pgbench measures. Each figure is the minimum over --repeat runs.
+other load on the machine than throughput does, so this gives the trigger's own work even when
+the machine is busy; it leaves out what is per transaction (commit, WAL flush), which pgbench
+measures. Each figure is the minimum over --repeat runs.
 
-Needs root and PostgreSQL 15 (bench/run installs it); starts its own private cluster with the
-settings of bench/run in a temp dir and removes it afterwards.
+Needs root and PostgreSQL 15 with PgQ (bench/run installs them); starts its own private cluster
+with the settings of bench/run in a temp dir and removes it afterwards. Builds post-save
+(release) into the clone's cargo target directory unless --no-build.
 
-    python3 bench/trigger_variants.py [--rows 20000] [--repeat 3] [--arms v_row_min,v_stmt]
+    python3 bench/trigger_variants.py [--rows 20000] [--repeat 3] [--arms event_log,postsave_capture]
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ wal_level = logical
 shared_buffers = 256MB
 max_wal_size = 8GB
 checkpoint_timeout = 30min
+max_replication_slots = 4
+max_wal_senders = 4
 """)
     subprocess.run(["runuser", "-u", "postgres", "--", str(PGBIN / "pg_ctl"), "-D", str(pgdata),
                     "-l", str(work / "postgres.log"), "-w", "start"], check=True,
@@ -107,20 +112,47 @@ def backend_cpu_of(sql_before: str, body: str, cluster: capture.Cluster,
     return (t1 - t0) / CLK_TCK, float(wal)
 
 
+# plain, two peers, and post-save's trigger captures (the daemon never runs here)
+DEFAULT_ARMS = ["plain", "event_log", "pgq", "postsave_capture", "postsave_durable_row",
+                "postsave_notify"]
+
+
+def install(arm: capture.Arm, cluster: capture.Cluster, db: str, scratch: Path,
+            postsave_bin: str | None) -> None:
+    """The arm's capture, as bench/run installs it (setup only: no background consumer)."""
+    if isinstance(arm.setup, str):
+        cluster.psql(db, arm.setup)
+    elif arm.setup is not None:
+        arm.setup(capture.Ctx(cluster, db, scratch, postsave_bin))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="trigger_variants.py")
     ap.add_argument("--rows", type=int, default=20000, help="single-row INSERTs/UPDATEs per loop")
     ap.add_argument("--batches", type=int, default=200, help="100-row INSERT … SELECT per loop")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--arms", help="comma-separated subset (default: plain, event_log, v_*)")
+    ap.add_argument("--arms", help=f"comma-separated subset of capture.py's arms "
+                    f"(default: {','.join(DEFAULT_ARMS)})")
+    ap.add_argument("--no-build", action="store_true",
+                    help="do not run cargo build; use the post-save binary already built")
     a = ap.parse_args(argv)
     arms = {arm.name: arm for arm in capture.ARMS}
-    names = (a.arms.split(",") if a.arms else
-             ["plain", "event_log"] + [arm.name for arm in capture.LEAN_ARMS])
+    names = a.arms.split(",") if a.arms else DEFAULT_ARMS
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        ap.error(f"unknown arm(s): {', '.join(unknown)}")
     cluster, work = start_cluster()
     results: dict[str, dict[str, list[float]]] = {}
     wals: dict[str, dict[str, float]] = {}
     try:
+        env = capture.Env(cluster, Path(__file__).resolve().parent.parent)
+        if any(arms[n].available is capture.postsave_available for n in names):
+            capture.build_postsave(env, a)
+            if not env.postsave_bin:
+                raise capture.BenchError(f"post-save unavailable: {env.postsave_skip_reason}")
+        scratch = work / "scratch"
+        scratch.mkdir()
+        os.chmod(scratch, 0o755)
         for rep in range(a.repeat):
             for name in names:
                 arm = arms[name]
@@ -133,8 +165,7 @@ def main(argv: list[str]) -> int:
                                          "select g % 1000, 'widget-' || (g % 50), 1 "
                                          "from generate_series(1, 100000) g; "
                                          "vacuum analyze shop_order;")
-                    if isinstance(arm.setup, str):
-                        cluster.psql(db, arm.setup)
+                    install(arm, cluster, db, scratch, env.postsave_bin)
                     if kind == "insert":
                         body = (f"do $$ begin for i in 1..{a.rows} loop insert into shop_order "
                                 "(user_id, product, quantity) values (i, 'widget', 1 + i % 10); "
