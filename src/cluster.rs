@@ -19,33 +19,28 @@
 //! # Ok::<(), post_save::cluster::ClusterError>(())
 //! ```
 
-use std::ffi::OsStr;
-use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write as _};
-use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+mod bindir;
+mod conf;
+mod control;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
 
 use nix::unistd::User;
+
+use bindir::server_user;
+pub use bindir::{find_bindir, server_major};
+use conf::{choose_port, conninfo_value};
+use control::{lock_dir, output_tail};
 
 /// The environment variable naming the directory that holds `initdb`, `pg_ctl` and `postgres`.
 pub const BINDIR_ENV: &str = "POST_SAVE_PG_BINDIR";
 
-/// The server binaries a directory must hold to count as a PostgreSQL bindir.
-const SERVER_PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
-/// The settings file this module writes into the data directory (included by `postgresql.conf`).
-const CONF_FILE: &str = "post_save.conf";
-/// How many lines of a command's output or of the server log an error keeps.
-const TAIL_LINES: usize = 20;
 /// How long `pg_ctl` waits for the server to start or stop, in seconds.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
-/// How long to wait for the socket to accept connections once `pg_ctl` reports success.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to start a cluster.
 #[derive(Debug, Clone, Default)]
@@ -326,174 +321,6 @@ impl TempCluster {
         self.persistent = true;
         self.dir.clone()
     }
-
-    /// Reuses an existing cluster in `self.dir`; `Ok(false)` when there is none.
-    fn reuse(&mut self, opts: &ClusterOptions) -> Result<bool, ClusterError> {
-        let Ok(kept) = fs::read_to_string(self.data_dir.join("PG_VERSION")) else {
-            return Ok(false);
-        };
-        // A data directory made by another major version cannot be run by these binaries (and
-        // a server of that version may still be running on it): it is made again.
-        let major = server_major(&self.bindir)?;
-        if kept.trim() != major.to_string() {
-            return Err(ClusterError::Start {
-                reason: format!(
-                    "the kept cluster is PostgreSQL {}, the binaries in {} are {major}",
-                    kept.trim(),
-                    self.bindir.display()
-                ),
-                output: String::new(),
-                log: String::new(),
-            });
-        }
-        let kept_port = read_port(&self.data_dir.join(CONF_FILE))?;
-        self.port = choose_port(opts, Some(kept_port))?;
-        let changed = self.write_conf(opts)?;
-        if !self.accepts_connections() {
-            self.start_again()?;
-        } else if changed {
-            self.restart(StopMode::Fast)?;
-        }
-        Ok(true)
-    }
-
-    /// Runs `initdb`, then writes this module's settings (choosing the port).
-    fn create(&mut self, opts: &ClusterOptions) -> Result<(), ClusterError> {
-        self.port = choose_port(opts, None)?;
-        match self.initdb("C.UTF-8") {
-            Err(ClusterError::Command { output, .. }) if output.contains("locale") => {
-                self.wipe_data_dir()?;
-                self.initdb("C")?;
-            }
-            other => other?,
-        }
-        let mut main_conf = OpenOptions::new()
-            .append(true)
-            .open(self.data_dir.join("postgresql.conf"))
-            .map_err(io_err("could not open postgresql.conf"))?;
-        writeln!(main_conf, "\ninclude = '{CONF_FILE}'").map_err(io_err("could not write postgresql.conf"))?;
-        self.write_conf(opts).map(drop)
-    }
-
-    fn initdb(&self, locale: &str) -> Result<(), ClusterError> {
-        let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .arg(format!("--locale={locale}"));
-        self.run("initdb", cmd).map(drop)
-    }
-
-    /// Writes the settings file; returns whether its content changed.
-    fn write_conf(&self, opts: &ClusterOptions) -> Result<bool, ClusterError> {
-        let path = self.data_dir.join(CONF_FILE);
-        let text = conf_text(&self.dir, self.port, opts);
-        if fs::read_to_string(&path).is_ok_and(|old| old == text) {
-            return Ok(false);
-        }
-        fs::write(&path, text).map_err(io_err(format!("could not write {}", path.display())))?;
-        self.give_to_owner(&path)?;
-        Ok(true)
-    }
-
-    /// Stops whatever server may run on the data directory and removes the directory.
-    fn wipe_data_dir(&self) -> Result<(), ClusterError> {
-        if self.data_dir.join("postmaster.pid").exists() {
-            // Best effort: a stale pid file makes this fail, which is fine.
-            let _ = self.stop(StopMode::Immediate);
-        }
-        match fs::remove_dir_all(&self.data_dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(ClusterError::Io { what: format!("could not remove {}", self.data_dir.display()), source: e })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn socket_path(&self) -> PathBuf {
-        self.dir.join(format!(".s.PGSQL.{}", self.port))
-    }
-
-    fn accepts_connections(&self) -> bool {
-        UnixStream::connect(self.socket_path()).is_ok()
-    }
-
-    /// Polls the socket: `pg_ctl start -w` has normally waited long enough already.
-    fn wait_until_accepting(&self) -> Result<(), ClusterError> {
-        let deadline = Instant::now() + ACCEPT_TIMEOUT;
-        while !self.accepts_connections() {
-            if Instant::now() > deadline {
-                let reason =
-                    format!("{} did not accept connections within {ACCEPT_TIMEOUT:?}", self.socket_path().display());
-                return Err(self.start_error(reason, String::new()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    fn start_error(&self, reason: String, output: String) -> ClusterError {
-        ClusterError::Start { reason, output, log: file_tail(&self.log_path()) }
-    }
-
-    /// A command for one of the server programs, run as the server's OS user.
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bindir.join(program));
-        // A directory the server user can enter: initdb complains about one it cannot.
-        cmd.current_dir(&self.dir).stdin(Stdio::null());
-        // The server may outlive this process (the test harness's cluster): hand it only the
-        // variables PostgreSQL and its libraries need, not this process's whole environment.
-        cmd.env_clear();
-        for name in ["PATH", "TZ", "TMPDIR", "LD_LIBRARY_PATH"] {
-            if let Some(value) = std::env::var_os(name) {
-                cmd.env(name, value);
-            }
-        }
-        if let Some(user) = &self.owner {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-        }
-        cmd
-    }
-
-    /// Runs `cmd` to completion; a failure keeps the tail of its output.
-    fn run(&self, what: &str, mut cmd: Command) -> Result<Output, ClusterError> {
-        let out = cmd.output().map_err(io_err(format!("could not run {what}")))?;
-        if out.status.success() {
-            Ok(out)
-        } else {
-            Err(ClusterError::Command { what: what.to_owned(), status: out.status, output: output_tail(&out) })
-        }
-    }
-
-    /// Refuses a directory that is a symlink or belongs to someone else: in a shared place like
-    /// `/tmp`, another user could have put it there.
-    fn check_dir_is_ours(&self) -> Result<(), ClusterError> {
-        let meta =
-            fs::symlink_metadata(&self.dir).map_err(io_err(format!("could not inspect {}", self.dir.display())))?;
-        let owners = [Some(nix::unistd::geteuid().as_raw()), self.owner.as_ref().map(|u| u.uid.as_raw())];
-        if meta.is_dir() && owners.contains(&Some(meta.uid())) {
-            return Ok(());
-        }
-        Err(ClusterError::Io {
-            what: format!("{} is not a directory owned by this user", self.dir.display()),
-            source: io::ErrorKind::PermissionDenied.into(),
-        })
-    }
-
-    fn give_dir_to_owner(&self) -> Result<(), ClusterError> {
-        self.give_to_owner(&self.dir)
-    }
-
-    fn give_to_owner(&self, path: &Path) -> Result<(), ClusterError> {
-        let Some(user) = &self.owner else {
-            return Ok(());
-        };
-        std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(io_err(format!(
-            "could not give {} to the {} user",
-            path.display(),
-            user.name
-        )))
-    }
 }
 
 impl Drop for TempCluster {
@@ -511,192 +338,13 @@ impl Drop for TempCluster {
     }
 }
 
-/// Finds the directory holding the PostgreSQL server binaries (`initdb`, `pg_ctl`,
-/// `postgres`).
-///
-/// In order: `$POST_SAVE_PG_BINDIR` (used alone when set); the directory of `initdb` on
-/// `PATH` (symlinks resolved); `pg_config --bindir`; the highest version under
-/// `/usr/lib/postgresql/*/bin` (Debian and Ubuntu). A candidate counts only if it holds all
-/// three programs.
-pub fn find_bindir() -> Result<PathBuf, ClusterError> {
-    if let Some(dir) = std::env::var_os(BINDIR_ENV).filter(|v| !v.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return if has_server_programs(&dir) { Ok(dir) } else { Err(ClusterError::NotFound) };
-    }
-    bindir_from_path().or_else(bindir_from_pg_config).or_else(bindir_from_debian_layout).ok_or(ClusterError::NotFound)
-}
-
-/// The major version of the server binaries in `bindir` (`postgres --version`): 15 for
-/// "postgres (PostgreSQL) 15.10 (Debian 15.10-0+deb12u1)".
-pub fn server_major(bindir: &Path) -> Result<u32, ClusterError> {
-    let program = bindir.join("postgres");
-    let out = Command::new(&program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io_err(format!("could not run {} --version", program.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .find_map(|word| word.split('.').next().and_then(|m| m.parse().ok()))
-        .filter(|_| out.status.success())
-        .ok_or_else(|| ClusterError::Command {
-            what: format!("{} --version", program.display()),
-            status: out.status,
-            output: output_tail(&out),
-        })
-}
-
-fn has_server_programs(dir: &Path) -> bool {
-    SERVER_PROGRAMS.iter().all(|p| is_executable(&dir.join(p)))
-}
-
-fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn bindir_from_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    let initdb = std::env::split_paths(&path).map(|dir| dir.join("initdb")).find(|p| is_executable(p))?;
-    let resolved = fs::canonicalize(&initdb).ok()?;
-    [resolved.parent()?, initdb.parent()?].into_iter().find(|dir| has_server_programs(dir)).map(Path::to_path_buf)
-}
-
-fn bindir_from_pg_config() -> Option<PathBuf> {
-    let out = Command::new("pg_config").arg("--bindir").stdin(Stdio::null()).output().ok()?;
-    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    (out.status.success() && has_server_programs(&dir)).then_some(dir)
-}
-
-fn bindir_from_debian_layout() -> Option<PathBuf> {
-    fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let version = version_key(entry.file_name().as_os_str())?;
-            let bindir = entry.path().join("bin");
-            has_server_programs(&bindir).then_some((version, bindir))
-        })
-        .max()
-        .map(|(_, bindir)| bindir)
-}
-
-/// "15" -> [15], "9.6" -> [9, 6]; `None` for names that are not versions.
-fn version_key(name: &OsStr) -> Option<Vec<u32>> {
-    name.to_str()?.split('.').map(|part| part.parse().ok()).collect()
-}
-
-/// The OS user to run the server as: `postgres` when this process is root, else none.
-fn server_user() -> Result<Option<User>, ClusterError> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    match User::from_name("postgres") {
-        Ok(Some(user)) => Ok(Some(user)),
-        Ok(None) => Err(ClusterError::NoPostgresUser),
-        Err(errno) => {
-            Err(ClusterError::Io { what: "could not look up the postgres user".to_owned(), source: errno.into() })
-        }
-    }
-}
-
-/// Takes the lock that serialises [`TempCluster::start_persistent`] on `dir`; released on drop.
-fn lock_dir(dir: &Path) -> Result<File, ClusterError> {
-    let path = dir.join(".lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(format!("could not open {}", path.display())))?;
-    file.lock().map_err(io_err(format!("could not lock {}", path.display())))?;
-    Ok(file)
-}
-
-/// The port to use: the one asked for, else the kept one, else a free TCP port.
-fn choose_port(opts: &ClusterOptions, kept: Option<u16>) -> Result<u16, ClusterError> {
-    match (opts.tcp_port, kept) {
-        (Some(port), _) if port != 0 => Ok(port),
-        (_, Some(port)) => Ok(port),
-        _ => free_port(),
-    }
-}
-
-fn free_port() -> Result<u16, ClusterError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(io_err("could not find a free port"))
-}
-
-/// Reads `port = N` back from a settings file written by [`conf_text`].
-fn read_port(path: &Path) -> Result<u16, ClusterError> {
-    let text = fs::read_to_string(path).map_err(io_err(format!("could not read {}", path.display())))?;
-    text.lines().find_map(|line| line.strip_prefix("port = '")?.strip_suffix('\'')?.parse().ok()).ok_or_else(|| {
-        ClusterError::Io {
-            what: format!("could not read the port from {}", path.display()),
-            source: io::ErrorKind::InvalidData.into(),
-        }
-    })
-}
-
-/// The content of the settings file: this module's settings, then the caller's.
-fn conf_text(socket_dir: &Path, port: u16, opts: &ClusterOptions) -> String {
-    let listen = if opts.tcp_port.is_some() { "127.0.0.1" } else { "" };
-    let own = [
-        ("listen_addresses", listen.to_owned()),
-        ("port", port.to_string()),
-        ("unix_socket_directories", socket_dir.to_string_lossy().into_owned()),
-        // Only the server's user (and root) may connect, whatever the directory's mode.
-        ("unix_socket_permissions", "0700".to_owned()),
-        ("fsync", if opts.fsync { "on" } else { "off" }.to_owned()),
-    ];
-    let extra = opts.settings.iter().map(|(k, v)| (k.as_str(), v.clone()));
-    let mut text = String::from("# written by post-save; rewritten when the cluster is reused\n");
-    for (name, value) in own.into_iter().chain(extra) {
-        let value = value.replace('\\', "\\\\").replace('\'', "''");
-        // Writing to a String cannot fail.
-        let _ = writeln!(text, "{name} = '{value}'");
-    }
-    text
-}
-
-/// Quotes a libpq `key=value` value when it needs it.
-fn conninfo_value(value: &str) -> String {
-    if !value.is_empty() && !value.contains([' ', '\'', '\\']) {
-        return value.to_owned();
-    }
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
-/// The last lines of a command's standard output followed by its standard error (where the
-/// error is, last).
-fn output_tail(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    tail(&text)
-}
-
-/// The last lines of a file, read from its end; empty if it cannot be read.
-fn file_tail(path: &Path) -> String {
-    const MAX_BYTES: u64 = 64 * 1024;
-    let mut bytes = Vec::new();
-    let read = File::open(path).and_then(|mut file| {
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))?;
-        file.read_to_end(&mut bytes)
-    });
-    match read {
-        Ok(_) => tail(&String::from_utf8_lossy(&bytes)),
-        Err(_) => String::new(),
-    }
-}
-
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
-}
-
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsStr;
+
+    use super::bindir::version_key;
+    use super::conf::{CONF_FILE, conf_text, read_port};
+    use super::control::tail;
     use super::*;
 
     #[test]

@@ -55,6 +55,10 @@ mod name;
 mod registry;
 mod stats;
 mod systemd;
+#[cfg_attr(
+    not(any(feature = "nats", feature = "redis", feature = "amqp", feature = "email")),
+    allow(dead_code, reason = "templates serve the handler kinds of the default build")
+)]
 mod template;
 
 pub use capture::wal::{Blocked, Blocker};
@@ -91,6 +95,7 @@ pub mod testing {
 
     /// The handler kinds' own items.
     pub mod kinds {
+        #[allow(unused_imports, reason = "empty in a build without the handler kinds")]
         pub use crate::handler::kinds::*;
     }
 }

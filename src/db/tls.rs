@@ -2,18 +2,20 @@
 //! the `ring` provider. Certificate and key files are read at each handshake, as libpq does, so
 //! renewed certificates are used without a restart.
 
+mod error;
+mod files;
+mod verify;
+
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::{AlertDescription, CertificateError, ClientConfig};
+
+pub use error::{TlsFailure, TlsSetupError};
+use verify::{AnyCertificate, ChainOnly, Check, webpki_verifier};
 
 /// libpq's `sslmode`: whether a connection is encrypted, and what is checked of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -215,51 +217,6 @@ impl Tls {
         Ok(if name { Check::ChainAndName(roots) } else { Check::Chain(roots) })
     }
 
-    fn load_roots(&self) -> Result<RootCertStore, TlsSetupError> {
-        let mut store = RootCertStore::empty();
-        match &self.roots {
-            Some(Roots::System) => {
-                let found = rustls_native_certs::load_native_certs();
-                store.add_parsable_certificates(found.certs);
-                if store.is_empty() {
-                    return Err(TlsSetupError::NoSystemRoots);
-                }
-            }
-            Some(Roots::File(f)) if f.in_use() => {
-                for cert in read_certs("sslrootcert", &f.path)? {
-                    store.add(cert).map_err(|e| TlsSetupError::Pem {
-                        what: "sslrootcert",
-                        path: f.path.clone(),
-                        message: e.to_string(),
-                    })?;
-                }
-            }
-            Some(Roots::File(f)) => {
-                return Err(TlsSetupError::NoRootCert { path: Some(f.path.clone()), mode: self.mode });
-            }
-            None => return Err(TlsSetupError::NoRootCert { path: None, mode: self.mode }),
-        }
-        Ok(store)
-    }
-
-    /// The client certificate chain and key, when there is a certificate to send.
-    fn identity(&self) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsSetupError> {
-        let Some(cert) = self.cert.as_ref().filter(|c| c.in_use()) else { return Ok(None) };
-        let certs = read_certs("sslcert", &cert.path)?;
-        let key = match &self.key {
-            Some(key) if key.in_use() => key,
-            key => {
-                return Err(TlsSetupError::NoKey {
-                    cert: cert.path.clone(),
-                    key: key.as_ref().map(|k| k.path.clone()),
-                });
-            }
-        };
-        check_key_permissions(&key.path)?;
-        let read = PrivateKeyDer::from_pem_file(&key.path).map_err(|e| pem_error("sslkey", &key.path, e))?;
-        Ok(Some((certs, read)))
-    }
-
     /// The rustls configuration of one handshake; reads the certificate files now.
     pub(crate) fn client_config(&self) -> Result<ClientConfig, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -346,282 +303,11 @@ fn as_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
         .or_else(|| e.downcast_ref::<io::Error>()?.get_ref()?.downcast_ref::<rustls::Error>())
 }
 
-/// What the handshake checks of the server's certificate.
-enum Check {
-    /// Nothing but that the server holds the certificate's key (`prefer`, `require` without
-    /// a root certificate).
-    Nothing,
-    /// That a trusted CA signed it (`verify-ca`, `require` with a root certificate).
-    Chain(RootCertStore),
-    /// That, and that it names the host (`verify-full`).
-    ChainAndName(RootCertStore),
-}
-
-fn webpki_verifier(
-    roots: RootCertStore,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, TlsSetupError> {
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
-        .build()
-        .map_err(|e| TlsSetupError::Rustls(rustls::Error::General(e.to_string())))
-}
-
-/// Checks the handshake's signatures only: the certificate itself is taken as it comes.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the names in the certificate do not
-/// matter.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // webpki checks the name last, after the chain.
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| pem_error(what, path, e))?;
-    if certs.is_empty() {
-        return Err(TlsSetupError::Pem { what, path: path.to_owned(), message: "no certificate in it".into() });
-    }
-    Ok(certs)
-}
-
-fn pem_error(what: &'static str, path: &Path, e: rustls::pki_types::pem::Error) -> TlsSetupError {
-    match e {
-        rustls::pki_types::pem::Error::Io(source) => TlsSetupError::Read { what, path: path.to_owned(), source },
-        other => TlsSetupError::Pem { what, path: path.to_owned(), message: other.to_string() },
-    }
-}
-
-/// libpq's rule: a private key readable by others is refused.
-fn check_key_permissions(path: &Path) -> Result<(), TlsSetupError> {
-    let meta = std::fs::metadata(path).map_err(|source| TlsSetupError::Read {
-        what: "sslkey",
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.mode();
-    let open = if meta.uid() == nix::unistd::geteuid().as_raw() {
-        mode & 0o077 != 0
-    } else {
-        meta.uid() == 0 && mode & 0o037 != 0
-    };
-    if open {
-        return Err(TlsSetupError::KeyPermissions { path: path.to_owned() });
-    }
-    Ok(())
-}
-
-/// The TLS settings cannot be used: a certificate or key file is missing, unreadable or not
-/// what it should be.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TlsSetupError {
-    /// `verify-ca` or `verify-full` with no root certificate to verify against.
-    #[error(
-        "sslmode={mode} needs a root certificate, and {}: give sslrootcert (a file, or system for the platform's trusted roots), or use sslmode=require, which does not verify the server",
-        match .path { Some(p) => format!("{} does not exist", p.display()), None => "HOME is not set to find ~/.postgresql/root.crt".to_owned() }
-    )]
-    NoRootCert {
-        /// libpq's default root certificate, when HOME is set.
-        path: Option<PathBuf>,
-        /// The mode that needs it.
-        mode: SslMode,
-    },
-    /// `sslrootcert=system` found no certificates.
-    #[error("no trusted root certificates found on this system (sslrootcert=system)")]
-    NoSystemRoots,
-    /// A file could not be read.
-    #[error("cannot read the {what} file {}", path.display())]
-    Read {
-        /// `sslrootcert`, `sslcert` or `sslkey`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A file does not hold what it should.
-    #[error("the {what} file {} is not usable: {message}", path.display())]
-    Pem {
-        /// `sslrootcert`, `sslcert` or `sslkey`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        message: String,
-    },
-    /// A client certificate without its key.
-    #[error(
-        "the client certificate {} has no private key{}: set sslkey",
-        cert.display(),
-        key.as_ref().map(|k| format!(" ({} does not exist)", k.display())).unwrap_or_default()
-    )]
-    NoKey {
-        /// The certificate.
-        cert: PathBuf,
-        /// Where the key was looked for.
-        key: Option<PathBuf>,
-    },
-    /// libpq's rule for private keys.
-    #[error(
-        "the private key file {} has group or world access; it must have permissions u=rw (0600) or less if owned by the current user, or u=rw,g=r (0640) or less if owned by root",
-        path.display()
-    )]
-    KeyPermissions {
-        /// The key file.
-        path: PathBuf,
-    },
-    /// The certificate and key do not go together, or the key is of a kind rustls cannot use.
-    #[error("the client certificate {} and its key cannot be used", cert.display())]
-    Identity {
-        /// The certificate.
-        cert: PathBuf,
-        /// What rustls said.
-        #[source]
-        source: rustls::Error,
-    },
-    /// rustls refused the configuration.
-    #[error("cannot configure TLS")]
-    Rustls(#[source] rustls::Error),
-}
-
-/// A TLS failure, in the user's words.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TlsFailure {
-    /// The server's certificate does not lead to a trusted root.
-    #[error("the server's certificate is not trusted: it is not signed by a CA in {roots}")]
-    NotTrusted {
-        /// Where the trusted CAs came from.
-        roots: String,
-    },
-    /// The server's certificate names other hosts (`verify-full`).
-    #[error(
-        "host name mismatch: the server's certificate does not name {}{}",
-        host.as_deref().map_or("the host".to_owned(), |h| format!("`{h}`")),
-        if presented.is_empty() { String::new() } else { format!(" (it names {})", presented.join(", ")) }
-    )]
-    HostName {
-        /// The host connected to.
-        host: Option<String>,
-        /// The names in the certificate.
-        presented: Vec<String>,
-    },
-    /// The server's certificate has expired.
-    #[error("the server's certificate has expired")]
-    Expired,
-    /// The server's certificate is not valid yet.
-    #[error("the server's certificate is not valid yet")]
-    NotValidYet,
-    /// Any other reason to refuse the server's certificate.
-    #[error("the server's certificate is refused: {reason}")]
-    BadCertificate {
-        /// What rustls said.
-        reason: String,
-    },
-    /// The server answered the TLS request with a no (`ssl = off`).
-    #[error("the server does not accept TLS connections (its ssl setting is off), and sslmode={mode} requires TLS")]
-    ServerWithoutTls {
-        /// The mode that requires TLS.
-        mode: SslMode,
-    },
-    /// The server's `pg_hba.conf` has no entry for unencrypted connections of this role.
-    #[error("the server accepts only TLS connections for this role, and sslmode=disable")]
-    ServerRequiresTls,
-    /// The server refused the client certificate, or needs one and got none.
-    #[error("the server refused the client certificate: {why}")]
-    ClientCertificateRefused {
-        /// Why, as far as its alert tells.
-        why: &'static str,
-    },
-}
-
-impl TlsFailure {
-    /// Whether the server refused this client (like a refused password): exit code 77.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, TlsFailure::ServerRequiresTls | TlsFailure::ClientCertificateRefused { .. })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use rustls::pki_types::ServerName;
+
+    use super::files::check_key_permissions;
     use super::*;
 
     fn params(mode: Option<&str>, root: Option<&str>) -> TlsParams {
