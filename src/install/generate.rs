@@ -74,23 +74,28 @@ pub fn function_sql(watch: &Watch, shape: &TableShape) -> String {
         }
         Mode::Notify => String::new(),
     };
-    let body_parts = [
-        ("{{options}}", options_line(watch, shape)),
-        ("{{keys}}", text_array(&shape.pk)),
-        ("{{redact}}", text_array(&watch.redact)),
-        ("{{watch}}", text_array(&watch.columns)),
-        ("{{declare}}", declare.to_owned()),
-        ("{{insert}}", insert),
-        ("{{update}}", if ops.update { g.row_update() } else { "        NULL;".to_owned() }),
-        ("{{delete}}", g.row_delete(ops.delete, moves)),
-        ("{{wake}}", wake),
+    let function = function_name(&watch.table);
+    let parts: [(&str, &dyn std::fmt::Display); 10] = [
+        ("function", &function),
+        ("options", &options_line(watch, shape)),
+        ("keys", &text_array(&shape.pk)),
+        ("redact", &text_array(&watch.redact)),
+        ("watch", &text_array(&watch.columns)),
+        ("declare", &declare),
+        ("insert", &insert),
+        ("update", &if ops.update { g.row_update() } else { "        NULL;".to_owned() }),
+        ("delete", &g.row_delete(ops.delete, moves)),
+        ("wake", &wake),
     ];
-    let mut sql = TEMPLATE.replace("{{function}}", &function_name(&watch.table));
-    for (slot, text) in body_parts {
-        sql = sql.replace(slot, &text);
-    }
-    let tag = dollar_tag(&sql);
-    sql.replace("{{tag}}", &tag)
+    // The dollar-quote tag is one the function's text does not hold (a column may be named
+    // `$capture$`): the text is filled once without it to find one, then with it.
+    let fill_with = |tag: &str| {
+        let mut values = parts.to_vec();
+        values.push(("tag", &tag));
+        // a whole statement: its line ends
+        fill(TEMPLATE, &values) + "\n"
+    };
+    fill_with(&dollar_tag(&fill_with("")))
 }
 
 /// A dollar-quote tag that does not occur in `body`: `$capture$`, or `$capture_<n>$` when a name
@@ -123,8 +128,35 @@ fn num_array(nums: &[i16]) -> String {
     format!("'{{{}}}'::smallint[]", nums.join(","))
 }
 
+/// A fragment of a capture function (`sql/capture/*.sql`) with each `{{name}}` replaced by its
+/// value, in one pass: a value (a table's name, say) that holds `{{…}}` is never read again. The
+/// file's last newline is not part of the fragment.
+fn fill(template: &str, values: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let template = template.strip_suffix('\n').unwrap_or(template);
+    let mut sql = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        sql.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}").expect("a placeholder of a capture fragment is closed");
+        let name = &after[..close];
+        let (_, value) = values.iter().find(|(n, _)| *n == name).expect("every placeholder has a value");
+        sql.push_str(&value.to_string());
+        rest = &after[close + 2..];
+    }
+    sql.push_str(rest);
+    sql
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+#[test]
+fn a_value_that_looks_like_a_placeholder_is_not_filled_again() {
+    let sql = fill("a {{x}} b {{y}}\n", &[("x", &"{{y}}"), ("y", &1)]);
+    assert_eq!(sql, "a {{y}} b 1");
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -259,55 +291,25 @@ impl<'a> Generator<'a> {
         let body = match self.watch.mode {
             // The first CHUNK rows need no numbering; `n` tells whether there are more. A
             // transition table is read in the same order every time, so OFFSET finds the rest.
-            Mode::Durable => format!(
-                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
-                 SELECT {sender}, 'insert', count(*), v_head, json_agg(e.item)\n          \
-                 FROM (SELECT {item} AS item FROM {NEW_TABLE} n LIMIT {CHUNK}) e\n        \
-                 HAVING count(*) > 0\n        \
-                 RETURNING n INTO v_rows;\n        \
-                 IF v_rows = {CHUNK} THEN\n            \
-                 INSERT INTO post_save.event (sender, op, n, head, rows)\n            \
-                 SELECT {sender}, 'insert', count(*), v_head, json_agg(e.item)\n              \
-                 FROM (SELECT {item} AS item, (row_number() OVER () - 1) / {CHUNK} AS chunk\n                      \
-                 FROM (SELECT * FROM {NEW_TABLE} OFFSET {CHUNK}) n) e\n             \
-                 GROUP BY e.chunk;\n        \
-                 END IF;\n        \
-                 v_rows := coalesce(v_rows, 0);",
-                sender = self.sender,
+            Mode::Durable => fill(
+                include_str!("../../sql/capture/insert_statement_durable.sql"),
+                &[("sender", &self.sender), ("item", &item), ("NEW_TABLE", &NEW_TABLE), ("CHUNK", &CHUNK)],
             ),
             // Rows of at most NOTE_ROW_MAX bytes are packed into notes by a running sum of
             // their lengths: a note holds less than `v_room` plus one row. Longer rows, which
             // are rare, are sent one by one, by reference when even that is too long.
-            Mode::Notify => format!(
-                "        v_note := {start};\n        \
-                 v_room := {room} - octet_length(v_note);\n        \
-                 IF v_room <= 0 THEN\n            \
-                 {too_big}\n            \
-                 RETURN NULL;\n        \
-                 END IF;\n        \
-                 SELECT count(*) FILTER (WHERE c.chunk < 0) INTO v_big\n          \
-                 FROM (SELECT r.chunk, CASE WHEN r.chunk >= 0 THEN pg_notify('post_save', v_note || ',\"rows\":[' || string_agg(r.item, ',') FILTER (WHERE r.chunk >= 0) || ']}}') END\n                  \
-                 FROM (SELECT r.item, CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX}\n                                \
-                 THEN sum(CASE WHEN octet_length(r.item) <= {NOTE_ROW_MAX} THEN octet_length(r.item) + 1 END) OVER w / v_room\n                                \
-                 ELSE -1 END AS chunk\n                          \
-                 FROM (SELECT ({item})::text AS item FROM {NEW_TABLE} n) r\n                        \
-                 WINDOW w AS (ROWS UNBOUNDED PRECEDING)) r\n                 \
-                 GROUP BY r.chunk) c;\n        \
-                 IF v_big > 0 THEN\n            \
-                 PERFORM pg_notify('post_save', e.note)\n               \
-                 FROM (SELECT CASE WHEN octet_length(v_note) + octet_length(b.post_save_item) < {fits}\n                                 \
-                 THEN v_note || ',\"rows\":[' || b.post_save_item || ']}}'\n                                 \
-                 ELSE v_note || ',\"reread\":true,\"pk\":' || b.post_save_pk || '}}' END AS note\n                       \
-                 FROM (SELECT ({item})::text AS post_save_item, post_save.key_of(to_jsonb(n.*), v_keys)::text AS post_save_pk\n                               \
-                 FROM {NEW_TABLE} n OFFSET 0) b\n                      \
-                 WHERE octet_length(b.post_save_item) > {NOTE_ROW_MAX}) e\n              \
-                 WHERE octet_length(e.note) < {NOTE_LIMIT};\n        \
-                 END IF;",
-                start = self.note_start(Op::Insert),
-                // the note's start, `,"rows":[`, at most v_room + a row + its comma, `]}`
-                room = NOTE_LIMIT - 9 - (NOTE_ROW_MAX + 1) - 2 - 8,
-                fits = NOTE_LIMIT - 20,
-                too_big = self.too_big(),
+            Mode::Notify => fill(
+                include_str!("../../sql/capture/insert_statement_notify.sql"),
+                &[
+                    ("start", &self.note_start(Op::Insert)),
+                    ("room", &(NOTE_LIMIT - 9 - (NOTE_ROW_MAX + 1) - 2 - 8)),
+                    ("too_big", &self.too_big()),
+                    ("NOTE_ROW_MAX", &NOTE_ROW_MAX),
+                    ("item", &item),
+                    ("NEW_TABLE", &NEW_TABLE),
+                    ("fits", &(NOTE_LIMIT - 20)),
+                    ("NOTE_LIMIT", &NOTE_LIMIT),
+                ],
             ),
         };
         sql.push_str(&body);
@@ -353,20 +355,13 @@ impl<'a> Generator<'a> {
         if !moves {
             return format!("        v_new := to_jsonb(NEW);\n{insert}");
         }
-        format!(
-            "        v_new := to_jsonb(NEW);\n        \
-             IF {moving} THEN\n            \
-             v_old := nullif(current_setting('post_save.moved', true), '')::jsonb;\n            \
-             PERFORM set_config('post_save.moved', '', true);\n        \
-             END IF;\n        \
-             IF v_old IS NOT NULL THEN\n\
-             {update}\n        \
-             ELSE\n\
-             {insert}\n        \
-             END IF;",
-            moving = self.moving(),
-            update = indent(&self.update_core(Some("NEW"), None)),
-            insert = indent(&insert),
+        fill(
+            include_str!("../../sql/capture/insert_row_moved.sql"),
+            &[
+                ("moving", &self.moving()),
+                ("update", &indent(&self.update_core(Some("NEW"), None))),
+                ("insert", &indent(&insert)),
+            ],
         )
     }
 
@@ -407,16 +402,9 @@ impl<'a> Generator<'a> {
         let names: Vec<String> = self.shape.columns.iter().map(|c| c.name.clone()).collect();
         // Only a column added or renamed since install is left once the known names are taken
         // out; that one minus is cheaper than the two of the full comparison it guards.
-        sql.push_str(&format!(
-            "        v_changed := array_remove({known}, NULL);\n        \
-             -- a column added or renamed since install changed too: ask the catalog\n        \
-             IF (v_new - {names}) <> '{{}}'::jsonb AND (v_new - v_changed) <> (v_old - v_changed) THEN\n            \
-             v_changed := post_save.changed_columns(TG_RELID, v_new, v_old);\n        \
-             END IF;\n        \
-             IF cardinality(v_changed) = 0 THEN\n            \
-             RETURN NULL;\n        \
-             END IF;\n",
-            names = text_array(&names)
+        sql.push_str(&fill(
+            include_str!("../../sql/capture/update_changed.sql"),
+            &[("known", &known), ("names", &text_array(&names))],
         ));
         if !self.watch.columns.is_empty() {
             sql.push_str("        IF NOT (v_changed && v_watch) THEN\n            RETURN NULL;\n        END IF;\n");
@@ -461,12 +449,16 @@ impl<'a> Generator<'a> {
     fn emit(&self, op: Op, pk: &str, instance: &str, old: &str, changed: &str) -> String {
         let name = op.name();
         match self.watch.mode {
-            Mode::Durable => format!(
-                "        INSERT INTO post_save.event (sender, op, n, head, rows)\n        \
-                 VALUES ({sender}, '{name}', 1, v_head,\n                \
-                 json_build_array(json_build_array({pk}, {instance}, {old}, {changed})));\n        \
-                 v_rows := 1;",
-                sender = self.sender,
+            Mode::Durable => fill(
+                include_str!("../../sql/capture/emit_durable.sql"),
+                &[
+                    ("sender", &self.sender),
+                    ("name", &name),
+                    ("pk", &pk),
+                    ("instance", &instance),
+                    ("old", &old),
+                    ("changed", &changed),
+                ],
             ),
             Mode::Notify => {
                 // A row too big for one note: an insert or update is read again by its key; a
@@ -474,27 +466,27 @@ impl<'a> Generator<'a> {
                 let too_long = if op == Op::Delete {
                     self.parts()
                 } else {
-                    format!(
-                        "v_note := v_note || ',\"reread\":true,\"pk\":' || ({pk})::text\n                      \
-                         || ',\"update_fields\":' || coalesce(to_json({changed})::text, 'null') || '}}';\n            \
-                         IF octet_length(v_note) < {NOTE_LIMIT} THEN\n                \
-                         PERFORM pg_notify('post_save', v_note);\n            \
-                         ELSE\n                \
-                         {too_big}\n            \
-                         END IF;",
-                        too_big = self.too_big(),
+                    fill(
+                        include_str!("../../sql/capture/emit_notify_reread.sql"),
+                        &[
+                            ("pk", &pk),
+                            ("changed", &changed),
+                            ("NOTE_LIMIT", &NOTE_LIMIT),
+                            ("too_big", &self.too_big()),
+                        ],
                     )
                 };
-                format!(
-                    "        v_item := json_build_array({pk}, {instance}, {old}, {changed})::text;\n        \
-                     v_note := {start};\n        \
-                     IF octet_length(v_note) + octet_length(v_item) < {fits} THEN\n            \
-                     PERFORM pg_notify('post_save', v_note || ',\"rows\":[' || v_item || ']}}');\n        \
-                     ELSE\n            \
-                     {too_long}\n        \
-                     END IF;",
-                    start = self.note_start(op),
-                    fits = NOTE_LIMIT - 20,
+                fill(
+                    include_str!("../../sql/capture/emit_notify.sql"),
+                    &[
+                        ("pk", &pk),
+                        ("instance", &instance),
+                        ("old", &old),
+                        ("changed", &changed),
+                        ("start", &self.note_start(op)),
+                        ("fits", &(NOTE_LIMIT - 20)),
+                        ("too_long", &too_long),
+                    ],
                 )
             }
         }
@@ -504,23 +496,9 @@ impl<'a> Generator<'a> {
     /// parts of one transaction reach the daemon together and in order; `k` counts the rows sent
     /// in parts in this transaction, so the parts of two rows are never folded together.
     fn parts(&self) -> String {
-        format!(
-            "v_part := v_txid || '.' || (coalesce(nullif(current_setting('post_save.part', true), ''), '0')::bigint + 1);\n            \
-             PERFORM set_config('post_save.part', split_part(v_part, '.', 2), true);\n            \
-             v_bytes := convert_to(v_item, 'UTF8');\n            \
-             -- bytes per part: three for every four base64 characters that fit\n            \
-             v_room := ({limit} - octet_length(v_note)) / 4 * 3;\n            \
-             IF v_room <= 0 THEN\n                \
-             {too_big}\n            \
-             ELSE\n                \
-             v_parts := (octet_length(v_bytes) + v_room - 1) / v_room;\n                \
-             FOR i IN 0 .. v_parts - 1 LOOP\n                    \
-             PERFORM pg_notify('post_save', v_note || ',\"part\":[' || i || ',' || v_parts || ',\"' || v_part || '\"],\"data\":\"'\n                        \
-             || translate(encode(substring(v_bytes FROM i * v_room + 1 FOR v_room), 'base64'), chr(10), '') || '\"}}');\n                \
-             END LOOP;\n            \
-             END IF;",
-            limit = NOTE_LIMIT - 100,
-            too_big = self.too_big(),
+        fill(
+            include_str!("../../sql/capture/emit_notify_parts.sql"),
+            &[("limit", &(NOTE_LIMIT - 100)), ("too_big", &self.too_big())],
         )
     }
 
