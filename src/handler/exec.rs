@@ -184,6 +184,9 @@ struct Tail {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Only a panic while the lock was held poisons it: a bug, said loudly.
+const POISONED: &str = "the output tail's lock, poisoned by an earlier panic (a bug in post-save)";
+
 impl Tail {
     fn spawn(stream: Option<impl AsyncRead + Unpin + Send + 'static>) -> Tail {
         let kept = Arc::new(Mutex::new(Vec::new()));
@@ -192,11 +195,10 @@ impl Tail {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                    if let Ok(mut kept) = kept.lock() {
-                        kept.extend_from_slice(&buf[..n]);
-                        let excess = kept.len().saturating_sub(TAIL_BYTES);
-                        kept.drain(..excess);
-                    }
+                    let mut kept = kept.lock().expect(POISONED);
+                    kept.extend_from_slice(&buf[..n]);
+                    let excess = kept.len().saturating_sub(TAIL_BYTES);
+                    kept.drain(..excess);
                 }
             })
         });
@@ -211,7 +213,7 @@ impl Tail {
             // Something the program left behind holds the pipe: stop reading it.
             task.abort();
         }
-        let kept = self.kept.lock().map(|k| k.clone()).unwrap_or_default();
+        let kept = self.kept.lock().expect(POISONED).clone();
         String::from_utf8_lossy(&kept).trim().to_owned()
     }
 }

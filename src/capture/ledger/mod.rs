@@ -308,7 +308,7 @@ impl Listener {
                 Ok(Notice::Event(event)) => self.accept_notify_events(work, vec![*event]).await?,
                 Ok(Notice::Events(events)) => self.accept_notify_events(work, events).await?,
                 Ok(Notice::Part(part)) => {
-                    let (lost, joined) = self.parts.lock().expect("the parts joiner is never poisoned").push(part);
+                    let (lost, joined) = self.parts.lock().expect(crate::dispatch::POISONED).push(part);
                     if let Some(reason) = lost {
                         self.skip_invalid(&reason, &payload);
                     }
