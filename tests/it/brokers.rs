@@ -18,8 +18,9 @@ use post_save::SaveEvent;
 use post_save::handler::{Delivery, Failure, Handler, HandlerError};
 use tokio::process::{Child, Command};
 
+use crate::support::child::binary;
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, Running, config, install, start, wait_for_sql};
+use crate::support::{PATIENCE, Running, config, free_port, install, start, wait_for_sql, wait_until};
 
 /// Rows each bulk test inserts, in one statement.
 const ROWS: i64 = 1000;
@@ -116,15 +117,6 @@ fn assert_transient(result: Result<(), HandlerError>) {
     }
 }
 
-/// Polls `check` until it holds, or panics after [`PATIENCE`].
-async fn wait_until<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until the daemon has failed an attempt: the event met the broker down.
 async fn wait_for_a_failed_attempt(daemon: &Running) {
     let stats = &daemon.stats;
@@ -146,11 +138,6 @@ async fn exactly<S: Stream + Unpin>(n: usize, messages: &mut S) -> Vec<S::Item> 
         panic!("a message beyond the {n} expected");
     }
     out
-}
-
-/// A TCP port free right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// A private server process, stopped and started again by a test. Killed when dropped.
@@ -197,11 +184,9 @@ impl Server {
 
 /// The `post-save` binary, for `handlers list`.
 fn handlers_list_json(config: &Path) -> serde_json::Value {
-    let out = assert_cmd::Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let out = assert_cmd::Command::from_std(binary())
         .args(["--config", config.to_str().expect("UTF-8 path")])
         .args(["--database-url", "host=/nonexistent", "handlers", "list", "--json"])
-        .env_remove("POST_SAVE_CONFIG")
-        .env_remove("RUST_LOG")
         .timeout(PATIENCE)
         .output()
         .expect("running post-save");

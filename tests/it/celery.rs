@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::support;
+use crate::support::child::binary;
 use crate::support::db::{TestDb, python_venv};
 use crate::support::{config, install, start};
 
@@ -339,10 +340,9 @@ fn handlers_list_shows_the_target_without_the_password() {
          task = \"shop.tasks.send_order_confirmation\"\n",
     )
     .expect("write config");
-    let out = assert_cmd::Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let out = assert_cmd::Command::from_std(binary())
         .args(["--config", path.to_str().unwrap(), "--database-url", "host=/nonexistent", "handlers", "list", "--json"])
         .env("CELERY_TEST_BROKER_PASSWORD", "hunter2")
-        .env_remove("POST_SAVE_CONFIG")
         .timeout(Duration::from_secs(30))
         .output()
         .expect("run post-save");

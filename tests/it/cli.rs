@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::support::child::binary;
 use crate::support::db::TestDb;
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_post-save");
 
 /// The longest any command here may run; each finishes in well under a second normally.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -23,25 +21,6 @@ const UNREACHABLE: &str = "host=127.0.0.1 port=1 connect_timeout=2";
 /// The table of the issue.
 const SHOP_ORDER: &str = "CREATE TABLE shop_order (id bigserial PRIMARY KEY, user_id bigint NOT NULL, \
      product text NOT NULL, quantity integer NOT NULL DEFAULT 1, created_at timestamptz NOT NULL DEFAULT now())";
-
-/// Environment variables that would change what the binary does if inherited from the test run.
-const SCRUBBED_ENV: &[&str] = &[
-    "POST_SAVE_CONFIG",
-    "POST_SAVE_LOG_FORMAT",
-    "POST_SAVE_TEST_DATABASE_URL",
-    "CONFIGURATION_DIRECTORY",
-    "DATABASE_URL",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGAPPNAME",
-    "PGCONNECT_TIMEOUT",
-    "RUST_LOG",
-    "JOURNAL_STREAM",
-    "POST_SAVE_THREADS",
-];
 
 /// What a finished command left behind.
 struct Run {
@@ -88,11 +67,8 @@ impl Run {
 
 /// A `post-save` command with a clean environment and a deadline.
 fn command(args: &[&str]) -> assert_cmd::Command {
-    let mut cmd = assert_cmd::Command::new(BIN);
+    let mut cmd = assert_cmd::Command::from_std(binary());
     cmd.args(args).timeout(PATIENCE);
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
     cmd
 }
 
@@ -552,11 +528,8 @@ fn many_handlers(files: &Files) -> PathBuf {
 /// Spawns `post-save --config <config> <args>` with stdout a pipe whose read end is closed at
 /// once (`post-save … | head -0`), and returns how it ended.
 fn into_closed_pipe(config: &Path, args: &[&str]) -> Run {
-    let mut cmd = std::process::Command::new(BIN);
+    let mut cmd = binary();
     cmd.arg("--config").arg(config).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
     let mut child = cmd.spawn().expect("spawning post-save");
     drop(child.stdout.take());
     let stderr = child.stderr.take().unwrap();
@@ -977,9 +950,8 @@ fn usage_errors_exit_2() {
 fn every_kind_is_listed_with_its_target_and_no_secret() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/handlers.toml");
     with_config(&example, &["config", "check"]).code(0).stderr_has("config ok: 1 watched tables, 7 handlers");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let out = binary()
         .args(["--config", example.to_str().unwrap(), "handlers", "list", "--json"])
-        .env_remove("POST_SAVE_CONFIG")
         .env("BILLING_WEBHOOK_SECRET", "whsec_c2VjcmV0LXZhbHVl")
         .output()
         .expect("post-save runs");

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::support::db::TestDb;
-use crate::support::logd::{LogDaemon, log_handlers, post_save_stdout};
+use crate::support::logd::{LogDaemon, log_handlers};
+use crate::support::post_save_ok;
 
 /// A column of a type under test, with two distinct values as SQL literals.
 struct Typed {
@@ -64,7 +65,7 @@ async fn check_types(label: &str, setup: &str, columns: &[Typed]) {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("post-save.toml");
     std::fs::write(&path, &config).unwrap();
-    post_save_stdout(&path, &db, &["triggers", "install"]);
+    post_save_ok(&path, &db, &["triggers", "install"]);
     let mut daemon = LogDaemon::start(&path, &db).await;
     for mode in MODES {
         saves_of_one_table(&db, &mut daemon, &format!("{label}, {mode}"), &table(mode), columns).await;

@@ -3,7 +3,6 @@
 //! failure on the same dead letter, removing it once delivered), and purge needs a filter.
 
 use std::path::Path;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,18 +13,13 @@ use post_save::{Receiver, Registry, SaveEvent};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{config, install, start_with, wait_for_sql};
+use crate::support::{config, install, post_save_on, start_with, wait_for_sql};
 
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
 
-fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    support::post_save_on(config, db, args)
-}
-
 fn list(config: &Path, db: &TestDb, filter: &[&str]) -> Vec<Value> {
-    let out = post_save(config, db, &[&["dead", "list", "--json"], filter].concat());
+    let out = post_save_on(config, db, &[&["dead", "list", "--json"], filter].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().expect("array").clone()
 }
@@ -80,7 +74,7 @@ async fn dead_letters_are_listed_retried_and_purged() {
     let alpha = letters[0]["id"].as_i64().unwrap().to_string();
 
     // A retry while the handler still fails: the same dead letter, one attempt more.
-    let out = post_save(&path, &db, &["dead", "retry", "--id", &alpha]);
+    let out = post_save_on(&path, &db, &["dead", "retry", "--id", &alpha]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("1 dead letters queued"),
@@ -97,7 +91,7 @@ async fn dead_letters_are_listed_retried_and_purged() {
 
     // The handler is back: a retry of every mailer dead letter delivers both and removes them.
     up.store(true, Ordering::SeqCst);
-    let out = post_save(&path, &db, &["dead", "retry", "--handler", "mailer"]);
+    let out = post_save_on(&path, &db, &["dead", "retry", "--handler", "mailer"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_sql(&db, "SELECT count(*) FROM post_save.dead_letter", 0).await;
     let mut got = delivered.lock().unwrap().clone();
@@ -108,10 +102,10 @@ async fn dead_letters_are_listed_retried_and_purged() {
     up.store(false, Ordering::SeqCst);
     db.psql_ok("INSERT INTO item (name) VALUES ('gamma')");
     wait_for_sql(&db, "SELECT count(*) FROM post_save.dead_letter", 1).await;
-    let out = post_save(&path, &db, &["dead", "purge"]);
+    let out = post_save_on(&path, &db, &["dead", "purge"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--all"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = post_save(&path, &db, &["dead", "purge", "--sender", "public.item"]);
+    let out = post_save_on(&path, &db, &["dead", "purge", "--sender", "public.item"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_sql(&db, "SELECT count(*) FROM post_save.dead_letter", 0).await;
     daemon.stop().await;
@@ -140,7 +134,7 @@ async fn a_retry_for_a_handler_that_no_longer_exists_is_cleared_with_the_reason(
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, WATCH).unwrap();
-    let out = post_save(&path, &db, &["dead", "retry", "--handler", "gone"]);
+    let out = post_save_on(&path, &db, &["dead", "retry", "--handler", "gone"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let daemon = start_with(&db, cfg, &mut Registry::new()).await;
     wait_for_sql(

@@ -11,33 +11,14 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::support::child::binary;
 use crate::support::db::TestDb;
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_post-save");
 
 /// How long the demo may take to reach a point (starting a cluster takes a few seconds).
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long the demo may take to exit after Ctrl-C.
 const EXIT_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Environment variables that would change what the demo does if inherited from the test run.
-const SCRUBBED_ENV: &[&str] = &[
-    "DATABASE_URL",
-    "POST_SAVE_TEST_DATABASE_URL",
-    "POST_SAVE_CONFIG",
-    "POST_SAVE_LOG_FORMAT",
-    "CONFIGURATION_DIRECTORY",
-    "RUST_LOG",
-    "JOURNAL_STREAM",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGAPPNAME",
-];
 
 const INSERT: &str = "INSERT INTO shop_order (user_id, product, quantity) VALUES (42, 'espresso machine', 1)";
 
@@ -67,11 +48,8 @@ struct Demo {
 impl Demo {
     /// Starts `post-save demo <args>` with a clean environment plus `env`.
     fn start(args: &[&str], env: &[(&str, &str)]) -> Demo {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = binary();
         cmd.arg("demo").args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
         cmd.envs(env.iter().copied());
         let mut child: Child = cmd.spawn().expect("spawning post-save demo");
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));

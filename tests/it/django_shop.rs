@@ -4,7 +4,7 @@
 //! ways — `Order.objects.create`, `bulk_create`, the Django admin and `psql` — and every one of
 //! them gets its confirmation email, while Django's own `post_save` receiver sees only two.
 //!
-//! The daemon is the library's, embedded (`tests/support`): the same code as `post-save run`,
+//! The daemon is the library's, embedded (`support::start`): the same code as `post-save run`,
 //! but immune to a `post-save` binary in a shared target directory that another build made
 //! without the `celery` feature.
 //!
@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,7 +37,7 @@ use tokio_postgres::config::Host;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{BinaryDaemon, config, install, observer_handlers, start, wait_for_sql};
+use crate::support::{BinaryDaemon, config, free_port, install, observer_handlers, start, wait_for_sql};
 
 /// The broker the example's config names; the test keeps it and picks a queue of its own.
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -391,11 +391,6 @@ impl Drop for Service {
         let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.wait();
     }
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// A Celery queue of the test's own on the broker; its keys are deleted when this is dropped.

@@ -2,60 +2,18 @@
 //! fix; a role that LISTENs and idles in a transaction shows up as a filling NOTIFY queue, with
 //! its backend named.
 
-use std::path::Path;
-use std::process::Command;
-
 use post_save::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio_postgres::NoTls;
 
 use crate::support;
+use crate::support::child::doctor;
 use crate::support::db::TestDb;
-use crate::support::{config, install};
+use crate::support::{config, free_port, install, sample, scrape};
 
 const TABLE: &str = "CREATE TABLE item (id bigserial PRIMARY KEY, name text NOT NULL)";
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
-
-/// Runs `post-save doctor --json` on `conninfo`; returns the exit code and the checks by name.
-fn doctor(config: &Path, conninfo: &str) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", conninfo, "doctor", "--json"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save doctor");
-    let checks: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
-    let by_name = checks
-        .as_array()
-        .expect("an array")
-        .iter()
-        .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
-        .collect();
-    (out.status.code().expect("exit code"), Value::Object(by_name))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET /metrics` on the daemon's endpoint.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to metrics");
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
-}
-
-/// The value of the first sample line starting with `prefix`.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
-}
 
 fn write_config(dir: &TempDir) -> std::path::PathBuf {
     let path = dir.path().join("config.toml");
@@ -204,7 +162,7 @@ async fn a_listener_idling_in_a_transaction_is_named_as_the_queue_fills() {
     let pg = post_save::db::resolve(Some(&conninfo)).expect("conninfo");
     let daemon = support::start_via(pg, config(&text), &mut post_save::Registry::new()).await;
     let metrics = scrape(port).await;
-    let usage = metric(&metrics, "post_save_notify_queue_usage_ratio ").expect("queue usage metric");
+    let usage = sample(&metrics, "post_save_notify_queue_usage_ratio ").expect("queue usage metric");
     assert!(usage > 0.001, "{metrics}");
     let idle = format!(
         "post_save_idle_in_transaction_oldest_seconds{{pid=\"{rogue_pid}\",role=\"rogue\",application=\"rogue-worker\"}}"

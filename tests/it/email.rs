@@ -14,8 +14,9 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::support::child::binary;
 use crate::support::db::{TestDb, python_venv};
-use crate::support::{PATIENCE, Running, config, install, start, wait_for_sql};
+use crate::support::{PATIENCE, Running, config, free_port, install, start, wait_for_sql};
 
 const SHOP: &str = "CREATE TABLE customer_order (
     id bigserial PRIMARY KEY, email text NOT NULL, product text NOT NULL)";
@@ -99,11 +100,6 @@ async fn smtp_sink(dir: &Path, port: u16) -> Peer {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     peer
-}
-
-/// A TCP port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind").port()
 }
 
 /// The mails received so far, oldest first.
@@ -263,11 +259,10 @@ async fn a_server_that_is_down_at_first_gets_the_mail_once_it_is_up() {
 }
 
 fn post_save(config: &Path, args: &[&str]) -> std::process::Output {
-    assert_cmd::Command::new(env!("CARGO_BIN_EXE_post-save"))
+    assert_cmd::Command::from_std(binary())
         .args(["--config", config.to_str().unwrap(), "--database-url", "host=/nonexistent"])
         .args(args)
         .env("EMAIL_TEST_SMTP_PASSWORD", "hunter2")
-        .env_remove("POST_SAVE_CONFIG")
         .timeout(PATIENCE)
         .output()
         .expect("run post-save")

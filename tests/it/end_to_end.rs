@@ -8,7 +8,7 @@ use post_save::event::Op;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{config, install, start, wait_for_sql};
+use crate::support::{SHOP_BARRIER, config, install, is_shop_barrier, start, wait_for_sql};
 
 const SHOP: &str = "CREATE TABLE shop_order (
     id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
@@ -65,7 +65,7 @@ async fn update_fields_and_no_op_updates() {
     db.psql_ok("UPDATE shop_order SET product = 'novel' WHERE id = 1");
     let e = daemon.next().await;
     assert_eq!(e.update_fields, Some(vec!["product".to_owned()]));
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -85,7 +85,7 @@ async fn insert_select_of_ten_thousand_rows_is_ten_thousand_events() {
     let mut daemon = start(&db, config).await;
     db.psql_ok("INSERT INTO shop_order (user_id, product) SELECT g, 'bulk ' || g FROM generate_series(1, 10000) g");
     assert_each_row_once(&daemon.take(10_000).await, 10_000);
-    daemon.assert_quiet(Duration::from_millis(500)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
 }
@@ -111,7 +111,7 @@ async fn big_statements_are_cut_into_ledger_rows_of_a_thousand_and_empty_ones_wr
     by_event.sort_unstable();
     assert!(by_event.windows(2).all(|w| w[0].1 < w[1].1), "event ids out of the statement's row order");
     assert!(events.iter().all(|e| e.instance["id"] == e.pk["id"] && e.old.is_null() && e.update_fields.is_none()));
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -148,7 +148,7 @@ async fn rows_saved_while_the_daemon_is_down_are_delivered_in_durable_mode() {
     let events = daemon.take(1000).await;
     let ids: std::collections::HashSet<i64> = events.iter().map(|e| e.pk["id"].as_i64().unwrap()).collect();
     assert_eq!(ids.len(), 1000);
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -238,7 +238,7 @@ async fn a_backlog_of_big_and_small_ledger_rows_arrives_whole() {
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 1545).await;
     let mut daemon = start(&db, config).await;
     assert_each_row_once(&daemon.take(6000).await, 6000);
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
 }
@@ -252,7 +252,7 @@ async fn rows_saved_while_the_daemon_is_down_are_lost_in_notify_mode() {
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'after start')");
     let e = daemon.next().await;
     assert_eq!(e.instance["product"], "after start");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -280,7 +280,7 @@ async fn hostile_notifications_are_counted_and_skipped() {
     let stats = daemon.stats.snapshot();
     assert_eq!(stats.invalid, 8, "{stats:?}");
     assert_eq!(stats.unknown_sender, 1, "{stats:?}");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -401,7 +401,7 @@ async fn a_lost_connection_is_reconnected_and_caught_up() {
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'after')");
     assert_eq!(daemon.next().await.instance["product"], "after");
     assert!(daemon.stats.snapshot().reconnects >= 1);
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 

@@ -2,8 +2,7 @@
 //! the real binary while a daemon handles them.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,15 +12,11 @@ use post_save::{Receiver, Registry, SaveEvent};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::support;
+use crate::support::child::binary;
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, config, install, start_with, wait_for_sql};
+use crate::support::{PATIENCE, config, install, post_save_on, start_with, wait_for_sql};
 
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
-
-fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    support::post_save_on(config, db, args)
-}
 
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -55,7 +50,7 @@ async fn events_are_listed_shown_and_followed_with_their_delivery_state() {
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     daemon.stop().await;
 
-    let list = json(&post_save(&path, &db, &["events", "list", "--json"]));
+    let list = json(&post_save_on(&path, &db, &["events", "list", "--json"]));
     let list = list.as_array().unwrap();
     let names: Vec<&str> = list.iter().map(|e| e["event"]["instance"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["one", "two", "three", "bad"], "oldest first");
@@ -67,29 +62,29 @@ async fn events_are_listed_shown_and_followed_with_their_delivery_state() {
     // The three rows of one statement share a ledger row and have consecutive ids.
     let ids: Vec<i64> = list.iter().map(|e| e["event"]["id"].as_i64().unwrap()).collect();
     assert_eq!((ids[2] - ids[1], ids[3] - ids[2]), (1, 1), "{ids:?}");
-    let limited = json(&post_save(&path, &db, &["events", "list", "--json", "--limit", "2"]));
+    let limited = json(&post_save_on(&path, &db, &["events", "list", "--json", "--limit", "2"]));
     let limited: Vec<&str> =
         limited.as_array().unwrap().iter().map(|e| e["event"]["instance"]["name"].as_str().unwrap()).collect();
     assert_eq!(limited, ["three", "bad"]);
 
     // One event, from the middle of its statement.
-    let shown = json(&post_save(&path, &db, &["events", "show", &ids[2].to_string(), "--json"]));
+    let shown = json(&post_save_on(&path, &db, &["events", "show", &ids[2].to_string(), "--json"]));
     assert_eq!(shown["event"]["instance"]["name"], "three");
     assert_eq!(shown["event"]["created"], true);
-    let missing = post_save(&path, &db, &["events", "show", "999999999"]);
+    let missing = post_save_on(&path, &db, &["events", "show", "999999999"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no event 999999999"));
 
     // With no daemon, a new save is pending.
     db.psql_ok("INSERT INTO item (name) VALUES ('waiting')");
-    let pending = json(&post_save(&path, &db, &["events", "list", "--pending", "--json"]));
+    let pending = json(&post_save_on(&path, &db, &["events", "list", "--pending", "--json"]));
     let pending = pending.as_array().unwrap();
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0]["event"]["instance"]["name"], "waiting");
     assert!(pending[0]["handled_at"].is_null());
 
     // tail --follow: the last events, then new ones as JSON Lines.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let mut child = binary()
         .arg("--config")
         .arg(&path)
         .args(["--database-url", &db.conninfo, "events", "tail", "--follow", "--limit", "1"])

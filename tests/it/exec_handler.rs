@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, Running, config, install, start, wait_for_sql};
+use crate::support::{PATIENCE, Running, config, eventually, file_lines, install, start, wait_for_sql};
 
 const SHOP: &str = "CREATE TABLE shop_order (
     id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
@@ -68,27 +68,10 @@ async fn shop_with(config_text: &str) -> (TestDb, Running) {
     (db, daemon)
 }
 
-/// The lines of a file; none while it does not exist.
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
-}
-
-/// Polls `check` until it returns `Some`, or panics after [`PATIENCE`].
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until `path` has at least `n` lines and returns them.
 async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
     let what = format!("{n} lines in {}", path.display());
-    eventually(&what, || Some(lines(path)).filter(|l| l.len() >= n)).await
+    eventually(&what, || Some(file_lines(path)).filter(|l| l.len() >= n)).await
 }
 
 /// Whether a process runs: `/proc/<pid>` exists and is not a zombie (a killed process whose
@@ -147,13 +130,13 @@ touch "$OUT_DIR/done"
     // on: only an allow-list (PATH, HOME, LANG, …), the configured `env` and POST_SAVE_*.
     let allowed =
         ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR", "OUT_DIR", "EXTRA", "PWD", "SHLVL", "_"];
-    for name in lines(&out.join("env_names.txt")) {
+    for name in file_lines(&out.join("env_names.txt")) {
         assert!(allowed.contains(&name.as_str()) || name.starts_with("POST_SAVE_"), "leaked variable {name}");
         assert_ne!(name, "POST_SAVE_TEST_DATABASE_URL");
     }
     // Environment: what the daemon set.
     let inherited: BTreeMap<String, String> = std::env::vars().collect();
-    let env: BTreeMap<String, String> = lines(&out.join("env.txt"))
+    let env: BTreeMap<String, String> = file_lines(&out.join("env.txt"))
         .iter()
         .map(|l| {
             let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE: {l}"));
@@ -179,10 +162,10 @@ touch "$OUT_DIR/done"
     assert_eq!(env, expected);
 
     // argv verbatim: no shell expanded, split or ran anything.
-    assert_eq!(lines(&out.join("argv.txt")), args);
+    assert_eq!(file_lines(&out.join("argv.txt")), args);
     // Extra environment and working directory from the config.
-    assert_eq!(lines(&out.join("extra.txt")), ["from config"]);
-    let cwd = lines(&out.join("cwd.txt")).concat();
+    assert_eq!(file_lines(&out.join("extra.txt")), ["from config"]);
+    let cwd = file_lines(&out.join("cwd.txt")).concat();
     assert_eq!(Path::new(&cwd).canonicalize().unwrap(), work.canonicalize().unwrap());
 
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
@@ -227,7 +210,7 @@ exec sleep 300
     assert!(same, "the dead letter names the ledger event");
 
     // Both attempts started a child (the script, then `sleep`) and a background grandchild.
-    let runs = lines(&out.join("pids"));
+    let runs = file_lines(&out.join("pids"));
     assert_eq!(runs.len(), 2, "{runs:?}");
     let mut pids = Vec::new();
     for (attempt, run) in runs.iter().enumerate() {
@@ -272,7 +255,7 @@ exit 0
 
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (1, 'eventually')");
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NOT NULL", 1).await;
-    assert_eq!(lines(&out.join("attempts")), ["1", "2", "3"]);
+    assert_eq!(file_lines(&out.join("attempts")), ["1", "2", "3"]);
     assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0);
     assert_eq!(db.query_i64("SELECT count(*) FROM post_save.event WHERE handled_at IS NULL").await, 0);
     let stats = daemon.stats.snapshot();
@@ -335,7 +318,7 @@ echo "$POST_SAVE_EVENT_ID $POST_SAVE_PK" >> "$OUT_DIR/ok.runs"
     let ok_lines = wait_for_lines(&ok_runs, 2).await;
     assert!(ok_lines[1].ends_with(r#" {"id":2}"#), "{ok_lines:?}");
     wait_for_lines(&failing_runs, 2).await;
-    assert_eq!(lines(&failing_runs).len(), 2, "row 1 is still in its first attempt");
+    assert_eq!(file_lines(&failing_runs).len(), 2, "row 1 is still in its first attempt");
     std::fs::write(out.join("release"), "").expect("release");
 
     wait_for_sql(&db, "SELECT count(*) FROM post_save.dead_letter", 1).await;
@@ -366,7 +349,7 @@ echo "$POST_SAVE_EVENT_ID $POST_SAVE_PK" >> "$OUT_DIR/ok.runs"
     // Acknowledged: dead is final.
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     let runs_of_first = |l: &[String]| l.iter().filter(|r| r.starts_with(&format!("{first} "))).count();
-    assert_eq!(runs_of_first(&lines(&failing_runs)), 3, "{:?}", lines(&failing_runs));
+    assert_eq!(runs_of_first(&file_lines(&failing_runs)), 3, "{:?}", file_lines(&failing_runs));
     let stats = daemon.stats.snapshot();
     assert_eq!((stats.dead, stats.failed_attempts, stats.retried), (1, 3, 2), "{stats:?}");
     daemon.stop().await;
@@ -378,8 +361,8 @@ echo "$POST_SAVE_EVENT_ID $POST_SAVE_PK" >> "$OUT_DIR/ok.runs"
     assert_eq!(e.instance["product"], "after restart", "the dead event is not redelivered");
     wait_for_lines(&ok_runs, 3).await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
-    assert_eq!(runs_of_first(&lines(&failing_runs)), 3);
-    assert_eq!(lines(&ok_runs).len(), 3, "{:?}", lines(&ok_runs));
+    assert_eq!(runs_of_first(&file_lines(&failing_runs)), 3);
+    assert_eq!(file_lines(&ok_runs).len(), 3, "{:?}", file_lines(&ok_runs));
     assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 1);
     assert_eq!(daemon.stats.snapshot().dead, 0);
     daemon.stop().await;
@@ -475,7 +458,7 @@ echo >> "$OUT_DIR/handled.jsonl"
 
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     // Every event failed once, then succeeded; attempts of one row never interleave.
-    let attempts = lines(&out.join("attempts"));
+    let attempts = file_lines(&out.join("attempts"));
     let expected: Vec<String> = ids.iter().flat_map(|id| [format!("{id} 1"), format!("{id} 2")]).collect();
     assert_eq!(attempts, expected);
     assert_eq!(daemon.stats.snapshot().retried, 6);
@@ -508,7 +491,7 @@ exit 0
     let dead = db.psql_ok("SELECT attempts, last_error FROM post_save.dead_letter");
     assert_eq!(db.query_i64("SELECT count(*) FROM post_save.dead_letter").await, 0, "{dead}");
     assert!(started.elapsed() < Duration::from_secs(5), "done only after {:?}", started.elapsed());
-    assert_eq!(lines(&out.join("runs")), ["1"]);
+    assert_eq!(file_lines(&out.join("runs")), ["1"]);
     daemon.stop().await;
 }
 
@@ -534,7 +517,12 @@ sleep 1
     let took = stopping.elapsed();
     // The running program finishes (grace 10 s); the 4 queued events are handed back: their
     // statement's ledger row (all 5 events) stays pending, delivered again after a restart.
-    assert_eq!(lines(&out.join("runs")).len(), 1, "programs started after stop: {:?}", lines(&out.join("runs")));
+    assert_eq!(
+        file_lines(&out.join("runs")).len(),
+        1,
+        "programs started after stop: {:?}",
+        file_lines(&out.join("runs"))
+    );
     assert_eq!(db.query_i64("SELECT sum(n) FROM post_save.event WHERE handled_at IS NULL").await, 5);
     assert!(took < Duration::from_secs(3), "stop took {took:?}");
 }

@@ -9,9 +9,7 @@ use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
 use tokio_postgres::NoTls;
 
 use crate::support;
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_post-save");
+use crate::support::child::binary;
 
 /// The longest any command here may run; each finishes in well under a second normally.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -24,23 +22,6 @@ const ROLE: &str = "shop_app";
 const PASSWORD: &str = "correct-horse-battery";
 /// What the tests send instead; must never be echoed back.
 const WRONG_PASSWORD: &str = "tr0ub4dor-and-3";
-
-/// Environment variables that would change what the binary does if inherited from the test run.
-const SCRUBBED_ENV: &[&str] = &[
-    "POST_SAVE_CONFIG",
-    "POST_SAVE_LOG_FORMAT",
-    "POST_SAVE_TEST_DATABASE_URL",
-    "CONFIGURATION_DIRECTORY",
-    "DATABASE_URL",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGCONNECT_TIMEOUT",
-    "RUST_LOG",
-    "JOURNAL_STREAM",
-];
 
 const CONFIG: &str = "[[watch]]\ntable = \"public.item\"\n";
 
@@ -97,11 +78,8 @@ impl Run {
 /// Runs `post-save --config <config> --database-url <url> <args>` with a clean environment and
 /// `env` set.
 fn post_save(config: &Path, url: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = assert_cmd::Command::new(BIN);
+    let mut cmd = assert_cmd::Command::from_std(binary());
     cmd.arg("--config").arg(config).args(["--database-url", url]).args(args).timeout(PATIENCE);
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
     for (k, v) in env {
         cmd.env(k, v);
     }

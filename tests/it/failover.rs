@@ -15,7 +15,7 @@ use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{BinaryDaemon, PATIENCE, observer_handlers};
+use crate::support::{BinaryDaemon, PATIENCE, observer_handlers, wait_for_count};
 
 const WRITERS: i64 = 4;
 
@@ -238,18 +238,7 @@ async fn the_wal_capture_without_a_failover_slot_refuses_a_new_slot_and_names_th
     let (saved, _) = save_through_a_failover(&mut pair, &mut daemon).await;
     assert!(!saved.is_empty());
     // the reader finds no slot on the new primary: it says so, once, and makes none
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let blocked = loop {
-        let line = daemon.log_text().lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            v["message"].as_str()?.starts_with("WAL capture blocked").then_some(v)
-        });
-        if let Some(line) = line {
-            break line;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no blocker logged:\n{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let blocked = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!(blocked["reason"].as_str(), Some("slot_missing"), "{blocked}");
     let fix = blocked["fix"].as_str().expect("fix");
     assert!(
@@ -285,11 +274,7 @@ async fn the_wal_capture_with_a_synchronised_failover_slot_goes_on_and_loses_not
     let standby = support::db::connect_to(&pair.standby.conninfo(&pair.db.name)).await;
     let synced =
         format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND synced AND NOT temporary");
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    while support::db::query_i64(&standby, &synced).await != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the standby did not synchronise slot {slot}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_count(&standby, &synced, 1, PATIENCE * 2).await;
     drop(standby);
     let doctor = support::post_save_on(&daemon.config, &pair.db, &["doctor", "--json"]);
     let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor --json");

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::support;
+use crate::support::child::{doctor, post_save_at};
 use crate::support::db::TestDb;
 use crate::support::logd::{LogDaemon, log_handlers};
 use crate::support::wait_for_sql;
@@ -71,20 +71,8 @@ fn as_role(conninfo: &str, role: &str) -> String {
     parts.join(" ")
 }
 
-/// The real `post-save` on `conninfo`.
-fn post_save(config: &Path, conninfo: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", conninfo])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save")
-}
-
 fn post_save_ok(config: &Path, conninfo: &str, args: &[&str]) -> String {
-    let out = post_save(config, conninfo, args);
+    let out = post_save_at(config, conninfo, args);
     assert!(
         out.status.success(),
         "post-save {} failed ({}):\n{}{}",
@@ -100,20 +88,6 @@ fn write_config(dir: &TempDir, toml: &str) -> PathBuf {
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).expect("write config");
     path
-}
-
-/// `post-save doctor --json` as `conninfo`: the exit code and the checks by name.
-fn doctor(config: &Path, conninfo: &str) -> (i32, Value) {
-    let out = post_save(config, conninfo, &["doctor", "--json"]);
-    let checks: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
-    let by_name = checks
-        .as_array()
-        .expect("an array")
-        .iter()
-        .map(|c| (c["name"].as_str().unwrap().to_owned(), c.clone()))
-        .collect();
-    (out.status.code().expect("exit code"), Value::Object(by_name))
 }
 
 /// The owner creates `tables` (CREATE statements) and installs as itself; the admin grants the

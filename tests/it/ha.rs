@@ -5,16 +5,14 @@
 //! are written.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
 use crate::support;
+use crate::support::child::{self, Daemon};
 use crate::support::db::TestDb;
 use crate::support::{PATIENCE, config, install};
 
@@ -38,47 +36,23 @@ enum Seen {
     Other(String),
 }
 
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn spawn(index: usize, config: &std::path::Path, db: &TestDb, tx: mpsc::Sender<(usize, Instant, Seen)>) -> Daemon {
-        let mut child = support::child::command(config, &db.conninfo).spawn().expect("start post-save");
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for text in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let at = Instant::now();
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                let seen = match v["message"].as_str() {
-                    Some("save event") => {
-                        let event: serde_json::Value =
-                            serde_json::from_str(v["event"].as_str().unwrap_or("{}")).unwrap_or_default();
-                        Seen::Delivered { row: event["pk"]["id"].as_i64().unwrap_or(-1) }
-                    }
-                    Some("lease acquired: dispatching") => Seen::Dispatching,
-                    Some("standby: another instance holds the lease") => Seen::Standby,
-                    _ => Seen::Other(v["message"].as_str().unwrap_or_default().to_owned()),
-                };
-                if tx.send((index, at, seen)).is_err() {
-                    return;
-                }
+/// Starts daemon `index`: each line it logs goes to `tx` with the index and when it was read.
+fn spawn(index: usize, config: &std::path::Path, db: &TestDb, tx: mpsc::Sender<(usize, Instant, Seen)>) -> Daemon {
+    Daemon::start(child::command(config, &db.conninfo), move |text| {
+        let at = Instant::now();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let seen = match v["message"].as_str() {
+            Some("save event") => {
+                let event: serde_json::Value =
+                    serde_json::from_str(v["event"].as_str().unwrap_or("{}")).unwrap_or_default();
+                Seen::Delivered { row: event["pk"]["id"].as_i64().unwrap_or(-1) }
             }
-        });
-        Daemon { child }
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(i32::try_from(self.child.id()).unwrap()), signal).expect("signal");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(i32::try_from(self.child.id()).unwrap()), Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            Some("lease acquired: dispatching") => Seen::Dispatching,
+            Some("standby: another instance holds the lease") => Seen::Standby,
+            _ => Seen::Other(v["message"].as_str().unwrap_or_default().to_owned()),
+        };
+        tx.send((index, at, seen)).is_ok()
+    })
 }
 
 /// Everything the daemons said, in the order the test read it.
@@ -129,7 +103,7 @@ async fn one_dispatcher_at_a_time_through_a_kill_and_a_freeze_and_nothing_lost()
     std::fs::write(&path, &text).unwrap();
 
     let (tx, rx) = mpsc::channel();
-    let mut daemons: Vec<Option<Daemon>> = (0..3).map(|i| Some(Daemon::spawn(i, &path, &db, tx.clone()))).collect();
+    let mut daemons: Vec<Option<Daemon>> = (0..3).map(|i| Some(spawn(i, &path, &db, tx.clone()))).collect();
     let mut log = Log { rx, lines: Vec::new() };
     let (first, _) = log.until("a daemon taking the lease", |_, s| matches!(s, Seen::Dispatching));
 

@@ -15,7 +15,8 @@ use tempfile::TempDir;
 
 use crate::support;
 use crate::support::db::{TestDb, quote_ident};
-use crate::support::logd::{LogDaemon, log_handlers, post_save_stdout, toml_string};
+use crate::support::logd::{LogDaemon, log_handlers, toml_string};
+use crate::support::post_save_ok;
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1): a longer name is truncated.
 const MAX_NAME: usize = 63;
@@ -151,9 +152,9 @@ async fn round_trip(n: &Names) {
     let dir = TempDir::new().unwrap();
     let config = dir.path().join("post-save.toml");
     std::fs::write(&config, config_text(n)).unwrap();
-    post_save_stdout(&config, &db, &["config", "check"]);
-    post_save_stdout(&config, &db, &["migrate"]);
-    let sql = post_save_stdout(&config, &db, &["triggers", "sql"]);
+    post_save_ok(&config, &db, &["config", "check"]);
+    post_save_ok(&config, &db, &["migrate"]);
+    let sql = post_save_ok(&config, &db, &["triggers", "sql"]).stdout;
     let out = db.psql_stdin(&["-v", "ON_ERROR_STOP=1", "-q"], &sql);
     // The error without the notices of DROP TRIGGER IF EXISTS before it.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -165,9 +166,9 @@ async fn round_trip(n: &Names) {
         errors.join("\n")
     );
     assert_canary(&db, &label, "`triggers sql | psql`").await;
-    post_save_stdout(&config, &db, &["triggers", "check"]);
-    post_save_stdout(&config, &db, &["triggers", "install"]);
-    post_save_stdout(&config, &db, &["triggers", "check"]);
+    post_save_ok(&config, &db, &["triggers", "check"]);
+    post_save_ok(&config, &db, &["triggers", "install"]);
+    post_save_ok(&config, &db, &["triggers", "check"]);
     assert_canary(&db, &label, "`triggers install`").await;
 
     let mut daemon = LogDaemon::start(&config, &db).await;
@@ -279,12 +280,12 @@ fn triggers_sql_never_runs_sql_taken_from_a_name() {
         let config = dir.path().join("post-save.toml");
         let toml = format!("[[watch]]\ntable = {}\n", toml_string(&qualified("public", table)));
         std::fs::write(&config, toml).unwrap();
-        post_save_stdout(&config, &db, &["migrate"]);
-        let sql = post_save_stdout(&config, &db, &["triggers", "sql"]);
+        post_save_ok(&config, &db, &["migrate"]);
+        let sql = post_save_ok(&config, &db, &["triggers", "sql"]).stdout;
         let out = db.psql_stdin(&["-q"], &sql);
         assert_canary(&db, &format!("{table:?}"), "`triggers sql | psql` (without ON_ERROR_STOP)").await;
         let errors = String::from_utf8_lossy(&out.stderr);
         assert!(!errors.contains("ERROR"), "`triggers sql | psql` reported errors: {errors}");
-        post_save_stdout(&config, &db, &["triggers", "check"]);
+        post_save_ok(&config, &db, &["triggers", "check"]);
     });
 }

@@ -13,8 +13,9 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use crate::support;
+use crate::support::child;
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, config, install, start, wait_for_sql};
+use crate::support::{PATIENCE, SHOP_BARRIER, config, install, is_shop_barrier, start, wait_for_sql};
 
 const SHOP: &str = "CREATE TABLE shop_order (
     id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
@@ -85,10 +86,9 @@ async fn late_commit_arrives(open_for: Duration, silent_doorbell: bool) {
     assert_eq!(event.instance["product"], "late");
     assert!(delay < PROMPT, "the late save arrived {delay:?} after its commit");
 
-    // Saves keep flowing after it, and nothing arrives twice.
-    writer.execute(&insert, &[&(saves + 1)]).await.unwrap();
-    assert_eq!(daemon.next().await.instance["user_id"], saves + 1);
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    // Saves keep flowing after it, and nothing arrives twice: the next save is the next event.
+    let next = format!("INSERT INTO shop_order (user_id, product) VALUES ({}, 'flowing')", saves + 1);
+    daemon.assert_quiet_until(&db, &next, |e| e.instance["user_id"] == saves + 1).await;
     daemon.stop().await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event", saves + 2).await;
@@ -139,7 +139,7 @@ async fn a_late_save_arrives_before_the_next_save_of_its_row() {
     db.psql_ok("SELECT setval('post_save.doorbell', 1, true)");
     let quantities: Vec<_> = daemon.take(2).await.iter().map(|e| e.instance["quantity"].clone()).collect();
     assert_eq!(quantities, [2, 3], "the row's saves in commit order");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -198,7 +198,7 @@ async fn a_save_committed_during_the_catch_up_arrives_after_the_older_saves_of_i
         .map(|e| e.instance["quantity"].clone())
         .collect();
     assert_eq!(row, [1, 2, 3], "the row's saves in commit order");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -312,18 +312,9 @@ async fn a_long_transaction_that_rolls_back_leaves_no_gap_behind() {
     install(&db, &config(&text)).await;
     let path = write_config(dir.path(), &text);
     let (tx, mut lines) = mpsc::unbounded_channel();
-    let mut command = support::child::command(&path, &db.conninfo);
-    let mut process = command.env("RUST_LOG", "post_save=debug").spawn().expect("start post-save");
-    let stderr = process.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for text in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(parse_line(&text)).is_err() {
-                return;
-            }
-        }
-    });
-    let _kill = KillOnDrop(process);
+    let mut command = child::command(&path, &db.conninfo);
+    command.env("RUST_LOG", "post_save=debug");
+    let _daemon = child::Daemon::start(command, move |text| tx.send(parse_line(&text)).is_ok());
     let listening = next_line(&mut lines, PATIENCE, |l| matches!(l, Line::Listening).then_some(()), |_| {}).await;
     assert!(listening.is_some(), "post-save did not start listening");
 
@@ -368,14 +359,4 @@ async fn a_long_transaction_that_rolls_back_leaves_no_gap_behind() {
         save(&writer, &insert, saves, &mut lines, None).await;
     }
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
-}
-
-/// The daemon process, killed when the test ends however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

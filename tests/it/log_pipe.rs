@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::support::child::binary;
 use crate::support::db::TestDb;
 use crate::support::{config, install};
 
@@ -106,13 +107,10 @@ async fn a_dead_log_reader_neither_stops_deliveries_nor_blocks_the_shutdown() {
     let (pipe_reader, pipe_writer) = std::io::pipe().expect("pipe");
     let reader =
         Command::new("cat").stdin(pipe_reader).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start cat");
-    let daemon = Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let daemon = binary()
         .arg("--config")
         .arg(&path)
         .args(["--database-url", &db.conninfo, "run"])
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("POST_SAVE_LOG_FORMAT")
         .stdin(Stdio::null())
         .stdout(pipe_writer.try_clone().expect("clone the pipe"))
         .stderr(pipe_writer)

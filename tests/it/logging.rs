@@ -3,11 +3,12 @@
 //! `--log-format json`, and `RUST_LOG` filtering.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use tempfile::TempDir;
 
 use crate::support;
+use crate::support::child::binary;
 use crate::support::db::TestDb;
 use crate::support::{config, install};
 
@@ -15,9 +16,9 @@ const WATCH: &str = "[[watch]]\ntable = \"public.item\"\n";
 
 /// The daemon's stderr lines up to and including the one saying it listens.
 fn lines_until_listening(db: &TestDb, config: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Vec<String> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_post-save"));
+    let mut cmd = binary();
     cmd.arg("--config").arg(config).args(["--database-url", &db.conninfo]).args(extra).arg("run");
-    cmd.env_remove("RUST_LOG").env_remove("JOURNAL_STREAM").env_remove("NO_COLOR");
+    cmd.env_remove("NO_COLOR");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -67,7 +68,7 @@ async fn text_json_and_journald_log_lines() {
     // RUST_LOG=warn hides the info lines: the daemon still starts, silently. (The daemons
     // above were killed, leaving the doorbell armed.)
     db.psql_ok("SELECT setval('post_save.doorbell', 0)");
-    let child = Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let child = binary()
         .arg("--config")
         .arg(&path)
         .args(["--database-url", &db.conninfo, "run"])

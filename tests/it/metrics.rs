@@ -9,28 +9,11 @@ use std::time::{Duration, Instant};
 use post_save::config::RetryPolicy;
 use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Config, Receiver, Registry, SaveEvent, db};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, config, install, start_via};
+use crate::support::{PATIENCE, config, free_port, http_get, install, sample, start_via};
 
 const TABLE: &str = "CREATE TABLE item (id bigserial PRIMARY KEY, name text NOT NULL)";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn get(port: u16, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to metrics");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
-fn sample(text: &str, line_start: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(line_start))?.rsplit(' ').next()?.parse().ok()
-}
 
 #[tokio::test]
 async fn deliveries_per_handler_and_the_backlog_are_exposed() {
@@ -64,7 +47,7 @@ async fn deliveries_per_handler_and_the_backlog_are_exposed() {
 
     let deadline = Instant::now() + PATIENCE;
     let metrics = loop {
-        let response = get(port, "/metrics").await;
+        let response = http_get(port, "/metrics").await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         let handled = sample(&body, "post_save_deliveries_total{handler=\"flaky\",outcome=\"handled\"}");
@@ -94,7 +77,7 @@ async fn deliveries_per_handler_and_the_backlog_are_exposed() {
     assert!(sample(&metrics, "post_save_ledger_bytes ").unwrap() > 0.0, "{metrics}");
     let age = sample(&metrics, "post_save_ledger_partition_age_seconds ").unwrap();
     assert!((0.0..600.0).contains(&age), "{metrics}");
-    assert!(get(port, "/").await.starts_with("HTTP/1.1 404"));
+    assert!(http_get(port, "/").await.starts_with("HTTP/1.1 404"));
     daemon.stop().await;
 }
 
@@ -127,7 +110,7 @@ async fn a_held_event_is_backlog_until_it_is_acknowledged() {
     let settled = |want_backlog: f64| async move {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let response = get(port, "/metrics").await;
+            let response = http_get(port, "/metrics").await;
             let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
             if sample(&body, "post_save_ledger_backlog_events ") == Some(want_backlog) {
                 return body;

@@ -3,13 +3,12 @@
 //! row once, against a real PostgreSQL.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use post_save::event::{Op, SaveEvent};
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{config, install, start};
+use crate::support::{SHOP_BARRIER, config, install, is_shop_barrier, start};
 
 const SHOP: &str = "CREATE TABLE shop_order (
     id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
@@ -75,7 +74,7 @@ async fn a_statements_rows_travel_in_a_few_notes_each_under_the_limit() {
         assert_eq!(e.using, db.name);
         assert_eq!(e.actor.application_name.as_deref(), Some("psql"));
     }
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     assert_eq!(daemon.stats.snapshot().invalid, 0);
     daemon.stop().await;
 }
@@ -102,7 +101,7 @@ async fn rows_of_every_size_in_one_statement_arrive_once_and_whole() {
         assert_eq!(e.instance["product"].as_str().map(str::len), Some(len), "row {user}");
         assert_eq!(e.reread, reread, "row {user}");
     }
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -194,7 +193,7 @@ async fn a_deleted_row_over_the_limit_arrives_whole() {
     assert!(by_id[&1].instance["body"].as_str().unwrap().chars().all(|c| c == 'é'));
     assert_eq!(by_id[&2].instance["body"].as_str().map(str::len), Some(200_000));
     assert_eq!(by_id[&3].instance["body"], "small");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, "INSERT INTO doc VALUES (4, 'barrier', NULL)", |e| e.pk["id"] == 4).await;
     daemon.stop().await;
 }
 
@@ -215,7 +214,7 @@ async fn a_save_whose_head_is_over_the_limit_commits_with_a_warning() {
     assert_eq!(db.query_i64("SELECT count(*) FROM shop_order").await, 1);
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (2, 'normal')");
     assert_eq!(daemon.next().await.instance["product"], "normal");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -238,7 +237,7 @@ async fn forged_notes_are_counted_and_skipped() {
     assert_eq!(daemon.next().await.instance["product"], "still works");
     let stats = daemon.stats.snapshot();
     assert_eq!((stats.unknown_sender, stats.invalid), (3, 2), "{stats:?}");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 

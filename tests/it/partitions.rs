@@ -15,7 +15,8 @@ use tempfile::TempDir;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::logd::{LogDaemon, log_handlers, post_save_stdout};
+use crate::support::logd::{LogDaemon, log_handlers};
+use crate::support::post_save_ok;
 
 const MEASURE: &str = "CREATE TABLE measure (
         id bigint NOT NULL, bucket integer NOT NULL, value text,
@@ -41,7 +42,7 @@ async fn measure(mode: &str) -> (TestDb, TempDir, PathBuf) {
         log_handlers(true)
     );
     std::fs::write(&path, config).unwrap();
-    post_save_stdout(&path, &db, &["triggers", "install"]);
+    post_save_ok(&path, &db, &["triggers", "install"]);
     (db, dir, path)
 }
 

@@ -4,14 +4,13 @@
 //! several events at once. Other rows still run beside a slow one.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use post_save::event::Op;
 use tempfile::TempDir;
 
 use crate::support::db::TestDb;
-use crate::support::{PATIENCE, config, install, start};
+use crate::support::{config, eventually, file_lines, install, start};
 
 /// Records `<op> <key>` per event in `$OUT_DIR/order`. The insert of row 1 first marks
 /// `$OUT_DIR/started`, then holds until `$OUT_DIR/release` exists (at most 30 s).
@@ -30,19 +29,6 @@ echo "$POST_SAVE_OP $row" >> "$OUT_DIR/order"
 /// barrier, its program starts as soon as the router has it and writes its line within
 /// milliseconds.
 const QUIET: Duration = Duration::from_secs(1);
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
-}
-
-/// Polls `check` until it holds, or panics after [`PATIENCE`].
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_that_changes_the_key_waits_for_the_rows_earlier_events() {
@@ -67,10 +53,13 @@ async fn an_update_that_changes_the_key_waits_for_the_rows_earlier_events() {
 
     // Row 1's insert is held in its program.
     db.psql_ok("INSERT INTO shop_order VALUES (1, 'espresso machine')");
-    eventually("the insert of row 1 to start", || out.join("started").exists()).await;
+    eventually("the insert of row 1 to start", || out.join("started").exists().then_some(())).await;
     // Another row runs beside it: no key change, no waiting.
     db.psql_ok("INSERT INTO shop_order VALUES (10, 'grinder')");
-    eventually("the insert of row 10 to be recorded", || lines(&order).contains(&"insert 10".to_owned())).await;
+    eventually("the insert of row 10 to be recorded", || {
+        file_lines(&order).contains(&"insert 10".to_owned()).then_some(())
+    })
+    .await;
 
     // Row 1 becomes row 2, in a later transaction.
     db.psql_ok("UPDATE shop_order SET id = 2 WHERE id = 1");
@@ -83,13 +72,13 @@ async fn an_update_that_changes_the_key_waits_for_the_rows_earlier_events() {
     // is held.
     let deadline = Instant::now() + QUIET;
     while Instant::now() < deadline {
-        let got = lines(&order);
+        let got = file_lines(&order);
         assert!(!got.iter().any(|l| l.starts_with("update")), "the update ran before row 1's insert finished: {got:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     std::fs::write(out.join("release"), "").expect("release the insert");
-    eventually("three events recorded", || lines(&order).len() >= 3).await;
-    assert_eq!(lines(&order), ["insert 10", "insert 1", "update 2"]);
+    eventually("three events recorded", || (file_lines(&order).len() >= 3).then_some(())).await;
+    assert_eq!(file_lines(&order), ["insert 10", "insert 1", "update 2"]);
     daemon.stop().await;
 }

@@ -12,13 +12,9 @@ use serde_json::Value;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{BinaryDaemon, PATIENCE, observer_handlers, post_save_on};
+use crate::support::{BinaryDaemon, PATIENCE, free_port, observer_handlers, post_save_on, wait_for_count};
 
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
 
 /// A PgBouncer in `pool_mode = transaction` in front of a cluster's socket; stopped when dropped.
 /// Its server connections last a second (`server_lifetime`): what a client leaves on one (a
@@ -155,12 +151,8 @@ async fn with_a_direct_listen_url_the_daemon_works_through_a_transaction_pooler(
     assert_eq!(ids.len(), 251, "each save once");
     // every event acknowledged, through the pooler
     let client = support::db::connect_to(&direct).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
     let pending = "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL";
-    while support::db::query_i64(&client, pending).await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "saves left unacknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_count(&client, pending, 0, PATIENCE).await;
     // and without a lost session on the way (a statement prepared on a server connection the
     // pooler has since closed fails, and the daemon would reconnect and read again)
     let log = daemon.log_text();

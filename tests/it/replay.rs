@@ -1,6 +1,5 @@
 //! `post-save backfill` and `post-save replay`, run by the real binary beside a running daemon.
 
-use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,17 +8,10 @@ use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Receiver, Registry};
 use tempfile::TempDir;
 
-use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{config, install, start_with, wait_for_sql};
+use crate::support::{config, install, post_save_ok, start_with, wait_for_sql};
 
 const WATCH: &str = "[[watch]]\ntable = \"public.item\"\nredact = [\"secret\"]\n";
-
-fn post_save(config: &Path, db: &TestDb, args: &[&str]) -> Output {
-    let out = support::post_save_on(config, db, args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -52,11 +44,11 @@ async fn backfill_sends_existing_rows_and_replay_sends_handled_events_again() {
     let mut daemon = start_with(&db, cfg, &mut registry).await;
 
     // Dry run: counted, nothing written.
-    let out = post_save(&path, &db, &["backfill", "--table", "public.item", "--dry-run"]);
+    let out = post_save_ok(&path, &db, &["backfill", "--table", "public.item", "--dry-run"]);
     assert!(stderr(&out).contains("5 rows"), "{}", stderr(&out));
     wait_for_sql(&db, "SELECT count(*) FROM post_save.event", 0).await;
 
-    let out = post_save(&path, &db, &["backfill", "--table", "public.item", "--where", "id <= 3"]);
+    let out = post_save_ok(&path, &db, &["backfill", "--table", "public.item", "--where", "id <= 3"]);
     assert!(stderr(&out).contains("3 raw insert events"), "{}", stderr(&out));
     let events = daemon.take(3).await;
     let mut names: Vec<&str> = events.iter().map(|e| e.instance["name"].as_str().unwrap()).collect();
@@ -71,10 +63,10 @@ async fn backfill_sends_existing_rows_and_replay_sends_handled_events_again() {
     assert_eq!(other_calls.load(Ordering::SeqCst), 3);
 
     // Replay to every handler: the same events (same ids) again.
-    let out = post_save(&path, &db, &["replay", "--since", "1h", "--dry-run"]);
+    let out = post_save_ok(&path, &db, &["replay", "--since", "1h", "--dry-run"]);
     assert!(stderr(&out).contains("3 acknowledged events would be delivered again"), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
-    let out = post_save(&path, &db, &["replay", "--since", "1h"]);
+    let out = post_save_ok(&path, &db, &["replay", "--since", "1h"]);
     assert!(stderr(&out).contains("3 events queued"), "{}", stderr(&out));
     let again = daemon.take(3).await;
     let mut first: Vec<i64> = events.iter().map(|e| e.id.unwrap()).collect();
@@ -86,18 +78,20 @@ async fn backfill_sends_existing_rows_and_replay_sends_handled_events_again() {
     assert_eq!(other_calls.load(Ordering::SeqCst), 6);
 
     // Replay to one handler: the collector gets them, `other` does not.
-    let out = post_save(&path, &db, &["replay", "--since", "1h", "--handler", "collector-post_save"]);
+    let out = post_save_ok(&path, &db, &["replay", "--since", "1h", "--handler", "collector-post_save"]);
     assert!(stderr(&out).contains("3 events queued"), "{}", stderr(&out));
     daemon.take(3).await;
     wait_for_sql(&db, "SELECT count(*) FROM post_save.dead_letter", 0).await;
     assert_eq!(other_calls.load(Ordering::SeqCst), 6, "the replay went to one handler only");
     // Nothing older than the window.
-    let out = post_save(
+    let out = post_save_ok(
         &path,
         &db,
         &["replay", "--since", "2000-01-01T00:00:00Z", "--until", "2000-01-02T00:00:00Z", "--dry-run"],
     );
     assert!(stderr(&out).contains("0 acknowledged events"), "{}", stderr(&out));
-    daemon.assert_quiet(std::time::Duration::from_millis(300)).await;
+    daemon
+        .assert_quiet_until(&db, "INSERT INTO item (name) VALUES ('barrier')", |e| e.instance["name"] == "barrier")
+        .await;
     daemon.stop().await;
 }

@@ -18,8 +18,8 @@ use tokio_postgres::NoTls;
 
 use crate::support;
 use crate::support::db::{TestDb, error_chain, quote_ident, quote_literal};
-use crate::support::logd::{LogDaemon, log_handlers, post_save_stdout};
-use crate::support::wait_for_sql;
+use crate::support::logd::{LogDaemon, log_handlers};
+use crate::support::{post_save_ok, wait_for_sql};
 
 const ITEM: &str = "CREATE TABLE item (id bigint PRIMARY KEY, name text NOT NULL)";
 
@@ -118,7 +118,7 @@ async fn replica(operations: &str) -> Replica {
         log_handlers(operations.contains("delete"))
     );
     std::fs::write(&config, toml).unwrap();
-    post_save_stdout(&config, &subscriber, &["triggers", "install"]);
+    post_save_ok(&config, &subscriber, &["triggers", "install"]);
     subscriber.psql_ok(&format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION shop \
          WITH (create_slot = false, slot_name = {}, copy_data = false)",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use post_save::SaveEvent;
 
+use crate::support::child::binary;
 use crate::support::db::TestDb;
 use crate::support::{Running, config, install, start, wait_for_sql};
 
@@ -279,7 +280,7 @@ params = ["sender"]
         ),
     )
     .expect("write config");
-    let out = assert_cmd::Command::new(env!("CARGO_BIN_EXE_post-save"))
+    let out = assert_cmd::Command::from_std(binary())
         .args(["--config", path.to_str().unwrap(), "--database-url", "host=/nonexistent", "handlers", "list", "--json"])
         .env("AUDIT_DATABASE_URL", "postgres://audit:env-s3cret@elsewhere/audit")
         .timeout(Duration::from_secs(60))

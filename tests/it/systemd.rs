@@ -1,18 +1,16 @@
 //! systemd integration, with the real binary: the unit file's hardening score, `READY=1` after
 //! LISTEN, watchdog pings only while the database answers, and SIGHUP reloads.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
-use crate::support;
+use crate::support::child;
 use crate::support::db::TestDb;
 use crate::support::{PATIENCE, config, install};
 
@@ -94,34 +92,24 @@ fn watchdog_pings(messages: &[String]) -> usize {
 
 /// `post-save run` under a fake service manager, its JSON log lines on `lines`.
 struct Daemon {
-    child: Child,
+    process: child::Daemon,
     lines: mpsc::Receiver<serde_json::Value>,
 }
 
 impl Daemon {
     fn spawn(config: &Path, db: &TestDb, manager: &Manager) -> Daemon {
-        let mut child = support::child::command(config, &db.conninfo)
-            .env("NOTIFY_SOCKET", &manager.path)
-            .env("WATCHDOG_USEC", "1000000")
-            .env_remove("WATCHDOG_PID")
-            .spawn()
-            .expect("start post-save");
-        let stderr = child.stderr.take().expect("stderr");
+        let mut command = child::command(config, &db.conninfo);
+        command.env("NOTIFY_SOCKET", &manager.path).env("WATCHDOG_USEC", "1000000").env_remove("WATCHDOG_PID");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for text in BufReader::new(stderr).lines() {
-                let Ok(text) = text else { return };
-                let line = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
+        let process = child::Daemon::start(command, move |text| {
+            let line = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            tx.send(line).is_ok()
         });
-        Daemon { child, lines }
+        Daemon { process, lines }
     }
 
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(i32::try_from(self.child.id()).expect("pid")), signal).expect("signal the daemon");
+        self.process.signal(signal);
     }
 
     /// Waits for a log line for which `pred` holds; returns it.
@@ -144,13 +132,6 @@ impl Daemon {
                 && l["handler"] == handler
                 && l["event"].as_str().is_some_and(|e| e.contains(&format!("\"pk\":{{\"id\":{id}}}")))
         });
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -207,7 +188,7 @@ async fn ready_after_listen_and_watchdog_only_while_the_database_answers() {
 
     daemon.signal(Signal::SIGTERM);
     manager.wait_for("STOPPING=1", PATIENCE);
-    let status = daemon.child.wait().expect("wait");
+    let status = daemon.process.wait(PATIENCE).await;
     assert!(status.success(), "{status}");
 }
 

@@ -7,7 +7,7 @@
 //! clusters (which need only the server binaries) and runs the real `post-save` binary.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use post_save::cluster::{ClusterOptions, TempCluster};
@@ -16,33 +16,12 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_post-save");
+use crate::support::child::{self, binary};
+
 /// The longest anything here waits; each step takes well under a second normally.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The password of the role `app`.
 const PASSWORD: &str = "tls-Secret-42";
-
-/// Environment variables that would change what the binary does if inherited.
-const SCRUBBED_ENV: &[&str] = &[
-    "DATABASE_URL",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGSSLMODE",
-    "PGSSLROOTCERT",
-    "PGSSLCERT",
-    "PGSSLKEY",
-    "POST_SAVE_CONFIG",
-    "POST_SAVE_LOG_FORMAT",
-    "CONFIGURATION_DIRECTORY",
-    "RUST_LOG",
-    "JOURNAL_STREAM",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-];
 
 /// A CA and the certificates it signed, plus a second CA nobody trusts, in a directory of
 /// their own (also the `HOME` of the binaries run here, so no `~/.postgresql` of the machine
@@ -222,11 +201,8 @@ impl Server {
     /// Runs the real binary with `args`, the config `config.toml`, `HOME` in the PKI's
     /// directory and `env`.
     fn post_save(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = binary();
         cmd.arg("--config").arg(self.pki.path("config.toml")).args(args);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
         cmd.env("HOME", self.pki.dir.path()).envs(env.iter().copied()).stdin(Stdio::null());
         cmd.output().expect("run post-save")
     }
@@ -488,41 +464,24 @@ async fn the_daemon_delivers_over_tls_through_both_captures() {
     assert!(sessions.iter().any(|(kind, _)| kind == "walsender"), "{sessions:?}");
     assert!(sessions.len() >= 3, "{sessions:?}");
     assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
-    daemon.stop();
+    daemon.stop().await;
 }
 
 /// The real `post-save run`: its log handler's events read from its stderr (JSON lines).
 struct Daemon {
-    child: std::process::Child,
+    process: child::Daemon,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
 impl Daemon {
     fn start(server: &Server) -> Daemon {
-        use std::io::BufRead;
-        let mut cmd = Command::new(BIN);
+        let mut cmd = binary();
         cmd.arg("--config").arg(server.pki.path("config.toml")).args(["--log-format", "json", "run"]);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd
-            .env("HOME", server.pki.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start post-save run");
-        let stderr = child.stderr.take().expect("stderr");
+        cmd.env("HOME", server.pki.dir.path()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon { child, lines, seen: Vec::new() }
+        let process = child::Daemon::start(cmd, move |line| tx.send(line).is_ok());
+        Daemon { process, lines, seen: Vec::new() }
     }
 
     fn next_line(&mut self) -> serde_json::Value {
@@ -557,19 +516,8 @@ impl Daemon {
         self.seen.iter().rev().take(30).rev().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let status = self.child.wait().expect("wait");
+    async fn stop(mut self) {
+        let status = self.process.terminate(PATIENCE).await;
         assert!(status.success(), "post-save exited with {status}:\n{}", self.tail());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }

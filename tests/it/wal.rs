@@ -8,7 +8,7 @@ use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Receiver, Registry, TableName};
 
 use crate::support::db::TestDb;
-use crate::support::{config, install, start, start_with, wait_for_sql};
+use crate::support::{SHOP_BARRIER, config, install, is_shop_barrier, start, start_with, wait_for_sql};
 
 const SHOP: &str = "CREATE TABLE shop_order (
     id bigserial PRIMARY KEY, user_id bigint NOT NULL, product text NOT NULL,
@@ -96,7 +96,7 @@ async fn saves_from_psql_arrive_with_their_values_and_no_trigger_is_installed() 
     assert!(events.iter().all(|e| e.actor.actor.as_deref() == Some("user:42")));
     let txids: std::collections::HashSet<i64> = events.iter().map(|e| e.txid).collect();
     assert_eq!(txids.len(), 1, "one transaction");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
     assert_eq!(
         db.query_i64("SELECT count(*) FROM post_save.event").await,
@@ -121,7 +121,7 @@ async fn saves_made_while_the_daemon_is_down_arrive_once_after_it_starts() {
     let mut daemon = start(&db, config).await;
     let e = daemon.next().await;
     assert_eq!(e.instance["product"], "while down", "only what was not confirmed is streamed again");
-    daemon.assert_quiet(Duration::from_millis(500)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
     assert_ne!(slot_position(&db).await, confirmed, "the slot moved on");
 }
@@ -169,7 +169,7 @@ async fn a_daemon_stopped_while_saves_stream_in_delivers_none_of_them_again() {
             repeated += 1;
         }
     }
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
     assert_eq!(repeated, 0, "saves delivered again after a clean stop ({saved} saved)");
 }
@@ -217,7 +217,7 @@ async fn a_lost_stream_resumes_from_the_slot_without_losing_or_repeating_a_save(
     assert_eq!(e.instance["product"], "while reconnecting", "the save made while the stream was down, once");
     db.psql_ok("INSERT INTO shop_order (user_id, product) VALUES (3, 'after')");
     assert_eq!(daemon.next().await.instance["product"], "after");
-    daemon.assert_quiet(Duration::from_millis(500)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 
@@ -251,7 +251,7 @@ async fn a_dead_delivery_is_kept_as_a_dead_letter_and_the_stream_moves_on() {
     daemon.stop().await;
     // Confirmed: a restart does not stream it again.
     let mut daemon = start(&db, config).await;
-    daemon.assert_quiet(Duration::from_millis(800)).await;
+    daemon.assert_quiet_until(&db, SHOP_BARRIER, is_shop_barrier).await;
     daemon.stop().await;
 }
 

@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::support;
 use crate::support::db::TestDb;
-use crate::support::{BinaryDaemon, PATIENCE, config, install, observer_handlers, post_save_ok};
+use crate::support::{
+    BinaryDaemon, PATIENCE, config, free_port, install, observer_handlers, post_save_ok, sample, scrape,
+};
 
 const TABLE: &str = "CREATE TABLE item (id bigserial PRIMARY KEY, name text NOT NULL)";
 /// How often a blocked reader checks again (`reconnect_max` in [`toml`]).
@@ -27,48 +29,9 @@ fn toml(metrics_port: u16) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
-
-/// `GET /metrics` on the daemon's endpoint.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to metrics");
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
-}
-
 /// The value of the sample line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
-}
-
-/// The daemon's log lines (JSON) whose message starts with `start`.
-fn logged(daemon: &BinaryDaemon, start: &str) -> Vec<Value> {
-    daemon
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with(start)))
-        .collect()
-}
-
-/// Waits until the daemon has logged a line starting with `start`; returns the first.
-async fn wait_logged(daemon: &BinaryDaemon, start: &str) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(line) = logged(daemon, start).into_iter().next() {
-            return line;
-        }
-        assert!(Instant::now() < deadline, "no {start:?} logged within {PATIENCE:?}:\n{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sample(text, prefix).unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
 }
 
 /// The blocked reader checks again, quietly, and no faster than every `reconnect_max`:
@@ -159,7 +122,7 @@ async fn a_slot_another_process_streams_is_said_once_named_by_doctor_and_not_spu
     let walsender = Recvlogical::walsender(&db).await;
 
     let mut daemon = BinaryDaemon::launch(&db, &text, &[], &[]).await;
-    let said = wait_logged(&daemon, "WAL capture blocked").await;
+    let said = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!(said["level"], "ERROR", "{said}");
     assert_eq!(said["reason"], "slot_in_use", "{said}");
     let error = said["error"].as_str().expect("error");
@@ -176,14 +139,14 @@ async fn a_slot_another_process_streams_is_said_once_named_by_doctor_and_not_spu
     assert!(detail.contains(&format!("pid {walsender}")) && detail.contains("pg_recvlogical"), "{wal}");
 
     assert_rechecks_quietly(&daemon, port).await;
-    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "said once:\n{}", daemon.log_text());
+    assert_eq!(daemon.logged("WAL capture blocked").len(), 1, "said once:\n{}", daemon.log_text());
 
     // the other process lets go: the daemon streams again without a restart
     drop(other);
     db.psql_ok("INSERT INTO item (name) VALUES ('after the other reader')");
     let event = daemon.next().await;
     assert_eq!(event["instance"]["name"], "after the other reader", "{event}");
-    let recovered = logged(&daemon, "WAL capture unblocked");
+    let recovered = daemon.logged("WAL capture unblocked");
     assert_eq!(recovered.len(), 1, "{}", daemon.log_text());
     assert_eq!(recovered[0]["level"], "INFO");
     let scraped = scrape(port).await;
@@ -235,7 +198,7 @@ async fn a_server_without_logical_wal_is_said_once_and_shown_in_status_metrics_a
     let socket = manager.path.to_str().expect("a UTF-8 path").to_owned();
     // `triggers install` refuses this server: the daemon meets it as after wal_level was lowered
     let daemon = BinaryDaemon::launch(&db, &toml(port), &["migrate"], &[("NOTIFY_SOCKET", &socket)]).await;
-    let said = wait_logged(&daemon, "WAL capture blocked").await;
+    let said = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!((said["level"].as_str(), said["reason"].as_str()), (Some("ERROR"), Some("wal_level")), "{said}");
     assert!(said["error"].as_str().is_some_and(|e| e.contains("wal_level = replica")), "{said}");
     assert!(said["fix"].as_str().is_some_and(|f| f.contains("wal_level = logical")), "{said}");
@@ -252,8 +215,8 @@ async fn a_server_without_logical_wal_is_said_once_and_shown_in_status_metrics_a
     assert!(wal["fix"].as_str().is_some_and(|f| f.contains("wal_level = logical")), "{wal}");
 
     assert_rechecks_quietly(&daemon, port).await;
-    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "said once:\n{}", daemon.log_text());
-    assert!(logged(&daemon, "WAL capture: cannot stream").is_empty(), "not retried as a passing failure");
+    assert_eq!(daemon.logged("WAL capture blocked").len(), 1, "said once:\n{}", daemon.log_text());
+    assert!(daemon.logged("WAL capture: cannot stream").is_empty(), "not retried as a passing failure");
     daemon.stop().await;
 }
 
@@ -266,18 +229,18 @@ async fn a_missing_publication_blocks_until_triggers_install_makes_it() {
     install(&db, &config(&text)).await;
     db.psql_ok("DROP PUBLICATION IF EXISTS post_save, post_save_inserts");
     let mut daemon = BinaryDaemon::launch(&db, &text, &[], &[]).await;
-    let said = wait_logged(&daemon, "WAL capture blocked").await;
+    let said = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!(said["reason"], "publication_missing", "{said}");
     assert!(said["fix"].as_str().is_some_and(|f| f.contains("post-save triggers install")), "{said}");
     let (_, wal) = doctor_wal(&daemon, &db);
     assert!(wal["detail"].as_str().is_some_and(|d| d.contains("publication does not exist")), "{wal}");
 
     post_save_ok(&daemon.config, &db, &["triggers", "install"]);
-    wait_logged(&daemon, "WAL capture unblocked").await;
+    daemon.wait_logged("WAL capture unblocked").await;
     db.psql_ok("INSERT INTO item (name) VALUES ('after install')");
     let event = daemon.next().await;
     assert_eq!(event["instance"]["name"], "after install", "{event}");
-    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 1, "{}", daemon.log_text());
+    assert_eq!(daemon.logged("WAL capture blocked").len(), 1, "{}", daemon.log_text());
     daemon.stop().await;
 }
 
@@ -312,7 +275,7 @@ async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_s
     assert_eq!(slot_text("SELECT wal_status FROM pg_replication_slots").await, "lost", "the slot lost its WAL");
 
     let mut daemon = BinaryDaemon::launch(&db, &text, &[], &[]).await;
-    let said = wait_logged(&daemon, "WAL capture blocked").await;
+    let said = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!((said["level"].as_str(), said["reason"].as_str()), (Some("ERROR"), Some("slot_invalidated")), "{said}");
     let slot = post_save::wal::slot_name(&db.name);
     let fix = said["fix"].as_str().expect("fix");
@@ -328,14 +291,7 @@ async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_s
     // the operator drops the slot: the daemon does not make a new one on its own, and says
     // since when saves may be missing and how to send them again
     db.psql_ok(&format!("SELECT pg_drop_replication_slot('{slot}')"));
-    let deadline = Instant::now() + PATIENCE;
-    let missing = loop {
-        if let Some(line) = logged(&daemon, "WAL capture blocked").into_iter().nth(1) {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no second blocker logged:\n{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let missing = daemon.wait_logged_times("WAL capture blocked", 2).await;
     assert_eq!(missing["reason"].as_str(), Some("slot_missing"), "{missing}");
     let fix = missing["fix"].as_str().expect("fix");
     assert!(
@@ -353,11 +309,11 @@ async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_s
 
     // the operator's fix: `triggers install` makes a new slot; the daemon streams from then on
     install(&db, &config(&text)).await;
-    wait_logged(&daemon, "WAL capture unblocked").await;
+    daemon.wait_logged("WAL capture unblocked").await;
     db.psql_ok("INSERT INTO item (name) VALUES ('after the new slot')");
     let event = daemon.next().await;
     assert_eq!(event["instance"]["name"], "after the new slot", "{event}");
-    assert_eq!(logged(&daemon, "WAL capture blocked").len(), 2, "{}", daemon.log_text());
+    assert_eq!(daemon.logged("WAL capture blocked").len(), 2, "{}", daemon.log_text());
     daemon.stop().await;
     drop(client);
     drop(db);

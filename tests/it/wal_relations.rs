@@ -133,7 +133,7 @@ async fn a_partitioned_parent_sends_every_save_of_its_partitions_as_its_own() {
         json!({"id": 4, "bucket": 350}),
     )
     .await;
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, "INSERT INTO measure VALUES (100, 350, 'barrier')", |e| e.pk["id"] == 100).await;
     daemon.stop().await;
     let client = db.client().await;
     let drift = post_save::triggers::check(&client, &support::config(&wal_watch("public.measure", ALL_OPS)))
@@ -203,7 +203,7 @@ async fn renamed_moved_rekeyed_and_dropped_tables_leave_every_other_save_deliver
     db.psql_ok("CREATE TABLE note (id bigint PRIMARY KEY, body text)");
     db.psql_ok("ALTER TABLE note REPLICA IDENTITY FULL; ALTER PUBLICATION post_save ADD TABLE note");
     save(&db, &mut daemon, "INSERT INTO note VALUES (2, 'y')", "public.note", Op::Insert, json!({"id": 2})).await;
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, "INSERT INTO note VALUES (100, 'barrier')", |e| e.pk["id"] == 100).await;
     daemon.stop().await;
 
     // A restarted daemon with the old config: the renamed table's saves are kept as dead letters
@@ -235,7 +235,9 @@ async fn renamed_moved_rekeyed_and_dropped_tables_leave_every_other_save_deliver
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    daemon.assert_quiet(Duration::from_millis(200)).await;
+    daemon
+        .assert_quiet_until(&db, "INSERT INTO archive.product VALUES (100, 'barrier')", |e| e.pk["product_id"] == 100)
+        .await;
     daemon.stop().await;
 }
 
@@ -272,7 +274,7 @@ async fn insert_only_watches_leave_the_applications_updates_and_deletes_working(
     app(&db, "DELETE FROM nothing");
     let events = daemon.take(3).await;
     assert!(events.iter().all(|e| e.op == Op::Insert), "only the inserts are captured");
-    daemon.assert_quiet(Duration::from_millis(300)).await;
+    daemon.assert_quiet_until(&db, "INSERT INTO keyless VALUES (100, 'barrier')", |e| e.pk["n"] == 100).await;
     daemon.stop().await;
 }
 

@@ -24,6 +24,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::support;
+use crate::support::child::binary;
 use crate::support::db::TestDb;
 use crate::support::{PATIENCE, Running, config, install, start, wait_for_sql};
 
@@ -506,11 +507,8 @@ async fn client_errors_and_redirects_dead_letter_at_once() {
 
 /// Runs the real `post-save` binary with `args`, with no inherited configuration.
 fn post_save(args: &[&str]) -> std::process::Output {
-    let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_post-save"));
-    for var in ["POST_SAVE_CONFIG", "DATABASE_URL", "PGHOST", "PGDATABASE", "RUST_LOG", "HOOK_SECRET"] {
-        cmd.env_remove(var);
-    }
-    cmd.args(args).timeout(PATIENCE).output().expect("run post-save")
+    let mut cmd = assert_cmd::Command::from_std(binary());
+    cmd.env_remove("HOOK_SECRET").args(args).timeout(PATIENCE).output().expect("run post-save")
 }
 
 #[test]

@@ -5,7 +5,6 @@
 //! dbname=postgres`; the role must be allowed to create databases). Without it, the tests use a
 //! private cluster of their own (see [`private_cluster`]), which needs only the PostgreSQL
 //! server binaries.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -307,7 +306,6 @@ async fn create_database(client: &Client, name: &str) {
     }
 }
 
-/// Connects and spawns the connection task on the current runtime.
 /// A new connection to `conninfo` (its connection task spawned on the current runtime).
 pub async fn connect_to(conninfo: &str) -> Client {
     connect(conninfo).await
@@ -430,6 +428,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// created on first use and shared by every test process: `$POST_SAVE_TEST_VENV`, else
 /// `$TMPDIR/post-save-test-venv-<uid>`. A file lock keeps concurrent test processes from
 /// installing at the same time; a stamp holding the requirements makes later calls instant.
+#[cfg_attr(not(any(feature = "email", feature = "celery")), allow(dead_code))]
 pub fn python_venv() -> PathBuf {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(|| {

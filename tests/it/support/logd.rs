@@ -1,12 +1,14 @@
 //! The real `post-save run` binary as a test peer: its `log` handlers write every event field
 //! as JSON lines, which [`LogDaemon`] reads as the events a test waits for.
-#![allow(dead_code)]
 
 use std::time::Duration;
 
-use crate::support::db::TestDb;
-use crate::support::{PATIENCE, post_save_on};
+use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
+
+use crate::support::PATIENCE;
+use crate::support::child::{self, Daemon};
+use crate::support::db::TestDb;
 
 /// The log handlers a [`LogDaemon`] reads events from: one per signal (the `post_delete`
 /// one only when `deletes`, as a config without a watch capturing deletes refuses it), each
@@ -53,7 +55,7 @@ enum DaemonLine {
 /// come from the log handlers of [`log_handlers`], parsed from its stderr. Killed when dropped,
 /// so a failing test leaves none behind.
 pub struct LogDaemon {
-    child: std::process::Child,
+    process: Daemon,
     lines: mpsc::UnboundedReceiver<DaemonLine>,
     /// The lines that were not events, kept for failure messages.
     other: Vec<String>,
@@ -68,30 +70,10 @@ impl LogDaemon {
 
     /// As [`LogDaemon::start`], connecting with `conninfo` (another role, for example).
     pub async fn start_on(config: &std::path::Path, conninfo: &str) -> LogDaemon {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
-            .arg("--config")
-            .arg(config)
-            .args(["--database-url", conninfo, "--log-format", "json", "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start post-save");
-        let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::unbounded_channel();
-        // A thread of its own: reading a pipe blocks.
-        std::thread::spawn(move || {
-            for text in std::io::BufReader::new(stderr).lines() {
-                let Ok(text) = text else { return };
-                if tx.send(parse_daemon_line(text)).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut daemon = LogDaemon { child, lines, other: Vec::new() };
+        let process =
+            Daemon::start(child::command(config, conninfo), move |text| tx.send(parse_daemon_line(text)).is_ok());
+        let mut daemon = LogDaemon { process, lines, other: Vec::new() };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             match tokio::time::timeout_at(deadline, daemon.lines.recv()).await {
@@ -172,17 +154,8 @@ impl LogDaemon {
 
     /// Stops the daemon with SIGTERM and asserts it exits 0.
     pub async fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "post-save did not stop on SIGTERM");
-            // Drains stderr meanwhile: a full pipe would stall the daemon's exit.
-            let _ = tokio::time::timeout(Duration::from_millis(20), self.lines.recv()).await;
-        };
+        self.process.signal(Signal::SIGTERM);
+        let status = self.process.wait(PATIENCE).await;
         while let Ok(line) = self.lines.try_recv() {
             if let DaemonLine::Other(text) = line {
                 self.other.push(text);
@@ -197,15 +170,6 @@ impl LogDaemon {
     }
 }
 
-impl Drop for LogDaemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// One stderr line of a [`LogDaemon`]: a log handler's `save event` line becomes its event.
 fn parse_daemon_line(text: String) -> DaemonLine {
     let Ok(line) = serde_json::from_str::<serde_json::Value>(&text) else { return DaemonLine::Other(text) };
@@ -216,18 +180,4 @@ fn parse_daemon_line(text: String) -> DaemonLine {
         Some(Ok(event)) => DaemonLine::Event(event),
         _ => panic!("a save event line without an event: {text}"),
     }
-}
-
-/// Runs the real `post-save` with `args`, asserts it exited 0 and returns its stdout.
-pub fn post_save_stdout(config: &std::path::Path, db: &TestDb, args: &[&str]) -> Vec<u8> {
-    let out = post_save_on(config, db, args);
-    assert!(
-        out.status.success(),
-        "post-save {} exited with {}: {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }

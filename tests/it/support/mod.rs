@@ -1,14 +1,14 @@
-//! An embedded daemon for integration tests: real PostgreSQL, the real listener, router and
-//! ledger writer, with a collecting handler registered through the library API.
-//!
-//! The other helpers are its modules: [`db`] (a database of each test's own), [`child`] (the
-//! real binary as a child process), [`logd`] (the real binary as a peer).
-#![allow(dead_code)]
+//! What the integration tests share: the database of each test ([`db`]), the daemon embedded
+//! through the library API (here), the real binary as a child process ([`child`]) and as a peer
+//! whose log handlers write the events ([`binary`], [`logd`]), and waiting for things with a
+//! deadline instead of sleeping.
 
+pub mod binary;
 pub mod child;
 pub mod db;
 pub mod logd;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +16,25 @@ use post_save::handler::{HandlerError, handler_fn};
 use post_save::{Config, Daemon, DaemonError, Receiver, Registry, SaveEvent, State, Stats, triggers};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 
-use crate::support::db::TestDb;
+pub use binary::{BinaryDaemon, observer_handlers};
+pub use child::{post_save_ok, post_save_on};
+use db::TestDb;
 
 /// How long a test waits for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A save into the `shop_order` table most tests watch, for [`Running::assert_quiet_until`].
+pub const SHOP_BARRIER: &str = "INSERT INTO shop_order (user_id, product) VALUES (0, 'barrier')";
+
+/// Whether `e` is the event of [`SHOP_BARRIER`].
+pub fn is_shop_barrier(e: &SaveEvent) -> bool {
+    e.sender == "public.shop_order" && e.instance["product"] == "barrier"
+}
+
+/// How often a wait polls.
+const POLL: Duration = Duration::from_millis(50);
 
 /// A running embedded daemon.
 pub struct Running {
@@ -125,13 +139,30 @@ impl Running {
         }
     }
 
+    /// Asserts that nothing arrives but the barrier: runs `barrier` with psql (a save the daemon
+    /// delivers, made after everything that must cause no event) and asserts that the next event
+    /// is the barrier's (`is_barrier` holds) and that, once the ledger has nothing left to handle,
+    /// no other event is waiting.
+    ///
+    /// The daemon dispatches events in ledger (commit) order, and acknowledges a ledger row only
+    /// once its handlers are done: an event of anything saved before the barrier comes before
+    /// it, or at the latest by the time the ledger is empty. No fixed wait needed.
+    pub async fn assert_quiet_until(&mut self, db: &TestDb, barrier: &str, is_barrier: impl Fn(&SaveEvent) -> bool) {
+        db.psql_ok(barrier);
+        let e = self.next().await;
+        assert!(is_barrier(&e), "unexpected event before the barrier ({barrier}): {}", e.to_json());
+        wait_for_sql(db, "SELECT count(*) FROM post_save.event WHERE handled_at IS NULL", 0).await;
+        if let Ok(e) = self.events.try_recv() {
+            panic!("unexpected event after the barrier ({barrier}): {}", e.to_json());
+        }
+    }
+
     /// Stops the daemon gracefully and waits for it.
     pub async fn stop(mut self) {
         self.stop_inner().await;
     }
 
     /// Stops the daemon gracefully and returns the events delivered and not yet taken.
-    #[allow(dead_code)]
     pub async fn stop_collecting(mut self) -> Vec<SaveEvent> {
         self.stop_inner().await;
         let mut left = Vec::new();
@@ -152,231 +183,75 @@ impl Running {
     }
 }
 
-/// Waits until `check` holds for the ledger (polling a query), or panics after [`PATIENCE`].
+/// Waits until the one bigint `sql` returns on `db` is `expected` (polling a query), or panics
+/// after [`PATIENCE`].
 pub async fn wait_for_sql(db: &TestDb, sql: &str, expected: i64) {
-    let client = db.client().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    wait_for_count(&db.client().await, sql, expected, PATIENCE).await;
+}
+
+/// Waits until the one bigint `sql` returns on `client` is `expected` (polling a query), or
+/// panics after `within`.
+pub async fn wait_for_count(client: &Client, sql: &str, expected: i64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        let got: i64 = client.query_one(sql, &[]).await.expect("query").get(0);
+        let got = db::query_i64(client, sql).await;
         if got == expected {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "`{sql}` stayed {got}, expected {expected}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
-/// Runs the real `post-save` binary with `--config config --database-url <db>` and `args`,
-/// `RUST_LOG` unset.
-pub fn post_save_on(config: &std::path::Path, db: &TestDb, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_post-save"))
-        .arg("--config")
-        .arg(config)
-        .args(["--database-url", &db.conninfo])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run post-save")
-}
-
-/// The `[[handler]]`s a [`BinaryDaemon`] reads events from: `log` handlers writing every field
-/// the tests look at, for post_save and, with `deletes`, post_delete (which needs a watch that
-/// captures deletes).
-pub fn observer_handlers(deletes: bool) -> String {
-    let handler = |signal: &str| {
-        format!(
-            "\n[[handler]]\nname = \"observer-{signal}\"\nsignal = \"{signal}\"\nkind = \"log\"\n\
-             fields = [\"id\", \"signal\", \"sender\", \"op\", \"created\", \"pk\", \"instance\", \"update_fields\"]\n"
-        )
-    };
-    let mut text = handler("post_save");
-    if deletes {
-        text.push_str(&handler("post_delete"));
-    }
-    text
-}
-
-/// Runs the real `post-save` binary as [`post_save_on`] does and panics, with its output, unless
-/// it exits 0.
-pub fn post_save_ok(config: &std::path::Path, db: &TestDb, args: &[&str]) -> std::process::Output {
-    let out = post_save_on(config, db, args);
-    assert!(
-        out.status.success(),
-        "post-save {} failed ({}):\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A `post-save run` process: the real binary with `--log-format json`, its stderr read by a
-/// thread of its own. Every line a `log` handler writes ("save event", see [`observer_handlers`])
-/// is an event, as that handler saw it. Dropping it kills the process.
-pub struct BinaryDaemon {
-    child: Option<std::process::Child>,
-    events: mpsc::UnboundedReceiver<serde_json::Value>,
-    /// Every line the daemon logged that is not an event, for failure messages.
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-    /// The config file the daemon runs.
-    pub config: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Environment variables that would change what the binary does if inherited from the test run.
-const BINARY_SCRUBBED_ENV: &[&str] = &[
-    "POST_SAVE_CONFIG",
-    "POST_SAVE_LOG_FORMAT",
-    "POST_SAVE_THREADS",
-    "DATABASE_URL",
-    "PGHOST",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGSERVICE",
-    "RUST_LOG",
-    "JOURNAL_STREAM",
-];
-
-impl BinaryDaemon {
-    /// Writes `toml` to a config file, creates the `post_save` schema and installs the triggers
-    /// with the binary (`migrate`, `triggers install`), then starts `post-save run` and waits
-    /// until it listens.
-    pub async fn install_and_start(db: &TestDb, toml: &str) -> BinaryDaemon {
-        BinaryDaemon::launch(db, toml, &["migrate", "triggers install"], &[]).await
-    }
-
-    /// As [`BinaryDaemon::install_and_start`], running only the commands of `setup` first (each
-    /// split on spaces: `migrate`, `triggers install`), and `post-save run` with `env` added.
-    pub async fn launch(db: &TestDb, toml: &str, setup: &[&str], env: &[(&str, &str)]) -> BinaryDaemon {
-        let dir = tempfile::Builder::new().prefix("post-save-daemon-").tempdir().expect("temp dir");
-        let config = dir.path().join("post-save.toml");
-        std::fs::write(&config, toml).expect("writing the config");
-        for command in setup {
-            post_save_ok(&config, db, &command.split(' ').collect::<Vec<_>>());
-        }
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_post-save"));
-        command.arg("--config").arg(&config).args(["--database-url", &db.conninfo, "--log-format", "json", "run"]);
-        for var in BINARY_SCRUBBED_ENV {
-            command.env_remove(var);
-        }
-        command.envs(env.iter().copied());
-        let mut child = command
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("could not start post-save run");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, events) = mpsc::unbounded_channel();
-        let (listening_tx, mut listening) = watch::channel(false);
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = Arc::clone(&log);
-        // A thread, not a task: the daemon must never block on a full pipe while the test's
-        // runtime is busy in a blocking call (psql, a Python process).
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                match parsed["message"].as_str() {
-                    Some("save event") => {
-                        let text = parsed["event"].as_str().unwrap_or_default();
-                        let event = serde_json::from_str(text)
-                            .unwrap_or_else(|e| panic!("a log handler wrote an event that is not JSON ({e}): {line}"));
-                        let _ = tx.send(event);
-                    }
-                    Some("listening") => {
-                        let _ = listening_tx.send(true);
-                        kept.lock().expect("log lock").push(line);
-                    }
-                    _ => kept.lock().expect("log lock").push(line),
-                }
-            }
-        });
-        let mut daemon = BinaryDaemon { child: Some(child), events, log, config, _dir: dir };
-        if tokio::time::timeout(PATIENCE, listening.wait_for(|l| *l)).await.map(|r| r.is_ok()) != Ok(true) {
-            daemon.exited_or_kill();
-            panic!("post-save run did not start listening within {PATIENCE:?}:\n{}", daemon.log_text());
-        }
-        daemon
-    }
-
-    /// The next event, or a panic (with the daemon's log) after [`PATIENCE`].
-    pub async fn next(&mut self) -> serde_json::Value {
-        match tokio::time::timeout(PATIENCE, self.events.recv()).await {
-            Ok(Some(event)) => event,
-            Ok(None) => panic!("post-save run stopped:\n{}", self.log_text()),
-            Err(_) => panic!("no event within {PATIENCE:?}; the daemon's log:\n{}", self.log_text()),
-        }
-    }
-
-    /// Events until `done` holds for all received so far, or a panic after [`PATIENCE`] naming
-    /// `what`, with the events received and the daemon's log.
-    pub async fn until(
-        &mut self,
-        what: &str,
-        mut done: impl FnMut(&[serde_json::Value]) -> bool,
-    ) -> Vec<serde_json::Value> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let mut events = Vec::new();
-        while !done(&events) {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(event)) => events.push(event),
-                outcome => {
-                    let why = if outcome.is_ok() { "the daemon stopped" } else { "timed out" };
-                    let last = &events[events.len().saturating_sub(20)..];
-                    let shown: Vec<String> = last.iter().map(serde_json::Value::to_string).collect();
-                    panic!(
-                        "{why} waiting for {what}; {} events, the last {}:\n{}\nthe daemon's log:\n{}",
-                        events.len(),
-                        last.len(),
-                        shown.join("\n"),
-                        self.log_text()
-                    );
-                }
-            }
-        }
-        events
-    }
-
-    /// The next event, or `None` once `deadline` has passed (or the daemon has stopped).
-    pub async fn next_before(&mut self, deadline: tokio::time::Instant) -> Option<serde_json::Value> {
-        tokio::time::timeout_at(deadline, self.events.recv()).await.ok().flatten()
-    }
-
-    /// The events already received and not yet taken, without waiting.
-    pub fn drain(&mut self) -> Vec<serde_json::Value> {
-        std::iter::from_fn(|| self.events.try_recv().ok()).collect()
-    }
-
-    /// Everything the daemon logged but its events.
-    pub fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    /// Stops the daemon with SIGTERM and asserts that it exits 0.
-    pub async fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let waited = tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait())).await;
-        let status = waited.expect("post-save run did not stop on SIGTERM").expect("wait panicked").expect("wait");
-        assert!(status.success(), "post-save run exited {status}:\n{}", self.log_text());
-    }
-
-    /// Kills the process unless it has exited already.
-    fn exited_or_kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// Waits until `check` (polled, async) holds, or panics after [`PATIENCE`] naming `what`.
+pub async fn wait_until<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
     }
 }
 
-impl Drop for BinaryDaemon {
-    fn drop(&mut self) {
-        self.exited_or_kill();
+/// The first `Some` of `check` (polled), or a panic after [`PATIENCE`] naming `what`.
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The lines of a file; none while it does not exist.
+pub fn file_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
+}
+
+/// A TCP port on 127.0.0.1 nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// `GET <path>` on 127.0.0.1:`port` (the daemon's metrics endpoint): the whole response.
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to metrics");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    response
+}
+
+/// `GET /metrics` on the daemon's endpoint: the body of a 200 answer.
+pub async fn scrape(port: u16) -> String {
+    let response = http_get(port, "/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+}
+
+/// The value of the first sample line of `text` starting with `prefix`.
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
 }
