@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Django's command-line utility for the schema-change project (see tests/django_shop.rs)."""
+"""Django's command-line utility for the schema-change project (see tests/it/django_shop.rs)."""
 import os
 import sys
 

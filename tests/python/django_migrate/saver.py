@@ -1,4 +1,4 @@
-"""The app that keeps saving while `manage.py migrate` runs (tests/django_shop.rs).
+"""The app that keeps saving while `manage.py migrate` runs (tests/it/django_shop.rs).
 
 Run as `python saver.py <dir>`. Each round creates an item (`Model.save()`, an INSERT), changes
 it with `Model.save()` (an UPDATE) and with `QuerySet.update()` (an UPDATE Django sends no
