@@ -287,7 +287,7 @@ mod nats {
         let mut out = Vec::new();
         for seq in 1..=n {
             let m = stream.get_raw_message(seq).await.expect("stream message");
-            let id = m.headers.get(post_save::handler::nats::MSG_ID_HEADER).map(|v| v.as_str().to_owned());
+            let id = m.headers.get(post_save::testing::kinds::MSG_ID_HEADER).map(|v| v.as_str().to_owned());
             out.push((m.subject.to_string(), id.expect("a Nats-Msg-Id header"), event(&m.payload)));
         }
         out

@@ -15,8 +15,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use post_save::SaveEvent;
 use post_save::config::Section;
-use post_save::handler::celery::CeleryOptions;
 use post_save::handler::{Delivery, Failure};
+use post_save::testing::kinds::CeleryOptions;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 

@@ -1,10 +1,10 @@
-//! Tests of `post_save::cluster` (a private PostgreSQL cluster) and of the test harness.
+//! Tests of `post_save::testing::cluster` (a private PostgreSQL cluster) and of the test harness.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use post_save::cluster::{BINDIR_ENV, ClusterError, ClusterOptions, StopMode, TempCluster, find_bindir};
+use post_save::testing::cluster::{BINDIR_ENV, ClusterError, ClusterOptions, StopMode, TempCluster, find_bindir};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 

@@ -157,7 +157,7 @@ async fn ltree_columns_of_an_extension_in_another_schema() {
 /// (`POST_SAVE_PG_BINDIR`) carry no PostGIS, and there this test says so and checks nothing.
 #[tokio::test]
 async fn postgis_geometry_and_geography_columns() {
-    if std::env::var_os(post_save::cluster::BINDIR_ENV).is_some_and(|v| !v.is_empty()) {
+    if std::env::var_os(post_save::testing::cluster::BINDIR_ENV).is_some_and(|v| !v.is_empty()) {
         let probe = TestDb::new().await;
         let available = probe.query_i64("SELECT count(*) FROM pg_available_extensions WHERE name = 'postgis'").await;
         drop(probe);

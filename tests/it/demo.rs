@@ -204,7 +204,7 @@ fn psql() -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .and_then(|path| std::env::split_paths(&path).map(|d| d.join("psql")).find(|p| p.is_file()));
     on_path
-        .or_else(|| post_save::cluster::find_bindir().ok().map(|d| d.join("psql")))
+        .or_else(|| post_save::testing::cluster::find_bindir().ok().map(|d| d.join("psql")))
         .unwrap_or_else(|| PathBuf::from("psql"))
 }
 
@@ -223,7 +223,7 @@ fn run_psql(conninfo: &str, sql: &str) {
 /// order is order 2.
 fn wait_for_the_demo_order(demo: &mut Demo) {
     demo.wait_for(Stream::Stderr, "the listening log line", |l| {
-        l.contains("post_save::listener") && l.contains("listening")
+        l.contains("post_save::capture::ledger") && l.contains("listening")
     });
     let line = demo.wait_for_stderr("demo: first order");
     assert!(line.contains("save event") && line.contains("print-orders"), "{line}");

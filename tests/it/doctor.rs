@@ -2,7 +2,7 @@
 //! fix; a role that LISTENs and idles in a transaction shows up as a filling NOTIFY queue, with
 //! its backend named.
 
-use post_save::cluster::{ClusterOptions, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio_postgres::NoTls;
@@ -120,7 +120,7 @@ async fn a_listener_idling_in_a_transaction_is_named_as_the_queue_fills() {
     admin.batch_execute("CREATE ROLE rogue LOGIN").await.unwrap();
     let mut client = admin;
     post_save::db::migrate(&mut client).await.unwrap();
-    post_save::triggers::install(&mut client, &config(WATCH)).await.unwrap();
+    post_save::testing::install::install(&mut client, &config(WATCH)).await.unwrap();
     let dir = TempDir::new().unwrap();
     let path = write_config(&dir);
     let (code, checks) = doctor(&path, &conninfo);

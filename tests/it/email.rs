@@ -301,7 +301,7 @@ fn a_password_in_the_smtp_url_is_a_config_error_that_does_not_show_it() {
 #[test]
 fn bad_options_are_config_errors() {
     use post_save::config::Section;
-    use post_save::handler::email::EmailOptions;
+    use post_save::testing::kinds::EmailOptions;
     let base = "smtp = \"smtp://127.0.0.1:2525\"\nfrom = \"a@x.example\"\nto = \"b@x.example\"\nsubject = \"s\"\nbody = \"b\"\n";
     for (change, needle) in [
         (("from = \"a@x.example\"", "from = \"nobody\""), "invalid address"),

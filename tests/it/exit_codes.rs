@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, StopMode, TempCluster};
 use tokio_postgres::NoTls;
 
 use crate::support;

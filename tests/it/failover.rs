@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, StopMode, TempCluster};
 
 use crate::support;
 use crate::support::db::TestDb;
@@ -32,8 +32,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// The server's major version, from the binaries the tests use.
 fn major() -> u32 {
-    let bindir = post_save::cluster::find_bindir().expect("server binaries");
-    post_save::cluster::server_major(&bindir).expect("server version")
+    let bindir = post_save::testing::cluster::find_bindir().expect("server binaries");
+    post_save::testing::cluster::server_major(&bindir).expect("server version")
 }
 
 /// A primary writing logical WAL, a database with table `item` on it, and a standby following
@@ -269,7 +269,7 @@ async fn the_wal_capture_with_a_synchronised_failover_slot_goes_on_and_loses_not
     }
     let mut pair = Pair::start(true).await;
     let mut daemon = BinaryDaemon::install_and_start(&pair.db, &daemon_toml("wal")).await;
-    let slot = post_save::wal::slot_name(&pair.db.name);
+    let slot = post_save::testing::slot_name(&pair.db.name);
     // the standby has the slot, synchronised, before the primary goes
     let standby = support::db::connect_to(&pair.standby.conninfo(&pair.db.name)).await;
     let synced =

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use post_save::{db, triggers};
+use post_save::db;
+use post_save::testing::install;
 
 use crate::support::config;
 use crate::support::db::TestDb;
@@ -27,12 +28,12 @@ async fn installing_an_unchanged_config_runs_no_ddl_and_waits_for_nobody() {
     let config = config(WATCH);
     let mut client = db.client().await;
     db::migrate(&mut client).await.unwrap();
-    let first = triggers::install(&mut client, &config).await.unwrap();
+    let first = install::install(&mut client, &config).await.unwrap();
     assert!(first.contains("CREATE TRIGGER"), "{first}");
 
     let writer = open_writer(&db).await;
     let started = Instant::now();
-    let second = tokio::time::timeout(Duration::from_secs(10), triggers::install(&mut client, &config))
+    let second = tokio::time::timeout(Duration::from_secs(10), install::install(&mut client, &config))
         .await
         .expect("a no-op install does not wait for the open transaction")
         .unwrap();
@@ -47,7 +48,7 @@ async fn installing_an_unchanged_config_runs_no_ddl_and_waits_for_nobody() {
         .await;
     assert_eq!(waiting, 0);
     writer.batch_execute("COMMIT").await.unwrap();
-    assert!(triggers::check(&client, &config).await.unwrap().is_empty());
+    assert!(install::check(&client, &config).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -56,12 +57,12 @@ async fn a_change_waits_for_a_long_transaction_without_holding_readers_back() {
     db.psql_ok(TABLE);
     let mut client = db.client().await;
     db::migrate(&mut client).await.unwrap();
-    triggers::install(&mut client, &config(WATCH)).await.unwrap();
+    install::install(&mut client, &config(WATCH)).await.unwrap();
 
     let writer = open_writer(&db).await;
     let changed = config(&format!("{WATCH}operations = [\"insert\", \"update\", \"delete\"]\n"));
     let install = tokio::spawn(async move {
-        let sql = triggers::install(&mut client, &changed).await;
+        let sql = install::install(&mut client, &changed).await;
         (sql, client)
     });
     // While install keeps trying, the table's readers get through: a pending DDL lock queues
@@ -84,5 +85,5 @@ async fn a_change_waits_for_a_long_transaction_without_holding_readers_back() {
     assert!(sql.contains("CREATE TRIGGER \"post_save_delete\""), "{sql}");
     assert!(!sql.contains("DROP TRIGGER IF EXISTS \"post_save_update\""), "unchanged triggers stay: {sql}");
     let watched = config(&format!("{WATCH}operations = [\"insert\", \"update\", \"delete\"]\n"));
-    assert!(triggers::check(&client, &watched).await.unwrap().is_empty());
+    assert!(install::check(&client, &watched).await.unwrap().is_empty());
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use post_save::cluster::{ClusterOptions, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 
 use crate::support;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use post_save::cluster::{ClusterOptions, StopMode, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, StopMode, TempCluster};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -330,7 +330,7 @@ async fn an_immediate_postgres_restart_mid_stream_loses_no_committed_event() {
         let mut client = connect(&conninfo).await;
         client.batch_execute(SHOP).await.expect("create table");
         post_save::db::migrate(&mut client).await.expect("migrate");
-        post_save::triggers::install(&mut client, &config(text)).await.expect("install triggers");
+        post_save::testing::install::install(&mut client, &config(text)).await.expect("install triggers");
     }
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, text).expect("write config");

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use post_save::handler::{HandlerError, handler_fn};
-use post_save::{Receiver, Registry, db, triggers};
+use post_save::testing::install;
+use post_save::{Receiver, Registry, db};
 use tokio_postgres::Client;
 
 use crate::support::db::{TestDb, query_i64};
@@ -251,7 +252,7 @@ async fn upgrading_from_the_single_table_ledger_keeps_every_event_and_its_state(
         .map(|r| r.get(0))
         .collect();
     assert_eq!(new_ids, old_ids, "the ledger rows kept their ids");
-    triggers::install(&mut admin, &config).await.expect("install triggers");
+    install::install(&mut admin, &config).await.expect("install triggers");
 
     let mut daemon = start(&db, config).await;
     let mut products: Vec<String> =

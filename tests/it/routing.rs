@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use post_save::expr::Expr;
 use post_save::handler::{HandlerError, handler_fn, origin_for};
+use post_save::testing::Expr;
 use post_save::{Receiver, Registry, SaveEvent};
 use tokio::sync::mpsc;
 
@@ -101,7 +101,7 @@ async fn bump_counter(db: &TestDb, max_depth: Option<u32>) -> (Vec<SaveEvent>, i
     let runs = Arc::new(AtomicUsize::new(0));
     let client = Arc::new(db_config.client().await);
     let mut registry = Registry::new();
-    let mut receiver = Receiver::new("bump").sender(&post_save::name::TableName::parse("public.counter").unwrap());
+    let mut receiver = Receiver::new("bump").sender(&post_save::TableName::parse("public.counter").unwrap());
     if let Some(d) = max_depth {
         receiver = receiver.max_depth(d);
     }

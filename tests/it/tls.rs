@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use post_save::cluster::{ClusterOptions, TempCluster};
 use post_save::db::{self, DbError, TlsFailure};
+use post_save::testing::cluster::{ClusterOptions, TempCluster};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -416,7 +416,6 @@ async fn the_daemon_delivers_over_tls_through_both_captures() {
     };
     let toml = format!(
         "[database]\nurl = \"{url}\"\nsslmode = \"verify-full\"\nsslrootcert = \"{}\"\n\
-         [daemon]\nwal_read_pause = \"2ms\"\n\
          [[watch]]\ntable = \"public.item\"\n\
          [[watch]]\ntable = \"public.ware\"\ncapture = \"wal\"\n\
          [[handler]]\nname = \"saves\"\nkind = \"log\"\nfields = [\"sender\", \"instance\"]\n{sql_handler}",

@@ -33,7 +33,7 @@ async fn shop(extra: &str) -> (TestDb, post_save::Config) {
 /// The confirmed position of the database's slot, as text.
 async fn slot_position(db: &TestDb) -> String {
     let client = db.client().await;
-    let slot = post_save::wal::slot_name(&db.name);
+    let slot = post_save::testing::slot_name(&db.name);
     client
         .query_one(
             "SELECT coalesce(confirmed_flush_lsn::text, '') FROM pg_replication_slots WHERE slot_name = $1",
@@ -50,7 +50,10 @@ async fn saves_from_psql_arrive_with_their_values_and_no_trigger_is_installed() 
     let triggers = db.query_i64("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'shop_order'::regclass").await;
     assert_eq!(triggers, 0, "capture = \"wal\" installs no trigger");
     let client = db.client().await;
-    assert!(post_save::triggers::check(&client, &config).await.expect("check").is_empty(), "in sync after install");
+    assert!(
+        post_save::testing::install::check(&client, &config).await.expect("check").is_empty(),
+        "in sync after install"
+    );
 
     let mut daemon = start(&db, config).await;
     db.psql_ok(
@@ -191,7 +194,7 @@ async fn a_lost_stream_resumes_from_the_slot_without_losing_or_repeating_a_save(
     let db = TestDb::new_logical().await;
     db.psql_ok(SHOP);
     let config = config(
-        "[daemon]\nsweep_interval = \"1h\"\nwal_read_pause = \"0s\"\n\
+        "[daemon]\nsweep_interval = \"1h\"\n\
          [[watch]]\ntable = \"public.shop_order\"\ncapture = \"wal\"\n",
     );
     install(&db, &config).await;
@@ -201,7 +204,7 @@ async fn a_lost_stream_resumes_from_the_slot_without_losing_or_repeating_a_save(
     // Confirmed before the connection goes, so the resumed stream starts after it.
     let lsn_now: String =
         db.client().await.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-    let slot = post_save::wal::slot_name(&db.name);
+    let slot = post_save::testing::slot_name(&db.name);
     wait_for_sql(
         &db,
         &format!(
@@ -267,7 +270,7 @@ async fn install_refuses_a_server_without_logical_wal_and_says_what_to_change() 
     db.psql_ok(SHOP);
     let mut client = db.client().await;
     post_save::db::migrate(&mut client).await.expect("migrate");
-    let err = post_save::triggers::install(&mut client, &wal_config("")).await.expect_err("refused");
+    let err = post_save::testing::install::install(&mut client, &wal_config("")).await.expect_err("refused");
     let text = err.to_string();
     assert!(text.contains("wal_level = logical") && text.contains(&level), "{text}");
     assert_eq!(db.query_i64("SELECT count(*) FROM pg_publication").await, 0, "nothing was changed");
@@ -321,8 +324,12 @@ async fn check_names_a_published_table_the_config_no_longer_watches() {
     let (db, _config) = shop("").await;
     let client = db.client().await;
     let unwatched = config("[daemon]\nsweep_interval = \"1h\"\n");
-    let drift: Vec<String> =
-        post_save::triggers::check(&client, &unwatched).await.expect("check").iter().map(ToString::to_string).collect();
+    let drift: Vec<String> = post_save::testing::install::check(&client, &unwatched)
+        .await
+        .expect("check")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         drift,
         ["public.shop_order: is in a post-save publication but is not watched (the slot still streams its saves; \
@@ -333,11 +340,11 @@ async fn check_names_a_published_table_the_config_no_longer_watches() {
 #[tokio::test]
 async fn remove_drops_the_publication_and_the_slot() {
     let (db, _config) = shop("").await;
-    let slot = post_save::wal::slot_name(&db.name);
+    let slot = post_save::testing::slot_name(&db.name);
     let slots = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'");
     assert_eq!(db.query_i64(&slots).await, 1);
     let mut client = db.client().await;
-    let removed = post_save::triggers::remove(&mut client).await.expect("remove");
+    let removed = post_save::testing::install::remove(&mut client).await.expect("remove");
     assert_eq!(removed, vec![TableName::new("public", "shop_order")]);
     assert_eq!(db.query_i64(&slots).await, 0);
     assert_eq!(db.query_i64("SELECT count(*) FROM pg_publication").await, 0);

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use post_save::cluster::{ClusterOptions, TempCluster};
+use post_save::testing::cluster::{ClusterOptions, TempCluster};
 use serde_json::Value;
 
 use crate::support;
@@ -67,7 +67,7 @@ struct Recvlogical(Child);
 impl Recvlogical {
     /// Starts it, and waits until the slot is active for it.
     async fn hold(db: &TestDb) -> Recvlogical {
-        let slot = post_save::wal::slot_name(&db.name);
+        let slot = post_save::testing::slot_name(&db.name);
         let child = Command::new(support::db::client_program("pg_recvlogical"))
             .args(["-d", &db.conninfo, "--slot", &slot, "--start", "-f", "/dev/null"])
             .args(["-o", "proto_version=1", "-o", "publication_names=post_save"])
@@ -94,7 +94,7 @@ impl Recvlogical {
 
     /// The pid of the server process streaming for it.
     async fn walsender(db: &TestDb) -> i32 {
-        let slot = post_save::wal::slot_name(&db.name);
+        let slot = post_save::testing::slot_name(&db.name);
         let client = db.client().await;
         client
             .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
@@ -277,7 +277,7 @@ async fn an_invalidated_slot_is_said_once_named_by_doctor_and_dropping_it_lets_s
     let mut daemon = BinaryDaemon::launch(&db, &text, &[], &[]).await;
     let said = daemon.wait_logged("WAL capture blocked").await;
     assert_eq!((said["level"].as_str(), said["reason"].as_str()), (Some("ERROR"), Some("slot_invalidated")), "{said}");
-    let slot = post_save::wal::slot_name(&db.name);
+    let slot = post_save::testing::slot_name(&db.name);
     let fix = said["fix"].as_str().expect("fix");
     assert!(fix.contains(&format!("after LSN {confirmed}")), "{said}");
     assert!(fix.contains(&format!("pg_drop_replication_slot('{slot}')")), "{said}");

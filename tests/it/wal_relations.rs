@@ -136,7 +136,7 @@ async fn a_partitioned_parent_sends_every_save_of_its_partitions_as_its_own() {
     daemon.assert_quiet_until(&db, "INSERT INTO measure VALUES (100, 350, 'barrier')", |e| e.pk["id"] == 100).await;
     daemon.stop().await;
     let client = db.client().await;
-    let drift = post_save::triggers::check(&client, &support::config(&wal_watch("public.measure", ALL_OPS)))
+    let drift = post_save::testing::install::check(&client, &support::config(&wal_watch("public.measure", ALL_OPS)))
         .await
         .expect("check");
     let text: Vec<String> = drift.iter().map(ToString::to_string).collect();
@@ -288,7 +288,7 @@ async fn install_refuses_a_table_whose_updates_would_fail_once_published_and_cha
     let config = config(&wal_watch("public.reading", "pk = [\"at\"]\noperations = [\"insert\", \"update\"]"));
     let mut client = db.client().await;
     post_save::db::migrate(&mut client).await.expect("migrate");
-    let e = post_save::triggers::install(&mut client, &config).await.expect_err("install must refuse");
+    let e = post_save::testing::install::install(&mut client, &config).await.expect_err("install must refuse");
     let text = e.to_string();
     assert!(text.contains("public.reading is partitioned and has no primary key"), "{text}");
     assert!(text.contains("nothing was changed"), "{text}");
@@ -299,7 +299,7 @@ async fn install_refuses_a_table_whose_updates_would_fail_once_published_and_cha
     app(&db, "UPDATE reading SET value = 2");
     // Watched for inserts only, the same table installs.
     let inserts = support::config(&wal_watch("public.reading", "pk = [\"at\"]\noperations = [\"insert\"]"));
-    post_save::triggers::install(&mut client, &inserts).await.expect("an insert-only watch installs");
+    post_save::testing::install::install(&mut client, &inserts).await.expect("an insert-only watch installs");
     app(&db, "UPDATE reading SET value = 3");
     app(&db, "DELETE FROM reading");
 }
@@ -320,7 +320,7 @@ async fn a_watch_that_gains_updates_moves_its_table_to_the_full_publication() {
     install(&db, &config).await;
     assert_eq!((in_publication("post_save_inserts").await, in_publication("post_save").await), (0, 1));
     let client = db.client().await;
-    assert!(post_save::triggers::check(&client, &config).await.expect("check").is_empty(), "in sync");
+    assert!(post_save::testing::install::check(&client, &config).await.expect("check").is_empty(), "in sync");
     let mut daemon = start(&db, config).await;
     db.psql_ok("INSERT INTO item VALUES (1, 'a'); UPDATE item SET name = 'b'");
     let events = daemon.take(2).await;
@@ -355,7 +355,7 @@ async fn on_postgresql_18_stored_generated_columns_publish_and_virtual_ones_are_
 
     let mut client = db.client().await;
     let sized = support::config(&wal_watch("public.sized", ALL_OPS));
-    let e = post_save::triggers::install(&mut client, &sized).await.expect_err("install must refuse");
+    let e = post_save::testing::install::install(&mut client, &sized).await.expect_err("install must refuse");
     assert!(e.to_string().contains("public.sized has virtual generated columns (area)"), "{e}");
     let published = db.query_i64("SELECT count(*) FROM pg_publication_tables WHERE tablename = 'sized'").await;
     assert_eq!(published, 0, "nothing changed");

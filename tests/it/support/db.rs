@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use post_save::cluster::{ClusterOptions, TempCluster, find_bindir};
+use post_save::testing::cluster::{ClusterOptions, TempCluster, find_bindir};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
@@ -218,7 +218,7 @@ fn private_cluster_named(name: &str, settings: &[(&str, &str)]) -> String {
     // (POST_SAVE_PG_BINDIR) never tests the server a previous run left behind.
     let bindir = find_bindir()
         .unwrap_or_else(|e| panic!("no PostgreSQL server binaries for the test cluster: {}", error_chain(&e)));
-    let major = post_save::cluster::server_major(&bindir)
+    let major = post_save::testing::cluster::server_major(&bindir)
         .unwrap_or_else(|e| panic!("no PostgreSQL server binaries for the test cluster: {}", error_chain(&e)));
     // FNV-1a of the binaries' directory: two builds of one major version keep a cluster each.
     let place = bindir

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use post_save::handler::{HandlerError, handler_fn};
-use post_save::{Config, Daemon, DaemonError, Receiver, Registry, SaveEvent, State, Stats, triggers};
+use post_save::testing::install;
+use post_save::{Config, Daemon, DaemonError, Receiver, Registry, SaveEvent, State, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -49,7 +50,7 @@ pub struct Running {
 pub async fn install(db: &TestDb, config: &Config) {
     let mut client = db.client().await;
     post_save::db::migrate(&mut client).await.expect("migrate");
-    triggers::install(&mut client, config).await.expect("install triggers");
+    install::install(&mut client, config).await.expect("install triggers");
 }
 
 /// Parses `toml` (panicking on errors) with fast retries for tests.
