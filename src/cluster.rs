@@ -12,11 +12,11 @@
 //! refuses to run as root) and the directory is handed to that user.
 //!
 //! ```no_run
-//! use post_save::cluster::{ClusterOptions, TempCluster};
+//! use post_save::testing::cluster::{ClusterOptions, TempCluster};
 //!
 //! let cluster = TempCluster::start(ClusterOptions::default())?;
 //! println!("psql '{}'", cluster.conninfo("postgres"));
-//! # Ok::<(), post_save::cluster::ClusterError>(())
+//! # Ok::<(), post_save::testing::cluster::ClusterError>(())
 //! ```
 
 mod bindir;

@@ -6,7 +6,7 @@
 //! (`instance`, `old`, `sender`, `op`, `created`, `update_fields`, `actor`, …):
 //!
 //! ```
-//! use post_save::expr::Expr;
+//! use post_save::testing::Expr;
 //! let filter = Expr::compile(r#"instance.status == "paid" && instance.total > 100"#).unwrap();
 //! # let _ = filter;
 //! ```
