@@ -151,6 +151,15 @@ pub fn server_conninfo() -> String {
         .clone()
 }
 
+/// The `wal_level` of the server at `conninfo`; `None` when it cannot be read.
+fn wal_level(conninfo: &str) -> Option<String> {
+    block_on(async {
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.ok()?;
+        tokio::spawn(connection);
+        client.query_one("SELECT current_setting('wal_level')", &[]).await.ok().map(|r| r.get::<_, String>(0))
+    })
+}
+
 /// The admin connection string of a server with `wal_level = logical`: the one named by
 /// `POST_SAVE_TEST_DATABASE_URL` when it writes logical WAL, else a second private cluster
 /// (`post-save-test-logical-<major>-<bindir hash>-<uid>`, kept running like the first).
@@ -159,11 +168,7 @@ pub fn logical_server_conninfo() -> String {
     ADMIN
         .get_or_init(|| {
             let shared = server_conninfo();
-            let level = block_on(async {
-                let (client, connection) = tokio_postgres::connect(&shared, NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.query_one("SELECT current_setting('wal_level')", &[]).await.ok().map(|r| r.get::<_, String>(0))
-            });
+            let level = wal_level(&shared);
             if level.as_deref() == Some("logical") {
                 return shared;
             }
@@ -183,11 +188,7 @@ pub fn replica_server_conninfo() -> String {
     ADMIN
         .get_or_init(|| {
             let shared = server_conninfo();
-            let level = block_on(async {
-                let (client, connection) = tokio_postgres::connect(&shared, NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.query_one("SELECT current_setting('wal_level')", &[]).await.ok().map(|r| r.get::<_, String>(0))
-            });
+            let level = wal_level(&shared);
             if level.as_deref() == Some("replica") {
                 return shared;
             }
