@@ -46,10 +46,24 @@ impl Confirmations {
         if s.handed_back {
             self.stuck = true;
         }
-        if let Some(entry) = self.queue.iter_mut().find(|p| p.end_lsn == s.key && p.waiting > 0) {
+        if let Some(entry) = self.waiting_for(s.key) {
             entry.waiting -= 1;
         }
         self.advance();
+    }
+
+    /// The first transaction ending at `end_lsn` that still waits for a settlement. The queue is
+    /// in commit order, so the end positions rise and a binary search finds it: the reader's
+    /// own settlement is for the newest transaction, at the back of a queue that holds up to
+    /// `max_in_flight` of them while a backlog drains. A linear search stays as the fallback, so
+    /// a queue out of order would only cost time.
+    fn waiting_for(&mut self, end_lsn: u64) -> Option<&mut Pending> {
+        let at = self.queue.partition_point(|p| p.end_lsn < end_lsn);
+        let found = self.queue.range(at..).take_while(|p| p.end_lsn == end_lsn).position(|p| p.waiting > 0);
+        match found {
+            Some(i) => self.queue.get_mut(at + i),
+            None => self.queue.iter_mut().find(|p| p.end_lsn == end_lsn && p.waiting > 0),
+        }
     }
 
     fn advance(&mut self) {
@@ -106,5 +120,35 @@ mod tests {
         assert_eq!(c.confirmed, 10);
         c.settle(settled(10));
         assert_eq!(c.confirmed, 10, "a settlement too many changes nothing");
+    }
+
+    #[test]
+    fn settlements_in_any_order_confirm_exactly_the_settled_prefix() {
+        let mut c = Confirmations::default();
+        for lsn in 1..=1000 {
+            c.push(lsn * 10, lsn as i64, false);
+        }
+        // the newest first (the reader's own settlement), then the rest from the back
+        for lsn in (2..=1000).rev() {
+            c.settle(settled(lsn * 10));
+            assert_eq!(c.confirmed, 0, "the oldest is still out");
+        }
+        c.settle(settled(10));
+        assert_eq!(c.confirmed, 10_000);
+        assert!(c.queue.is_empty());
+    }
+
+    #[test]
+    fn a_queue_out_of_order_still_finds_its_transaction() {
+        let mut c = Confirmations::default();
+        c.push(30, 30, false);
+        c.push(10, 10, false);
+        c.push(20, 20, false);
+        c.settle(settled(10));
+        c.settle(settled(20));
+        assert_eq!(c.confirmed, 0);
+        c.settle(settled(30));
+        assert_eq!(c.confirmed, 30);
+        assert!(c.queue.is_empty());
     }
 }
